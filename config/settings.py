@@ -1,0 +1,424 @@
+"""The typed configuration of a vcemri node and its tools.
+
+One YAML file (see ``config/default.yaml``, which mirrors the defaults below exactly) validated
+by these pydantic models, with ``VCEMRI_<SECTION>__<KEY>`` environment variables overriding it.
+Unknown keys are errors everywhere. Times are in seconds, sizes in MiB, paths are resolved
+against the directory of the YAML file (``~`` is expanded).
+
+Regular expressions are Python ``re`` patterns, *searched* (not full-matched) and
+case-insensitive; anchor them with ``^...$`` for an exact match.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .types import (
+    AETitle,
+    AnyPath,
+    Device,
+    ExistingFile,
+    Host,
+    Regex,
+    Seconds,
+    TcpPort,
+    resolve_path,
+)
+
+ENV_PREFIX = "VCEMRI_"
+ENV_DELIMITER = "__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM node
+# --------------------------------------------------------------------------------------------
+
+
+class Timeouts(_Section):
+    """Association timeouts of the SCP and the sender, in seconds."""
+
+    acse_s: Seconds = Field(30.0, description="ACSE (association request/release) timeout")
+    dimse_s: Seconds = Field(60.0, description="DIMSE message timeout")
+    network_s: Seconds = Field(60.0, description="idle network timeout of an association")
+
+
+class ServerTLS(_Section):
+    """TLS for the node's SCP (PS3.15 Annex B); absent means plain TCP."""
+
+    certificate: ExistingFile = Field(description="server certificate chain (PEM)")
+    private_key: ExistingFile = Field(description="private key of the certificate (PEM)")
+    ca_certificates: ExistingFile | None = Field(
+        None, description="CA bundle (PEM) used to verify client certificates"
+    )
+    require_client_certificate: bool = Field(
+        False, description="refuse clients without a certificate signed by ca_certificates"
+    )
+
+    @model_validator(mode="after")
+    def _client_verification_needs_ca(self) -> ServerTLS:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise PydanticCustomError(
+                "tls",
+                "require_client_certificate is true but no ca_certificates file is given "
+                "to verify client certificates with",
+            )
+        return self
+
+
+class ClientTLS(_Section):
+    """TLS towards a destination; absent means plain TCP."""
+
+    ca_certificates: ExistingFile | None = Field(
+        None, description="CA bundle (PEM) to verify the peer; none uses the system store"
+    )
+    certificate: ExistingFile | None = Field(None, description="client certificate (PEM)")
+    private_key: ExistingFile | None = Field(None, description="client private key (PEM)")
+    verify_hostname: bool = Field(True, description="check the peer certificate's host name")
+
+    @model_validator(mode="after")
+    def _certificate_and_key_together(self) -> ClientTLS:
+        if (self.certificate is None) != (self.private_key is None):
+            raise PydanticCustomError(
+                "tls", "certificate and private_key must be given together (or neither)"
+            )
+        return self
+
+
+class DicomNode(_Section):
+    """The node's DICOM service (C-ECHO, C-STORE SCP)."""
+
+    ae_title: AETitle = Field("VCEMRI", description="our AE title (called AE)")
+    bind_address: Host = Field(
+        "127.0.0.1", description="address to listen on; 0.0.0.0 for all interfaces"
+    )
+    port: TcpPort = Field(11112, description="TCP port to listen on")
+    check_called_ae: bool = Field(
+        True, description="refuse associations addressed to another AE title"
+    )
+    allowed_calling_aes: list[AETitle] = Field(
+        default_factory=list,
+        description="calling AE titles accepted; empty accepts any (not for production)",
+    )
+    max_associations: int = Field(10, ge=1, description="concurrent associations")
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="in seconds")
+    tls: ServerTLS | None = Field(None, description="TLS settings; null for plain TCP")
+
+
+# --------------------------------------------------------------------------------------------
+# Storage, assembly, series classification
+# --------------------------------------------------------------------------------------------
+
+
+class Storage(_Section):
+    """Where received instances, jobs, results and the audit log live."""
+
+    root: AnyPath = Field(
+        Path("~/.local/share/vcemri"), description="data directory (spool, jobs, outputs)"
+    )
+    min_free_mib: int = Field(
+        1024, ge=0, description="refuse new instances when less disk space than this is free"
+    )
+    audit_log: AnyPath | None = Field(
+        None, description="append-only audit log (JSON lines); null: <root>/audit.jsonl"
+    )
+
+    @property
+    def audit_log_path(self) -> Path:
+        """The audit log's path, defaulting to ``<root>/audit.jsonl``."""
+        return self.audit_log if self.audit_log is not None else self.root / "audit.jsonl"
+
+
+class Assembly(_Section):
+    """When a series counts as complete and how long a study waits for its other sequence."""
+
+    series_idle_s: Seconds = Field(
+        10.0, description="a series is complete this long after its last instance"
+    )
+    study_timeout_s: Seconds = Field(
+        600.0, description="a study fails if its T1w or T2w has not arrived by then"
+    )
+
+
+class Range(_Section):
+    """An inclusive numeric range; either end may be open."""
+
+    min: float | None = Field(None, description="lowest allowed value (inclusive)")
+    max: float | None = Field(None, description="highest allowed value (inclusive)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise PydanticCustomError(
+                "range", "min {min} is greater than max {max}", {"min": self.min, "max": self.max}
+            )
+        return self
+
+    def __contains__(self, value: float) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+def _search(patterns: list[str], text: str) -> bool:
+    return any(re.search(p, text, re.IGNORECASE) for p in patterns)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class SeriesRule(_Section):
+    """Header rule that recognises one kind of series.
+
+    A series matches when its SeriesDescription matches one of ``description`` (or the list is
+    empty), matches none of ``exclude_description``, every given parameter range contains the
+    header's value (a missing value fails the rule: it cannot prove the sequence) and the
+    contrast agent condition holds (ContrastBolusAgent present and not empty).
+    """
+
+    description: list[Regex] = Field(
+        default_factory=list, description="SeriesDescription must match one; empty: any"
+    )
+    exclude_description: list[Regex] = Field(
+        default_factory=list, description="SeriesDescription must match none"
+    )
+    repetition_time_ms: Range | None = Field(None, description="RepetitionTime range (ms)")
+    echo_time_ms: Range | None = Field(None, description="EchoTime range (ms)")
+    inversion_time_ms: Range | None = Field(None, description="InversionTime range (ms)")
+    contrast_agent: Literal["absent", "present", "any"] = Field(
+        "any", description="ContrastBolusAgent must be absent, present, or either"
+    )
+
+    def matches(self, header: Mapping[str, Any]) -> bool:
+        """Whether a series with these header values (DICOM keywords) satisfies the rule."""
+        text = str(header.get("SeriesDescription") or "")
+        if self.description and not _search(self.description, text):
+            return False
+        if _search(self.exclude_description, text):
+            return False
+        for keyword, allowed in (
+            ("RepetitionTime", self.repetition_time_ms),
+            ("EchoTime", self.echo_time_ms),
+            ("InversionTime", self.inversion_time_ms),
+        ):
+            if allowed is not None:
+                value = _number(header.get(keyword))
+                if value is None or value not in allowed:
+                    return False
+        has_agent = bool(str(header.get("ContrastBolusAgent") or "").strip())
+        return self.contrast_agent == "any" or has_agent == (self.contrast_agent == "present")
+
+
+_CONTRAST_WORDS = [r"\+c", r"c\+", r"post", r"gad", r"\bgd\b", r"contrast", r"\bce\b", r"enhanc"]
+_OURS = [r"synthetic", r"\bvce"]
+
+
+class SeriesRules(_Section):
+    """How incoming series are recognised as T1w, T2w or contrast-enhanced T1w."""
+
+    t1w: SeriesRule = Field(
+        description="contrast-free T1-weighted (model input)",
+        default_factory=lambda: SeriesRule(
+            description=[r"t1(?![0-9])"],
+            exclude_description=_CONTRAST_WORDS + _OURS,
+            contrast_agent="absent",
+        )
+    )
+    t2w: SeriesRule = Field(
+        description="T2-weighted or STIR (model input)",
+        default_factory=lambda: SeriesRule(
+            description=[r"t2(?![0-9*])", r"stir"],
+            exclude_description=_CONTRAST_WORDS + _OURS,
+            contrast_agent="absent",
+        )
+    )
+    contrast_enhanced: SeriesRule = Field(
+        description="acquired contrast-enhanced T1w (training target; never a model input)",
+        default_factory=lambda: SeriesRule(
+            description=list(_CONTRAST_WORDS), exclude_description=list(_OURS)
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Routing, destinations, models
+# --------------------------------------------------------------------------------------------
+
+
+_ROUTE_KEYWORDS = {
+    "calling_ae": "CallingAETitle",
+    "modality": "Modality",
+    "body_part": "BodyPartExamined",
+    "institution": "InstitutionName",
+    "series_description": "SeriesDescription",
+}
+
+
+class RouteMatch(_Section):
+    """Header conditions of a route; every given pattern must match (absent ones always do)."""
+
+    calling_ae: Regex | None = Field(None, description="AE title that sent the study")
+    modality: Regex | None = Field("^MR$", description="Modality")
+    body_part: Regex | None = Field(None, description="BodyPartExamined")
+    institution: Regex | None = Field(None, description="InstitutionName")
+    series_description: Regex | None = Field(None, description="SeriesDescription of the T1w")
+
+    def matches(self, header: Mapping[str, Any]) -> bool:
+        """Whether a study with these values (DICOM keywords, plus ``CallingAETitle``) matches."""
+        for field, keyword in _ROUTE_KEYWORDS.items():
+            pattern = getattr(self, field)
+            if pattern is not None and not re.search(
+                pattern, str(header.get(keyword) or ""), re.IGNORECASE
+            ):
+                return False
+        return True
+
+
+class Route(_Section):
+    """A routing rule: studies matching ``match`` go through ``model`` to ``destinations``.
+
+    Rules are tried in order and the first match wins; studies matching no rule are kept,
+    not processed, and logged.
+    """
+
+    name: str = Field(min_length=1, description="unique name, used in logs and the audit")
+    match: RouteMatch = Field(default_factory=RouteMatch, description="conditions, all must hold")
+    model: str = Field("default", description="key into models")
+    destinations: list[str] = Field(
+        default_factory=list, description="keys into destinations; empty keeps results locally"
+    )
+
+
+class Destination(_Section):
+    """A DICOM peer the results are sent to (a TPS or PACS)."""
+
+    ae_title: AETitle = Field(description="the peer's AE title (called AE)")
+    host: Host = Field(description="the peer's IP address or host name")
+    port: TcpPort = Field(description="the peer's TCP port")
+    tls: ClientTLS | None = Field(None, description="TLS settings; null for plain TCP")
+
+
+class ModelChoice(_Section):
+    """A synthesis model and where it runs."""
+
+    checkpoint: str = Field(
+        "builtin", description="'builtin' for the shipped weights, or a checkpoint file"
+    )
+    device: Device = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    batch_size: int = Field(8, ge=1, description="slices per forward pass")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, value: str) -> str:
+        if value == "builtin":
+            return value
+        path = resolve_path(value)
+        if not path.is_file():
+            raise PydanticCustomError(
+                "checkpoint",
+                "checkpoint file '{path}' does not exist (use 'builtin' for the shipped model)",
+                {"path": str(path)},
+            )
+        return str(path)
+
+
+class LoggingSettings(_Section):
+    """Console logging. The PHI policy (config.phi) applies to both formats."""
+
+    format: Literal["human", "json"] = Field("human", description="human or json (JSON lines)")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="least severe level shown"
+    )
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+def _default_routes() -> list[Route]:
+    return [Route(name="default", model="default", destinations=["tps"])]
+
+
+class Settings(BaseSettings):
+    """The whole configuration; ``config/default.yaml`` spells out these defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    dicom: DicomNode = Field(default_factory=DicomNode, description="the node's DICOM service")
+    storage: Storage = Field(default_factory=Storage, description="where data lives")
+    assembly: Assembly = Field(
+        default_factory=Assembly, description="series completion and study timeout"
+    )
+    series_rules: SeriesRules = Field(
+        default_factory=SeriesRules,
+        description="series recognition; a rule you write replaces that default rule whole",
+    )
+    routes: list[Route] = Field(
+        default_factory=_default_routes, description="routing rules, first match wins"
+    )
+    destinations: dict[str, Destination] = Field(
+        default_factory=lambda: {"tps": Destination(ae_title="TPS", host="127.0.0.1", port=11113)},
+        description="DICOM peers that receive results, by name",
+    )
+    models: dict[str, ModelChoice] = Field(
+        default_factory=lambda: {"default": ModelChoice()}, description="synthesis models by name"
+    )
+    logging: LoggingSettings = Field(
+        default_factory=LoggingSettings, description="console logging"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init arguments; the environment overrides it.
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Settings:
+        problems = []
+        seen: set[str] = set()
+        for i, route in enumerate(self.routes):
+            if route.name in seen:
+                problems.append(f"routes[{i}].name: {route.name!r} is used by an earlier route")
+            seen.add(route.name)
+            if route.model not in self.models:
+                problems.append(
+                    f"routes[{i}].model: {route.model!r} is not a model "
+                    f"(defined: {', '.join(sorted(self.models)) or 'none'})"
+                )
+            for j, name in enumerate(route.destinations):
+                if name not in self.destinations:
+                    problems.append(
+                        f"routes[{i}].destinations[{j}]: {name!r} is not a destination "
+                        f"(defined: {', '.join(sorted(self.destinations)) or 'none'})"
+                    )
+        if problems:
+            raise PydanticCustomError(
+                "references", "{summary}", {"summary": "; ".join(problems), "problems": problems}
+            )
+        return self
