@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_settings import EnvSettingsSource
 
 from .errors import ConfigError
 from .settings import ENV_DELIMITER, ENV_PREFIX, Settings
@@ -215,7 +216,13 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     problems = _unknown_environment(environ)
     token = base_directory.set(source.resolve().parent)
     try:
-        settings = Settings(**data)
+        # The file alone first, so its problems point at its lines; then the environment,
+        # merged key by key over the file's effective settings (defaults included).
+        settings = Settings.model_validate(data)
+        overrides = EnvSettingsSource(Settings)()
+        if overrides:
+            merged = _deep_merge(settings.model_dump(), overrides)
+            settings = Settings.model_validate(merged)
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             where = _where(tuple(error["loc"]), lines, environ)
@@ -226,6 +233,17 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     if problems:
         raise ConfigError(str(source), problems)
     return settings
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``, mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def effective_yaml(settings: Settings) -> str:

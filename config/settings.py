@@ -353,7 +353,12 @@ def _default_routes() -> list[Route]:
 
 
 class Settings(BaseSettings):
-    """The whole configuration; ``config/default.yaml`` spells out these defaults."""
+    """The whole configuration; ``config/default.yaml`` spells out these defaults.
+
+    A ``BaseSettings`` for its environment conventions (``model_config``), which
+    :func:`config.load_settings` applies; constructing ``Settings`` directly ignores the
+    environment.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -395,8 +400,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The YAML file arrives as init arguments; the environment overrides it.
-        return env_settings, init_settings
+        # Only the arguments: config.load_settings applies the environment itself, key by key
+        # over the file's effective settings, so that Settings() is always the plain defaults.
+        return (init_settings,)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Settings:
