@@ -2,7 +2,9 @@
 vcemri package imports. This package imports none of them.
 """
 
-from .audit import AuditLog, Verification, read as read_audit, verify as verify_audit
+from .audit import AuditLog, Verification
+from .audit import read as read_audit
+from .audit import verify as verify_audit
 from .errors import ConfigError, InputError, ModelError, PeerError, StorageError, VcemriError
 from .loading import (
     CONFIG_ENV,

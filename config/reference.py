@@ -112,7 +112,7 @@ def _rows(model: type[BaseModel], prefix: str, seen: dict[type[BaseModel], str])
         description = (field.description or "").replace("|", "\\|")
         nested, suffix = _model_of(field.annotation)
         repeat = nested is not None and nested in seen
-        if repeat:
+        if nested is not None and repeat:
             description = (description + "; " if description else "") + f"keys as in `{seen[nested]}`"
         rows.append(
             f"| `{key}` | {_type_label(field.annotation, field.metadata)} | {_default(field)} "

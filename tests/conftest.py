@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from pydicom.data import get_testdata_file
-from support.dciodvfy import DciodvfyReport, dciodvfy as run_dciodvfy
+from support.dciodvfy import DciodvfyReport
+from support.dciodvfy import dciodvfy as run_dciodvfy
 from support.dcmtk import StoreResult, StoreSCP, storescu
 from support.orthanc import Orthanc
 

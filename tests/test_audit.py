@@ -126,7 +126,7 @@ def test_concurrent_processes_never_interleave(tmp_path):
 
 
 def test_a_failed_write_leaves_no_torn_line_and_says_why(tmp_path, monkeypatch):
-    import config.audit as audit
+    from config import audit
 
     log = AuditLog(tmp_path / "audit.jsonl")
     log.record("job.created", job_id="a")

@@ -47,7 +47,7 @@ def _clean_environment(monkeypatch):
 
 def test_help_lists_only_commands_that_work():
     parser = cli.build_parser()
-    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001
+    commands = parser._subparsers._group_actions[0].choices
     assert sorted(commands) == ["config", "version"]
     done = run("--help")
     assert done.returncode == 0

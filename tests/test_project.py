@@ -55,7 +55,7 @@ def test_package_arrows_go_one_way(package):
 def test_readme_quick_start_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    match = re.search(r"```(?:sh|bash)\n(.*?)```", readme, re.S)
+    match = re.search(r"```(?:sh|bash)\n(.*?)```", readme, re.DOTALL)
     assert match, "README has no quick-start code block"
     test_lines = [line.split("#")[0].strip() for line in match.group(1).splitlines()
                   if "pytest" in line]

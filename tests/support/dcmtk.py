@@ -85,5 +85,5 @@ def storescu(files: Iterable[Path], port: int, *, called_ae: str, host: str = "1
     binary = require("storescu")
     argv = [str(binary), "--aetitle", calling_ae, "--call", called_ae, "--scan-directories",
             *extra_args, host, str(port), *[str(f) for f in files]]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_env())
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_env(), check=False)
     return StoreResult(done.returncode, done.stdout + done.stderr)

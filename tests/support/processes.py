@@ -75,11 +75,12 @@ class ManagedProcess:
         self.stop()
         raise ServerStartError(f"{what} not ready after {timeout:.0f} s:\n" + self.log_tail())
 
-    def stop(self, grace: float = 5.0) -> int | None:
-        """SIGTERM the process group, SIGKILL after ``grace`` seconds; returns the exit code."""
+    def stop(self, grace: float = 5.0, *, graceful: bool = True) -> int | None:
+        """SIGTERM the process group, SIGKILL after ``grace`` seconds (at once when not
+        ``graceful``); returns the exit code."""
         if self.running:
             try:
-                os.killpg(self.process.pid, signal.SIGTERM)
+                os.killpg(self.process.pid, signal.SIGTERM if graceful else signal.SIGKILL)
             except ProcessLookupError:
                 pass
             try:

@@ -56,7 +56,7 @@ def dcmtk_tool(name: str) -> Path | None:
     for path in _candidates(name):
         try:
             out = subprocess.run(
-                [str(path), "--version"], capture_output=True, text=True, timeout=10
+                [str(path), "--version"], capture_output=True, text=True, timeout=10, check=False
             )
         except (OSError, subprocess.TimeoutExpired):
             continue
