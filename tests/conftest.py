@@ -6,11 +6,14 @@
 - ``send``: dcmtk storescu with TCP_NODELAY;
 - ``mr_file``: a small valid MR Image Storage file (pydicom's MR_small).
 
+- ``no_vcemri_environment``: no ``VCEMRI_*`` variables leak into configuration tests.
+
 A missing tool skips the test with the reason, except with CI=true where it fails.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +23,14 @@ from support.dciodvfy import DciodvfyReport
 from support.dciodvfy import dciodvfy as run_dciodvfy
 from support.dcmtk import StoreResult, StoreSCP, storescu
 from support.orthanc import Orthanc
+
+
+@pytest.fixture
+def no_vcemri_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove every ``VCEMRI_*`` variable, so configuration tests see only their own."""
+    for name in list(os.environ):
+        if name.upper().startswith("VCEMRI_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture

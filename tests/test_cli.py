@@ -38,11 +38,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch):
-    for name in list(os.environ):
-        if name.upper().startswith("VCEMRI_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_vcemri_environment")
 
 
 def test_help_lists_only_commands_that_work():

@@ -24,13 +24,7 @@ def _problems(path: Path) -> list[str]:
     return caught.value.problems
 
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch):
-    import os
-
-    for name in list(os.environ):
-        if name.upper().startswith("VCEMRI_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_vcemri_environment")
 
 
 def test_default_file_is_valid_and_spells_out_the_model_defaults():
