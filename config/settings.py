@@ -201,6 +201,22 @@ class SeriesRule(_Section):
         "any", description="ContrastBolusAgent must be absent, present, or either"
     )
 
+    @model_validator(mode="after")
+    def _has_a_condition(self) -> SeriesRule:
+        if not (
+            self.description
+            or self.repetition_time_ms
+            or self.echo_time_ms
+            or self.inversion_time_ms
+            or self.contrast_agent != "any"
+        ):
+            raise PydanticCustomError(
+                "rule",
+                "a series rule needs at least one condition (description, a parameter range "
+                "or contrast_agent); an empty rule would match every series",
+            )
+        return self
+
     def matches(self, header: Mapping[str, Any]) -> bool:
         """Whether a series with these header values (DICOM keywords) satisfies the rule."""
         text = str(header.get("SeriesDescription") or "")

@@ -25,7 +25,7 @@ base_directory: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
 #: Error types whose message is complete (it names the value and what is allowed).
 SELF_DESCRIBING_ERRORS = frozenset(
     {"tcp_port", "ae_title", "host", "regex", "file_missing", "device", "checkpoint", "range",
-     "references", "tls"}
+     "references", "tls", "rule"}
 )
 
 

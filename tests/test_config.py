@@ -179,6 +179,8 @@ def test_client_verification_needs_a_ca(tmp_path):
          "dicom.timeouts.acse_s: -1 is not allowed: Input should be greater than 0"),
         ("series_rules:\n  t1w: {echo_time_ms: {min: 30, max: 10}}\n",
          "series_rules.t1w.echo_time_ms: min 30.0 is greater than max 10.0"),
+        ("series_rules:\n  t2w: {exclude_description: [post]}\n",
+         "series_rules.t2w: a series rule needs at least one condition"),
     ],
 )
 def test_value_checks(tmp_path, text, start):
