@@ -131,7 +131,7 @@ def sample_tumour(rng: np.random.Generator, diameter_mm: float | None = None) ->
     centre = np.array([sign * (11.0 - 6.0 * growth), 7.0 + 3.0 * growth, 5.0 + 5.0 * growth])
     skull_base = bool(radius > 12.0 and rng.random() < 0.3 + 0.6 * growth)
     parapharyngeal = bool(radius > 10.0 and rng.random() < 0.25 + 0.5 * growth)
-    core = radius * 0.78
+    core = radius * 0.94  # lobes and wobble: equivalent diameter ~ the drawn diameter
     lobes = [Lobe(tuple(centre), core)]
     for _ in range(int(rng.integers(2, 6))):
         direction = _unit(rng, np.array([sign * 0.6, 0.5, 0.3]), 0.8)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 
 import config
+import training
 from config import VcemriError
 
 from . import __version__
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reference", help="print every setting with its type, default and meaning (Markdown)"
     )
     reference.set_defaults(handler=_config_reference)
+
+    training.add_commands(commands)
     return parser
 
 

@@ -1,0 +1,292 @@
+"""Simulated multi-institution NPC cohorts: patients -> DICOM series, masks and a manifest.
+
+Layout of a cohort directory::
+
+    manifest.csv                 patient,institution,role,path (t1w, t2w, ce, mask, seg)
+    cohort.json                  options, institutions, and per patient the tumour and protocol
+    preview.png                  optional montage, one row per institution
+    inst1/inst1-001/t1w/0001.dcm ...   one folder per series
+    inst1/inst1-001/tumour.nii.gz      ground truth on the T1w grid
+    inst1/inst1-001/tumour_seg.dcm     the same as DICOM SEG
+
+Each patient draws from its own random stream, ``SeedSequence([seed, institution, index])``,
+so a patient is the same whatever the worker count, the order, or the other institutions.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from config import StorageError, VcemriError
+
+from .acquisition import Geometry, Scene, acquire, default_slices, draw_protocols, make_geometry, scene
+from .dicom_export import (
+    PatientInfo,
+    derived_uid,
+    series_datasets,
+    write_datasets,
+    write_mask_nifti,
+    write_mask_seg,
+)
+from .institutions import INSTITUTIONS, ROLES, Institution, Role
+from .phantom import sample_patient
+
+MANIFEST = "manifest.csv"
+COHORT = "cohort.json"
+MANIFEST_COLUMNS = ("patient", "institution", "role", "path")
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    """What to simulate. ``matrix_scale`` < 1 and ``slices`` make small, fast test cohorts;
+    ``misalign_mm`` moves the patient between series (rigid, up to that many mm and
+    ``misalign_mm / 2`` degrees), as seed 000 FIG. 10 shows for unregistered hospital data."""
+
+    institutions: tuple[str, ...] = tuple(INSTITUTIONS)
+    patients_per_institution: int = 5
+    seed: int = 0
+    matrix_scale: float = 1.0
+    slices: int | None = None
+    misalign_mm: float = 0.0
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.institutions if k not in INSTITUTIONS]
+        if unknown:
+            raise VcemriError(
+                f"unknown institution {', '.join(unknown)} (known: {', '.join(INSTITUTIONS)})"
+            )
+        if self.patients_per_institution < 1:
+            raise VcemriError("patients per institution must be at least 1")
+        if not 0.05 <= self.matrix_scale <= 2.0:
+            raise VcemriError(f"matrix scale {self.matrix_scale} is outside 0.05-2")
+        if self.slices is not None and self.slices < 2:
+            raise VcemriError("a series needs at least 2 slices")
+        if not 0.0 <= self.misalign_mm <= 20.0:
+            raise VcemriError(f"misalignment {self.misalign_mm} mm is outside 0-20 mm")
+
+
+@dataclass
+class PatientRecord:
+    """What was simulated for one patient (JSON-serialisable)."""
+
+    patient: str
+    institution: str
+    paths: dict[str, str]  # role -> path relative to the cohort directory
+    tumour_side: str
+    tumour_volume_ml: float
+    tumour_equivalent_diameter_mm: float
+    skull_base_infiltration: bool
+    parapharyngeal_infiltration: bool
+    necrosis: bool
+    protocols: dict[str, dict[str, float]]
+    gain: float
+    misalignment: dict[str, list[float]] = field(default_factory=dict)
+    preview: dict[str, list[list[float]]] | None = field(default=None, repr=False)
+
+
+def _patient_info(institution: Institution, index: int, seed: int,
+                  rng: np.random.Generator) -> PatientInfo:
+    patient_id = f"{institution.key}-{index:03d}"
+    uid_seed = f"vcemri-sim/{seed}/{patient_id}"
+    start = _dt.datetime(2023, 1, 2, 8, 0) + _dt.timedelta(
+        days=int(rng.integers(0, 700)), minutes=int(rng.integers(0, 9 * 60)))
+    return PatientInfo(
+        patient_id=f"SIM-{patient_id.upper()}",
+        patient_name=f"SIM^{patient_id.upper()}",
+        sex="M" if rng.random() < 0.75 else "F",  # NPC is about 3:1 male (seed 000 Table 1)
+        age_years=int(np.clip(rng.normal(54, 12), 20, 85)),
+        weight_kg=float(np.clip(rng.normal(65, 10), 40, 110)),
+        study_uid=derived_uid(uid_seed, "study"),
+        frame_of_reference_uid=derived_uid(uid_seed, "frame"),
+        study_datetime=start,
+        uid_seed=uid_seed,
+    )
+
+
+def _slice_of_interest(mask: np.ndarray) -> int:
+    areas = mask.reshape(len(mask), -1).sum(axis=1)
+    return int(np.argmax(areas)) if areas.any() else len(mask) // 2
+
+
+def _nearest_slice(geometry: Geometry, point: np.ndarray) -> int:
+    distances = (geometry.positions - point) @ geometry.normal
+    return int(np.argmin(np.abs(distances)))
+
+
+def simulate_patient(out: Path, key: str, index: int, options: SimulationOptions,
+                     with_preview: bool = False) -> PatientRecord:
+    """Simulate and write one patient; returns its record (paths relative to ``out``)."""
+    institution = INSTITUTIONS[key]
+    rng = np.random.default_rng(
+        np.random.SeedSequence([options.seed, list(INSTITUTIONS).index(key), index]))
+    patient = sample_patient(rng)
+    protocols = draw_protocols(institution, rng)
+    info = _patient_info(institution, index, options.seed, rng)
+    gain = float(rng.lognormal(0.0, 0.08))  # per-session receiver gain
+    move_rng = np.random.default_rng(rng.integers(0, 2**63))
+    noise_rng = np.random.default_rng(rng.integers(0, 2**63))
+
+    folder = out / key / f"{key}-{index:03d}"
+    slices = options.slices or default_slices(institution.grid)
+    scenes: dict[tuple[object, ...], Scene] = {}
+    volumes: dict[Role, np.ndarray] = {}
+    geometries: dict[Role, Geometry] = {}
+    datasets = {}
+    misalignment: dict[str, list[float]] = {}
+    paths: dict[str, str] = {}
+    for role in ROLES:
+        subject = patient
+        if options.misalign_mm > 0 and role != "t1w":
+            subject = patient.moved(move_rng, options.misalign_mm, options.misalign_mm / 2)
+            misalignment[role] = [round(float(v - w), 3) for v, w in
+                                  zip(subject.translation, patient.translation, strict=True)]
+        geometry = make_geometry(institution.grid_for(role), slices, institution.tilt_deg,
+                                 options.matrix_scale)
+        cache_key = (id(subject), geometry.rows, geometry.columns, geometry.row_spacing_mm)
+        if cache_key not in scenes:
+            scenes[cache_key] = scene(subject, geometry)
+        acquired = scenes[cache_key]
+        volumes[role] = acquire(acquired, subject, institution, role, protocols[role], gain,
+                                noise_rng, protocols["t1w"])
+        geometries[role] = geometry
+        datasets[role] = series_datasets(volumes[role], geometry, institution, role,
+                                         protocols[role], info)
+        write_datasets(datasets[role], folder / role)
+        paths[role] = str((folder / role).relative_to(out))
+        if role == "t1w":
+            tumour = acquired.tumour
+
+    write_mask_nifti(tumour, geometries["t1w"], folder / "tumour.nii.gz")
+    write_mask_seg(tumour, datasets["t1w"], info, institution, folder / "tumour_seg.dcm")
+    paths["mask"] = str((folder / "tumour.nii.gz").relative_to(out))
+    paths["seg"] = str((folder / "tumour_seg.dcm").relative_to(out))
+
+    g = geometries["t1w"]
+    voxel_ml = g.row_spacing_mm * g.column_spacing_mm * g.slice_spacing_mm / 1000.0
+    volume_ml = float(tumour.sum() * voxel_ml)
+    preview = None
+    if with_preview:
+        k = _slice_of_interest(tumour)
+        centre = g.positions[k]
+        preview = {
+            "t1w": volumes["t1w"][k].tolist(),
+            "t2w": volumes["t2w"][_nearest_slice(geometries["t2w"], centre)].tolist(),
+            "ce": volumes["ce"][_nearest_slice(geometries["ce"], centre)].tolist(),
+            "mask": tumour[k].astype(float).tolist(),
+        }
+    spec = patient.tumour
+    return PatientRecord(
+        patient=info.patient_id,
+        institution=key,
+        paths=paths,
+        tumour_side=spec.side,
+        tumour_volume_ml=round(volume_ml, 3),
+        tumour_equivalent_diameter_mm=round(float((6 * volume_ml * 1000 / np.pi) ** (1 / 3)), 2),
+        skull_base_infiltration=spec.skull_base_infiltration,
+        parapharyngeal_infiltration=spec.parapharyngeal_infiltration,
+        necrosis=spec.necrosis_radius_mm > 0,
+        protocols={r: {"tr_ms": round(p.tr_ms, 3), "te_ms": round(p.te_ms, 3)}
+                   for r, p in protocols.items()},
+        gain=round(gain, 4),
+        misalignment=misalignment,
+        preview=preview,
+    )
+
+
+def _jobs(options: SimulationOptions, preview: bool) -> list[tuple[str, int, bool]]:
+    return [(key, i, preview and i == 1)
+            for key in options.institutions
+            for i in range(1, options.patients_per_institution + 1)]
+
+
+def _run(args: tuple[Path, str, int, SimulationOptions, bool]) -> PatientRecord:
+    return simulate_patient(*args)
+
+
+def iterate_cohort(out: Path, options: SimulationOptions, *, preview: bool = False,
+                   workers: int = 1) -> Iterator[PatientRecord]:
+    """Simulate every patient (in ``workers`` processes), yielding records as they finish,
+    in a fixed order (institution, then patient)."""
+    jobs = [(out, key, i, options, p) for key, i, p in _jobs(options, preview)]
+    if workers <= 1:
+        yield from map(_run, jobs)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(_run, jobs)
+
+
+def write_manifest(out: Path, records: Sequence[PatientRecord]) -> Path:
+    """``manifest.csv``: one row per patient and role, paths relative to the manifest."""
+    path = out / MANIFEST
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MANIFEST_COLUMNS)
+        for record in records:
+            for role, relative in record.paths.items():
+                writer.writerow([record.patient, record.institution, role, relative])
+    return path
+
+
+def simulate_cohort(
+    out: Path,
+    options: SimulationOptions,
+    *,
+    preview: bool = False,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: Callable[[PatientRecord], None] | None = None,
+) -> list[PatientRecord]:
+    """Simulate a cohort into ``out`` and write its manifest, cohort.json and preview."""
+    out = Path(out)
+    check_output_directory(out, overwrite)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        records = []
+        for record in iterate_cohort(out, options, preview=preview, workers=workers):
+            records.append(record)
+            if progress is not None:
+                progress(record)
+        write_manifest(out, records)
+        previews = [r for r in records if r.preview is not None]
+        if preview:
+            from .preview import write_preview
+
+            write_preview(out / "preview.png", previews)
+        summary = {
+            "software": "vcemri simulator",
+            "options": asdict(options),
+            "institutions": {k: INSTITUTIONS[k].title for k in options.institutions},
+            "patients": [{k: v for k, v in asdict(r).items() if k != "preview"}
+                         for r in records],
+        }
+        (out / COHORT).write_text(json.dumps(summary, indent=1))
+    except OSError as exc:
+        raise StorageError(
+            f"cannot write the cohort to {out}: {exc.strerror or exc}",
+            hint="check free space and permissions",
+        ) from exc
+    return records
+
+
+def check_output_directory(out: Path, overwrite: bool) -> None:
+    """Refuse to mix a new cohort into a directory that holds something else."""
+    if out.exists() and not out.is_dir():
+        raise VcemriError(f"output path {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise VcemriError(
+            f"output directory {out} is not empty", hint="choose another or pass --overwrite"
+        )
+
+
+def default_workers() -> int:
+    """Processes for simulation: the CPUs this process may use, at most 4."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
