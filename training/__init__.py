@@ -4,9 +4,22 @@ tables, figures and reports. Imports ``config`` and ``synthesis``.
 Today: the multi-institution NPC cohort simulator (``vcemri simulate``).
 """
 
+from typing import Any
+
 from .cli import add_commands
 from .institutions import INSTITUTIONS, Institution, Sequence
-from .simulate import MANIFEST, PatientRecord, SimulationOptions, simulate_cohort
+
+_LAZY = {"MANIFEST", "PatientRecord", "SimulationOptions", "simulate_cohort"}
+
+
+def __getattr__(name: str) -> Any:
+    # The simulator imports highdicom and SimpleITK; load it on first use so that
+    # `vcemri --help` and the other commands start fast.
+    if name in _LAZY:
+        from . import simulate
+
+        return getattr(simulate, name)
+    raise AttributeError(f"module 'training' has no attribute {name!r}")
 
 __all__ = [
     "INSTITUTIONS",

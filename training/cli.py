@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from .institutions import INSTITUTIONS
-from .simulate import (
-    SimulationOptions,
-    check_output_directory,
-    default_workers,
-    simulate_cohort,
-)
 
 
 def _institutions(text: str) -> tuple[str, ...]:
@@ -30,6 +23,12 @@ def _institutions(text: str) -> tuple[str, ...]:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    # Imported here: the simulator pulls in highdicom and SimpleITK, which every other
+    # vcemri command would otherwise pay for at start-up.
+    from tqdm import tqdm
+
+    from .simulate import SimulationOptions, check_output_directory, simulate_cohort
+
     options = SimulationOptions(
         institutions=args.institutions,
         patients_per_institution=args.patients_per_institution,
@@ -57,6 +56,11 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_workers() -> int:
+    """Processes for simulation: the CPUs this process may use, at most 4."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 def add_commands(commands: Any) -> None:
     """Add ``simulate`` to the ``vcemri`` sub-command parser."""
     parser = commands.add_parser(
@@ -82,7 +86,7 @@ def add_commands(commands: Any) -> None:
                         help="move the patient up to MM mm (MM/2 degrees) between series")
     parser.add_argument("--preview", action="store_true",
                         help="write preview.png: one patient per institution")
-    parser.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+    parser.add_argument("--workers", type=int, default=_default_workers(), metavar="N",
                         help="parallel processes (default: CPUs, at most 4)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty output directory")

@@ -26,10 +26,12 @@ def _grey(image: np.ndarray) -> Image.Image:
     return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
 
 
-def _fit(tile: Image.Image) -> Image.Image:
-    tile.thumbnail((TILE, TILE), Image.Resampling.BILINEAR)
-    canvas = Image.new("RGB", (TILE, TILE))
-    canvas.paste(tile, ((TILE - tile.width) // 2, (TILE - tile.height) // 2))
+def _fit(tile: Image.Image, resample: Image.Resampling = Image.Resampling.BILINEAR) -> Image.Image:
+    """Scale to fit a TILE x TILE square (keeping the aspect ratio), centred on black."""
+    factor = TILE / max(tile.width, tile.height)
+    size = (max(1, round(tile.width * factor)), max(1, round(tile.height * factor)))
+    canvas = Image.new(tile.mode, (TILE, TILE))
+    canvas.paste(tile.resize(size, resample), ((TILE - size[0]) // 2, (TILE - size[1]) // 2))
     return canvas
 
 
@@ -53,13 +55,18 @@ def write_preview(path: Path, records: Sequence[PatientRecord]) -> None:
         top = CAPTION + i * (TILE + CAPTION)
         draw.text((4, top + 2), f"{record.institution} {record.patient}: tumour "
                   f"{record.tumour_volume_ml:.1f} ml", fill="yellow")
-        tiles = [_grey(np.asarray(record.preview[k], np.float32)) for k in ("t1w", "t2w", "ce")]
-        overlay = tiles[2].copy()
-        edge = _outline(np.asarray(record.preview["mask"]) > 0.5)
-        pixels = np.asarray(overlay).copy()
+        tiles = [_fit(_grey(np.asarray(record.preview[k], np.float32)))
+                 for k in ("t1w", "t2w", "ce")]
+        # The outline is drawn after scaling, two pixels wide, so it stays visible.
+        mask = Image.fromarray((np.asarray(record.preview["mask"]) > 0.5).astype(np.uint8) * 255)
+        inside = np.asarray(_fit(mask, Image.Resampling.NEAREST)) > 127
+        edge = _outline(inside)
+        edge[1:] |= edge[:-1]
+        edge[:, 1:] |= edge[:, :-1]
+        pixels = np.asarray(tiles[2]).copy()
         pixels[edge] = (255, 40, 40)
         tiles.append(Image.fromarray(pixels))
         for j, tile in enumerate(tiles):
-            sheet.paste(_fit(tile), (j * TILE, top + CAPTION))
+            sheet.paste(tile, (j * TILE, top + CAPTION))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)

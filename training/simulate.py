@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -285,8 +284,3 @@ def check_output_directory(out: Path, overwrite: bool) -> None:
         raise VcemriError(
             f"output directory {out} is not empty", hint="choose another or pass --overwrite"
         )
-
-
-def default_workers() -> int:
-    """Processes for simulation: the CPUs this process may use, at most 4."""
-    return max(1, min(4, len(os.sched_getaffinity(0))))
