@@ -1,0 +1,100 @@
+"""MMgSN-Net generator (seed 000 "Examples (B)", FIG. 2 and FIG. 6; seed 001 Fig. 2).
+
+Two inputs, axial T1w and T2w slices (B, 2, 256, 224), one output, the VCE-T1w slice.
+
+- Multimodality learning module: one branch per modality, three convolution blocks (64, 128,
+  256 features) and two 2x2 max-pool layers.
+- Synergistic guidance: SGS1 fuses the branches' block-1 features (128 & 128 filters), SGS2
+  their block-2 features (128 & 256). Features enter an SGS without pooling. Each SGS output
+  is fed back, pooled to the next block's size, into the next block of *both* branches (the
+  difference from Hi-Net); SGS1 also reaches block 3 through an additional pooling layer.
+- Decoder ("synthesis network"): the two branches' block-3 features are concatenated and
+  decoded by three convolution blocks (256, 128, 64 features) with bilinear upsampling
+  between them; the SGS outputs join as skip connections at their scale (our reading of
+  "fused features ... are passed forward to the decoder").
+- Self-attention (SAGAN) between decoder blocks 2 and 3.
+- Multi-level module: every decoder block's output upsampled to the output size, concatenated,
+  and a 1x1 convolution gives the image (tanh when targets are scaled to [-1, 1]).
+
+Ablation switches as in the seed: ``fusion="concat"`` (SGS replaced by concatenation, which
+keeps every channel count), ``multi_level=False`` (1x1 convolution on the last block only),
+``attention=False``. ``width`` scales every channel count (0.25 gives the small CPU model).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import Concatenation, ConvBlock, SelfAttention, SynergisticGuidance, upsample, width
+
+
+class MMgSNNet(nn.Module):
+    """The MMgSN-Net generator; ``forward`` takes (B, 2, H, W) = T1w, T2w; H, W multiples of 4."""
+
+    inputs = ("t1w", "t2w")
+
+    def __init__(
+        self,
+        width_multiplier: float = 1.0,
+        fusion: Literal["sgs", "concat"] = "sgs",
+        multi_level: bool = True,
+        attention: bool = True,
+        attention_pool: int = 2,
+        output: Literal["tanh", "linear"] = "tanh",
+        convs_per_block: int = 2,
+    ) -> None:
+        super().__init__()
+        c1, c2, c3 = (width(c, width_multiplier) for c in (64, 128, 256))
+        self.config = {
+            "width_multiplier": width_multiplier, "fusion": fusion, "multi_level": multi_level,
+            "attention": attention, "attention_pool": attention_pool, "output": output,
+            "convs_per_block": convs_per_block,
+        }
+        if fusion == "sgs":
+            self.sgs1: nn.Module = SynergisticGuidance(c1, c2, c2)  # SGS1: 128 & 128
+            self.sgs2: nn.Module = SynergisticGuidance(c2, c2, c3)  # SGS2: 128 & 256
+            f1, f2 = c2, c3
+        else:
+            self.sgs1 = Concatenation()
+            self.sgs2 = Concatenation()
+            f1, f2 = 2 * c1, 2 * c2  # equal to c2 and c3: the decoder is unchanged
+        n = convs_per_block
+        self.block1 = nn.ModuleList([ConvBlock(1, c1, n) for _ in range(2)])
+        self.block2 = nn.ModuleList([ConvBlock(c1 + f1, c2, n) for _ in range(2)])
+        self.block3 = nn.ModuleList([ConvBlock(c2 + f2 + f1, c3, n) for _ in range(2)])
+        self.decode1 = ConvBlock(2 * c3, c3, n)
+        self.decode2 = ConvBlock(c3 + f2, c2, n)
+        self.attention = SelfAttention(c2, attention_pool) if attention else nn.Identity()
+        self.decode3 = ConvBlock(c2 + f1, c1, n)
+        head_in = c3 + c2 + c1 if multi_level else c1
+        self.head = nn.Conv2d(head_in, 1, 1)
+        self.output_activation = nn.Tanh() if output == "tanh" else nn.Identity()
+        self.multi_level = multi_level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t1, t2 = x[:, 0:1], x[:, 1:2]
+        a1, b1 = self.block1[0](t1), self.block1[1](t2)
+        s1 = self.sgs1(a1, b1)
+        s1_half = F.max_pool2d(s1, 2)
+        a2 = self.block2[0](torch.cat([F.max_pool2d(a1, 2), s1_half], 1))
+        b2 = self.block2[1](torch.cat([F.max_pool2d(b1, 2), s1_half], 1))
+        s2 = self.sgs2(a2, b2)
+        s2_quarter = F.max_pool2d(s2, 2)
+        s1_quarter = F.max_pool2d(s1_half, 2)  # the additional pooling layer for SGS1
+        a3 = self.block3[0](torch.cat([F.max_pool2d(a2, 2), s2_quarter, s1_quarter], 1))
+        b3 = self.block3[1](torch.cat([F.max_pool2d(b2, 2), s2_quarter, s1_quarter], 1))
+
+        d1 = self.decode1(torch.cat([a3, b3], 1))  # H/4
+        d2 = self.decode2(torch.cat([upsample(d1), s2], 1))  # H/2
+        d2 = self.attention(d2)
+        d3 = self.decode3(torch.cat([upsample(d2), s1], 1))  # H
+        if self.multi_level:
+            size = (d3.shape[-2], d3.shape[-1])
+            features = torch.cat([upsample(d1, size), upsample(d2, size), d3], 1)
+        else:
+            features = d3
+        return self.output_activation(self.head(features))

@@ -1,0 +1,158 @@
+"""The synthesis models: MMgSN-Net as seed 000 describes it, its discriminator, ablations and
+the baselines, checked by shape, parameter count and gradient flow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from synthesis.models import MODELS, MMgSNNet, PatchGAN, build, parameter_count
+from synthesis.models.blocks import Concatenation, SelfAttention, SynergisticGuidance
+
+H, W = 256, 224
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_mmgsn_maps_256x224_to_256x224():
+    model = MMgSNNet().eval()
+    with torch.inference_mode():
+        y = model(torch.randn(1, 2, H, W))
+    assert y.shape == (1, 1, H, W)
+    assert y.abs().max() <= 1.0  # tanh output for targets in [-1, 1]
+
+
+def test_patchgan_gives_16x14_patches_for_256x224():
+    d = PatchGAN().eval()
+    with torch.inference_mode():
+        scores = d(torch.randn(2, 1, H, W), torch.randn(2, 2, H, W))
+    assert scores.shape == (2, 1, 16, 14)
+    with pytest.raises(ValueError, match="conditional"):
+        d(torch.randn(1, 1, H, W))
+    assert PatchGAN(conditional=False)(torch.randn(1, 1, H, W)).shape == (1, 1, 16, 14)
+
+
+def test_patchgan_follows_the_seed():
+    d = PatchGAN()
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.kernel_size == (3, 3) for c in convs)
+    assert [c.stride for c in convs[:4]] == [(2, 2)] * 4
+    assert all(c.padding == (1, 1) for c in convs[:4])
+    norms = [m for m in d.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(n.momentum == pytest.approx(0.2) for n in norms)  # Keras 0.8
+
+
+def test_parameter_counts():
+    counts = {name: parameter_count(build(name)) for name in MODELS}
+    # Reported figures (README): the full MMgSN-Net and the small CPU variant.
+    assert 7.5e6 < counts["mmgsn"] < 9e6
+    small = parameter_count(MMgSNNet(width_multiplier=0.25))
+    assert small < counts["mmgsn"] / 10
+    assert counts["patchgan"] > 1e6
+
+
+def _gradient_from(model: MMgSNNet, x: torch.Tensor) -> torch.Tensor:
+    captured = {}
+
+    def keep_input(module, inputs, output):
+        captured["in"] = inputs[0]
+
+    model.block2[0].register_forward_hook(keep_input)
+    model(x)
+    (grad,) = torch.autograd.grad(captured["in"].sum(), x)
+    return grad
+
+
+def test_sgs_feeds_the_t2w_into_the_t1w_branch():
+    # Branch a (T1w) block 2 sees the T2w through SGS1's feedback: the gradient of its input
+    # with respect to the T2w channel is not zero.
+    model = MMgSNNet(width_multiplier=0.125)
+    x = torch.randn(1, 2, 64, 56, requires_grad=True)
+    grad = _gradient_from(model, x)
+    assert grad[:, 1].abs().sum() > 0
+    assert grad[:, 0].abs().sum() > 0
+
+
+def test_concatenation_ablation_also_feeds_back_but_does_not_select():
+    model = MMgSNNet(width_multiplier=0.125, fusion="concat")
+    assert isinstance(model.sgs1, Concatenation)
+    x = torch.randn(1, 2, 64, 56, requires_grad=True)
+    assert _gradient_from(model, x)[:, 1].abs().sum() > 0
+
+
+def test_gradients_reach_both_branches_and_every_parameter():
+    model = MMgSNNet(width_multiplier=0.125)
+    x = torch.randn(2, 2, 64, 56)
+    model(x).square().mean().backward()
+    for branch in (0, 1):
+        for block in (model.block1, model.block2, model.block3):
+            grads = [p.grad for p in block[branch].parameters()]
+            assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+def test_ablation_switches_change_the_graph():
+    full = MMgSNNet(width_multiplier=0.25)
+    no_sgs = MMgSNNet(width_multiplier=0.25, fusion="concat")
+    no_ml = MMgSNNet(width_multiplier=0.25, multi_level=False)
+    no_att = MMgSNNet(width_multiplier=0.25, attention=False)
+    assert isinstance(full.sgs1, SynergisticGuidance) and isinstance(full.attention, SelfAttention)
+    assert isinstance(no_att.attention, torch.nn.Identity)
+    assert no_ml.head.in_channels < full.head.in_channels
+    counts = {parameter_count(m) for m in (full, no_sgs, no_ml, no_att)}
+    assert len(counts) == 4
+    x = torch.randn(1, 2, 64, 56)
+    for model in (no_sgs, no_ml, no_att):
+        assert model.eval()(x).shape == (1, 1, 64, 56)
+
+
+def test_attention_starts_as_identity_and_learns_a_scale():
+    attention = SelfAttention(16)
+    x = torch.randn(2, 16, 32, 28)
+    assert torch.equal(attention(x), x)
+    assert attention.gamma.requires_grad
+
+
+def test_exact_sagan_attention_matches_a_hand_computation():
+    attention = SelfAttention(16, pool=1)
+    with torch.no_grad():
+        attention.gamma.fill_(0.7)
+    x = torch.randn(1, 16, 6, 5)
+    q = attention.query(x).flatten(2)  # (1, 2, 30)
+    k = attention.key(x).flatten(2)
+    v = attention.value(x).flatten(2)  # (1, 16, 30)
+    weights = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # (1, 30, 30), unscaled
+    expected = x + 0.7 * (v @ weights.transpose(1, 2)).reshape(1, 16, 6, 5)
+    torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [("unet", {"inputs": ("t1w",)}), ("unet", {"inputs": ("t2w",)}), ("unet", {}),
+     ("hinet", {}), ("pix2pix", {}), ("cyclegan", {"inputs": ("t1w",)}),
+     ("cyclegan", {"inputs": ("t2w",)})],
+)
+def test_baselines_map_their_inputs_to_one_image(name, config):
+    model = build(name, width_multiplier=0.125, **config).eval()
+    with torch.inference_mode():
+        y = model(torch.randn(1, len(model.inputs), H, W))
+    assert y.shape == (1, 1, H, W)
+
+
+def test_hinet_reconstructs_its_inputs():
+    model = build("hinet", width_multiplier=0.125).eval()
+    with torch.inference_mode():
+        r1, r2 = model.reconstruct(torch.randn(1, 2, 64, 56))
+    assert r1.shape == r2.shape == (1, 1, 64, 56)
+
+
+def test_registry_rebuilds_from_config():
+    model = build("mmgsn", width_multiplier=0.25, attention=False)
+    again = build("mmgsn", **model.config)
+    assert parameter_count(again) == parameter_count(model)
+    with pytest.raises(KeyError, match="unknown model 'vnet'"):
+        build("vnet")
