@@ -1,0 +1,384 @@
+"""Reading MR series into volumes with their geometry, and checking them.
+
+A :class:`Volume` is a SimpleITK image (float32, scanner units after RescaleSlope/Intercept,
+origin/spacing/direction in patient LPS mm) plus a header summary and the instances it came
+from. Classic single-frame MR and multi-frame (Enhanced or Legacy Converted Enhanced) MR are
+read; compressed transfer syntaxes decode through pydicom's pixel handlers (pylibjpeg).
+Slices are sorted by position along the slice normal; missing and duplicate slices,
+inconsistent orientation or matrix, and non-MR data are refused with a specific reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut
+
+from config import InputError
+
+#: Relative tolerance on slice spacing before a gap counts as missing slices.
+GAP_TOLERANCE = 0.5
+#: Positions closer than this (mm) along the normal are the same slice.
+SAME_POSITION_MM = 0.01
+#: Orientation cosines may differ this much between slices of one series.
+ORIENTATION_TOLERANCE = 1e-3
+
+MR_STORAGE = {
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
+}
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """What the pipeline needs from a series' headers. Patient identity is kept only to
+    compare series with each other; it is never logged (config.phi)."""
+
+    series_uid: str
+    study_uid: str
+    frame_of_reference_uid: str
+    patient_key: str
+    modality: str
+    description: str
+    manufacturer: str
+    model: str
+    field_strength_t: float | None
+    institution_name: str
+    station_name: str
+    repetition_time_ms: float | None
+    echo_time_ms: float | None
+    inversion_time_ms: float | None
+    contrast_agent: str
+    body_part: str
+    image_type: tuple[str, ...]
+
+    def header(self) -> dict[str, Any]:
+        """DICOM-keyword view used by the configured series rules."""
+        return {
+            "SeriesDescription": self.description,
+            "RepetitionTime": self.repetition_time_ms,
+            "EchoTime": self.echo_time_ms,
+            "InversionTime": self.inversion_time_ms,
+            "ContrastBolusAgent": self.contrast_agent,
+            "Modality": self.modality,
+            "BodyPartExamined": self.body_part,
+            "InstitutionName": self.institution_name,
+        }
+
+
+@dataclass(frozen=True)
+class SourceInstance:
+    """An instance (and frame) a slice came from, for Source Image Sequences."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame: int | None = None
+
+
+@dataclass
+class Volume:
+    """A series as a 3D image in scanner units, slices ascending along the normal."""
+
+    image: sitk.Image
+    info: SeriesInfo
+    sources: list[SourceInstance] = field(default_factory=list)
+
+    @property
+    def array(self) -> np.ndarray:
+        """(slices, rows, columns) float32 view of the voxels."""
+        return sitk.GetArrayViewFromImage(self.image)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(reversed(self.image.GetSize()))  # type: ignore[return-value]
+
+
+def _number(ds: Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _first(ds: Dataset, sequence: str, keyword: str) -> Any:
+    """A value from a multi-frame file's shared functional groups (or the top level)."""
+    if keyword in ds:
+        return ds.get(keyword)
+    for group in ds.get("SharedFunctionalGroupsSequence", []):
+        for item in group.get(sequence, []):
+            if keyword in item:
+                return item.get(keyword)
+    return None
+
+
+def series_info(ds: Dataset) -> SeriesInfo:
+    """Header summary of the series ``ds`` belongs to."""
+    mr_timing = {
+        keyword: _number(ds, keyword) if keyword in ds else _number_from_groups(ds, keyword)
+        for keyword in ("RepetitionTime", "EchoTime", "InversionTime")
+    }
+    agent = str(ds.get("ContrastBolusAgent", "") or "")
+    if not agent and ds.get("ContrastBolusAgentSequence"):
+        agent = "contrast agent (ContrastBolusAgentSequence)"  # Enhanced MR
+    return SeriesInfo(
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
+        patient_key=f"{ds.get('PatientID', '')}|{ds.get('IssuerOfPatientID', '')}",
+        modality=str(ds.get("Modality", "")),
+        description=str(ds.get("SeriesDescription", "") or ""),
+        manufacturer=str(ds.get("Manufacturer", "") or ""),
+        model=str(ds.get("ManufacturerModelName", "") or ""),
+        field_strength_t=_number(ds, "MagneticFieldStrength"),
+        institution_name=str(ds.get("InstitutionName", "") or ""),
+        station_name=str(ds.get("StationName", "") or ""),
+        repetition_time_ms=mr_timing["RepetitionTime"],
+        echo_time_ms=mr_timing["EchoTime"],
+        inversion_time_ms=mr_timing["InversionTime"],
+        contrast_agent=agent,
+        body_part=str(ds.get("BodyPartExamined", "") or ""),
+        image_type=tuple(str(v) for v in (ds.get("ImageType") or [])),
+    )
+
+
+def _number_from_groups(ds: Dataset, keyword: str) -> float | None:
+    sequences = {"RepetitionTime": "MRTimingAndRelatedParametersSequence",
+                 "EchoTime": "MREchoSequence", "InversionTime": "MRModifierSequence"}
+    alternatives = {"EchoTime": "EffectiveEchoTime", "InversionTime": "InversionTimes"}
+    for name in (keyword, alternatives.get(keyword, keyword)):
+        value = _first(ds, sequences[keyword], name)
+        if isinstance(value, (list, pydicom.multival.MultiValue)):
+            value = value[0] if value else None
+        if value not in (None, ""):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+@dataclass
+class _Slice:
+    position: np.ndarray
+    orientation: np.ndarray
+    spacing: tuple[float, float]
+    pixels: np.ndarray
+    source: SourceInstance
+    thickness: float | None
+
+
+def _read(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+        raise InputError(f"{path.name} is not a readable DICOM file ({exc})") from None
+
+
+def _pixels(ds: Dataset, path: Path) -> np.ndarray:
+    syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
+    name = getattr(syntax, "name", str(syntax))
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
+        raise InputError(
+            f"cannot decode the pixel data of {path.name} ({name}): {exc}",
+            hint="a decoder for this transfer syntax may be missing, or the file is truncated",
+        ) from None
+    return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+
+
+def _classic_slice(ds: Dataset, path: Path) -> _Slice:
+    try:
+        position = np.asarray(ds.ImagePositionPatient, float)
+        orientation = np.asarray(ds.ImageOrientationPatient, float)
+        spacing = tuple(float(v) for v in ds.PixelSpacing)
+    except (AttributeError, ValueError, TypeError):
+        raise InputError(
+            f"{path.name} has no usable image plane (ImagePositionPatient, "
+            "ImageOrientationPatient, PixelSpacing)"
+        ) from None
+    return _Slice(position, orientation, spacing, _pixels(ds, path),  # type: ignore[arg-type]
+                  SourceInstance(str(ds.SOPClassUID), str(ds.SOPInstanceUID)),
+                  _number(ds, "SliceThickness"))
+
+
+def _frame_slices(ds: Dataset, path: Path) -> list[_Slice]:
+    frames = _pixels(ds, path)
+    if frames.ndim == 2:
+        frames = frames[None]
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != len(frames):
+        raise InputError(f"{path.name}: {len(frames)} frames but {len(per_frame)} per-frame "
+                         "functional groups")
+    slices = []
+    for index, (pixels, groups) in enumerate(zip(frames, per_frame, strict=True)):
+        def pick(sequence: str, keyword: str, groups: Dataset = groups) -> Any:
+            for source in (groups, shared):
+                for item in source.get(sequence, []):
+                    if keyword in item:
+                        return item.get(keyword)
+            return None
+
+        position = pick("PlanePositionSequence", "ImagePositionPatient")
+        orientation = pick("PlaneOrientationSequence", "ImageOrientationPatient")
+        spacing = pick("PixelMeasuresSequence", "PixelSpacing")
+        if position is None or orientation is None or spacing is None:
+            raise InputError(f"{path.name}: frame {index + 1} has no plane position, "
+                             "orientation or pixel spacing")
+        slope = pick("PixelValueTransformationSequence", "RescaleSlope")
+        intercept = pick("PixelValueTransformationSequence", "RescaleIntercept")
+        if slope is not None and "RescaleSlope" not in ds:
+            pixels = pixels * float(slope) + float(intercept or 0.0)
+        slices.append(_Slice(np.asarray(position, float), np.asarray(orientation, float),
+                             (float(spacing[0]), float(spacing[1])), pixels.astype(np.float32),
+                             SourceInstance(str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                            index + 1),
+                             _float(pick("PixelMeasuresSequence", "SliceThickness"))))
+    return slices
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """Regular files under ``folder`` (recursively), skipping hidden ones and DICOMDIRs."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(root) / n for n in sorted(names)
+                  if not n.startswith(".") and n.upper() != "DICOMDIR"]
+    return files
+
+
+def read_series(paths: Path | Iterable[Path]) -> Volume:
+    """Read one MR series (a folder or its files) into a :class:`Volume`."""
+    files = dicom_files(paths) if isinstance(paths, Path) and paths.is_dir() else (
+        [paths] if isinstance(paths, Path) else list(paths))
+    if not files:
+        raise InputError("no files to read: the series folder is empty")
+    datasets = [(path, _read(path)) for path in files]
+    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
+    if len(series) != 1:
+        raise InputError(f"expected one series, found {len(series)} series UIDs in the files")
+    first = datasets[0][1]
+    info = series_info(first)
+    if info.modality != "MR":
+        raise InputError(f"series {info.series_uid} is {info.modality or 'of no modality'}, "
+                         "not MR")
+    sop_classes = {str(ds.get("SOPClassUID", "")) for _, ds in datasets}
+    unknown = sop_classes - set(MR_STORAGE)
+    if unknown:
+        raise InputError(f"series {info.series_uid} holds {', '.join(sorted(unknown))}, "
+                         f"not an MR image storage class ({', '.join(MR_STORAGE.values())})")
+    slices: list[_Slice] = []
+    seen: set[str] = set()
+    for path, ds in datasets:
+        uid = str(ds.SOPInstanceUID)
+        if uid in seen:
+            continue  # the same instance twice (resent) is one instance
+        seen.add(uid)
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            slices += _frame_slices(ds, path)
+        else:
+            slices.append(_classic_slice(ds, path))
+    return _assemble(slices, info)
+
+
+def _assemble(slices: Sequence[_Slice], info: SeriesInfo) -> Volume:
+    uid = info.series_uid
+    orientation = slices[0].orientation
+    if any(np.abs(s.orientation - orientation).max() > ORIENTATION_TOLERANCE for s in slices):
+        raise InputError(f"series {uid}: slices have different orientations (not one volume)")
+    shape = slices[0].pixels.shape
+    if any(s.pixels.shape != shape for s in slices):
+        raise InputError(f"series {uid}: slices have different matrix sizes")
+    if any(np.abs(np.subtract(s.spacing, slices[0].spacing)).max() > 1e-4 for s in slices):
+        raise InputError(f"series {uid}: slices have different pixel spacings")
+    row, column = orientation[:3], orientation[3:]
+    normal = np.cross(row, column)
+    along = np.array([float(np.dot(s.position, normal)) for s in slices])
+    order = np.argsort(along, kind="stable")
+    ordered = [slices[i] for i in order]
+    along = along[order]
+    if len(ordered) < 2:
+        raise InputError(f"series {uid} has a single slice; a volume needs at least 2")
+    gaps = np.diff(along)
+    if (gaps < SAME_POSITION_MM).any():
+        k = int(np.argmax(gaps < SAME_POSITION_MM))
+        raise InputError(f"series {uid}: duplicate slices at {along[k]:.2f} mm along the normal "
+                         "(two instances at one position)")
+    spacing = float(np.median(gaps))
+    if (np.abs(gaps - spacing) > GAP_TOLERANCE * spacing).any():
+        k = int(np.argmax(np.abs(gaps - spacing) > GAP_TOLERANCE * spacing))
+        raise InputError(
+            f"series {uid}: missing or irregular slices between {along[k]:.2f} and "
+            f"{along[k + 1]:.2f} mm (gap {gaps[k]:.2f} mm, expected {spacing:.2f} mm)"
+        )
+    in_plane = [float(np.dot(s.position - ordered[0].position, row)) for s in ordered]
+    drift = max(abs(v) for v in in_plane + [float(np.dot(s.position - ordered[0].position, column))
+                                            for s in ordered])
+    if drift > 0.5 * max(ordered[0].spacing):
+        raise InputError(f"series {uid}: slice positions drift in-plane by {drift:.1f} mm "
+                         "(a sheared or mixed stack)")
+    array = np.stack([s.pixels for s in ordered]).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetOrigin([float(v) for v in ordered[0].position])
+    row_spacing, column_spacing = ordered[0].spacing
+    image.SetSpacing([column_spacing, row_spacing, spacing])
+    image.SetDirection([float(v) for v in np.stack([row, column, normal], axis=1).ravel()])
+    return Volume(image, info, [s.source for s in ordered])
+
+
+def scan_folder(folder: Path) -> dict[str, list[Path]]:
+    """The DICOM files under ``folder`` grouped by SeriesInstanceUID (headers only).
+
+    Files that are not DICOM are skipped; a folder with no DICOM at all is an error.
+    """
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for path in dicom_files(folder):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["SeriesInstanceUID"])
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError):
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if uid:
+            groups[uid].append(path)
+    if not groups:
+        raise InputError(f"no DICOM series found under {folder}")
+    return dict(groups)
+
+
+def check_pair(t1w: Volume, t2w: Volume) -> None:
+    """T1w and T2w must come from one patient, one study and one frame of reference."""
+    a, b = t1w.info, t2w.info
+    if a.patient_key != b.patient_key:
+        raise InputError(f"T1w series {a.series_uid} and T2w series {b.series_uid} belong to "
+                         "different patients")
+    if a.study_uid != b.study_uid:
+        raise InputError(f"T1w and T2w come from different studies ({a.study_uid} and "
+                         f"{b.study_uid})")
+    if a.frame_of_reference_uid != b.frame_of_reference_uid:
+        raise InputError(
+            f"T1w and T2w have different frames of reference ({a.frame_of_reference_uid} "
+            f"and {b.frame_of_reference_uid}); their alignment cannot be trusted"
+        )
