@@ -1,0 +1,136 @@
+"""Preprocessing, normalisation and EDM: geometry kept through the model grid, background
+noise removed, normalisations that invert, and EDM's property under each normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from synthesis.edm import apply as apply_edm
+from synthesis.edm import dataset_mean, factors
+from synthesis.normalization import TARGET_HEADROOM, Normalization, Statistics
+from synthesis.preprocess import foreground, from_model_grid, remove_background, to_model_grid
+
+
+def _blob(rows: int, cols: int, centre: tuple[float, float], radius: float) -> np.ndarray:
+    r, c = np.mgrid[0:rows, 0:cols]
+    return (((r - centre[0]) ** 2 + (c - centre[1]) ** 2) < radius**2).astype(np.float32)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(256, 256), (320, 320), (512, 512), (288, 260),
+                                            (180, 150)])
+def test_resample_to_model_grid_and_back_keeps_geometry(rows, cols):
+    centre = (rows * 0.37, cols * 0.61)
+    image = _blob(rows, cols, centre, min(rows, cols) * 0.08)[None]
+    model = to_model_grid(image)
+    assert tuple(model.shape) == (1, 256, 224)
+    back = from_model_grid(model, rows, cols).numpy()[0]
+    assert back.shape == (rows, cols)
+    before = np.array(ndimage.center_of_mass(image[0]))
+    after = np.array(ndimage.center_of_mass(back))
+    assert np.abs(after - before).max() <= 0.5  # within half a voxel
+    # In the model grid the blob sits at the same fraction of the field of view.
+    fraction = np.array(ndimage.center_of_mass(model.numpy()[0])) + 0.5
+    np.testing.assert_allclose(fraction / [256, 224], (before + 0.5) / [rows, cols], atol=0.01)
+
+
+def test_triangle_threshold_removes_background_noise_only():
+    rng = np.random.default_rng(0)
+    head = np.stack([_blob(96, 80, (48, 40), 30)] * 4)
+    head[:, 44:52, 36:44] = 0.0  # a dark airway inside the head
+    noisy = np.hypot(head * 300 + rng.normal(0, 12, head.shape), rng.normal(0, 12, head.shape))
+    mask = foreground(noisy)
+    cleaned = remove_background(noisy, mask)
+    outside = ndimage.binary_dilation(head > 0, iterations=3) == 0
+    assert (cleaned[outside] == 0).mean() > 0.99
+    assert mask[:, 46:50, 38:42].all()  # the airway is kept (holes filled)
+    inside = ndimage.binary_erosion(head > 0, iterations=2)
+    np.testing.assert_array_equal(cleaned[inside], noisy[inside].astype(np.float32))
+
+
+def _volume(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    volume = rng.gamma(4.0, 50.0, (6, 32, 28)).astype(np.float32)
+    mask = np.zeros(volume.shape, bool)
+    mask[:, 4:28, 4:24] = True
+    return volume, mask
+
+
+@pytest.mark.parametrize("method", ["zscore", "minmax"])
+@pytest.mark.parametrize("level", ["patient", "image", "dataset"])
+def test_normalisation_inverts(method, level):
+    rng = np.random.default_rng(1)
+    volume, mask = _volume(rng)
+    norm = Normalization(method, level)
+    dataset = Statistics(190.0, 90.0, 0.0, 2000.0)
+    stats = norm.statistics(volume, mask, dataset)
+    normalised = norm.normalise_volume(volume, stats)
+    restored = np.stack([norm.inverse(s, st, target=False)
+                         for s, st in zip(normalised, stats, strict=True)])
+    np.testing.assert_allclose(restored, volume, rtol=1e-4, atol=1e-2)
+
+
+def test_patient_zscore_and_minmax_ranges():
+    rng = np.random.default_rng(2)
+    volume, mask = _volume(rng)
+    z = Normalization("zscore", "patient")
+    out = z.normalise_volume(volume, z.statistics(volume, mask))
+    assert out[mask].mean() == pytest.approx(0.0, abs=1e-4)
+    assert out[mask].std() == pytest.approx(1.0, abs=1e-4)
+    m = Normalization("minmax", "image")
+    out = m.normalise_volume(volume, m.statistics(volume, mask))
+    for k in range(len(volume)):
+        assert out[k][mask[k]].min() == pytest.approx(-1.0)
+        assert out[k][mask[k]].max() == pytest.approx(1.0)
+    assert m.output == "tanh" and z.output == "linear"
+
+
+def test_ce_target_uses_t1w_statistics_and_maps_back():
+    rng = np.random.default_rng(3)
+    t1, mask = _volume(rng)
+    ce = t1 * 1.8
+    for method in ("zscore", "minmax"):
+        norm = Normalization(method, "patient")
+        stats = norm.statistics(t1, mask)
+        target = norm.normalise_volume(ce, stats, target=True)
+        if method == "minmax":  # CE up to TARGET_HEADROOM T1w ranges stays inside [-1, 1]
+            assert target[mask].max() <= 1.0 and 1.8 <= TARGET_HEADROOM
+        np.testing.assert_allclose(norm.restore_volume(target, stats), ce, rtol=1e-4, atol=1e-2)
+
+
+def test_edm_is_an_identity_under_patient_zscore_and_matters_under_dataset_level():
+    rng = np.random.default_rng(4)
+    training, mask = _volume(rng)
+    external = training * 3.7  # the same anatomy from a scanner with 3.7x the scale
+    mu1 = dataset_mean([training[mask].mean()])
+    mu2 = dataset_mean([external[mask].mean()])
+    edm = factors({"t1w": mu1, "t2w": mu1}, {"t1w": mu2, "t2w": mu2}, "inst1")
+    matched = apply_edm(external, edm.t1w)
+    np.testing.assert_allclose(matched, training, rtol=1e-5)
+    assert edm.t1w == pytest.approx(1 / 3.7)
+
+    patient = Normalization("zscore", "patient")
+    before = patient.normalise_volume(external, patient.statistics(external, mask))
+    after = patient.normalise_volume(matched, patient.statistics(matched, mask))
+    np.testing.assert_allclose(before, after, atol=1e-4)  # EDM changes nothing here
+
+    dataset = Normalization("zscore", "dataset")
+    stats = Statistics.of(training[mask])
+    before = dataset.normalise_volume(external, dataset.statistics(external, mask, stats))
+    after = dataset.normalise_volume(matched, dataset.statistics(matched, mask, stats))
+    reference = dataset.normalise_volume(training, dataset.statistics(training, mask, stats))
+    assert np.abs(before - reference).mean() > 1.0  # unmatched external data is far off
+    np.testing.assert_allclose(after, reference, atol=1e-4)  # EDM brings it back
+
+
+def test_edm_refuses_a_non_positive_mean():
+    with pytest.raises(ValueError, match="positive mean"):
+        factors({"t1w": 1.0, "t2w": 1.0}, {"t1w": 0.0, "t2w": 1.0}, "inst1")
+
+
+def test_pooled_statistics():
+    a, b = np.arange(10.0), np.arange(10.0, 30.0)
+    pooled = Statistics.pooled([Statistics.of(a), Statistics.of(b)], [10, 20])
+    both = Statistics.of(np.concatenate([a, b]))
+    assert pooled.mean == pytest.approx(both.mean)
+    assert pooled.std == pytest.approx(both.std)
