@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 
 import config
+import synthesis
 import training
 from config import VcemriError
 
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reference.set_defaults(handler=_config_reference)
 
+    synthesis.add_commands(commands)
     training.add_commands(commands)
     return parser
 

@@ -69,12 +69,12 @@ class SelfAttention(nn.Module):
     with C channels, softmax(q^T k) without scaling, output ``gamma * attention + x`` with
     ``gamma`` learned from 0.
 
-    ``pool`` max-pools keys and values (as BigGAN's SAGAN block does) so that attention at
-    128x112 needs a quarter of the memory; ``pool=1`` is the exact SAGAN form. Computed with
+    ``pool`` max-pools keys and values (as BigGAN's SAGAN block does by 2) so that attention
+    at 128x112 needs 1/pool^2 of the memory; ``pool=1`` is the exact SAGAN form. Computed with
     ``scaled_dot_product_attention`` (scale 1), which uses fused kernels where available.
     """
 
-    def __init__(self, channels: int, pool: int = 2) -> None:
+    def __init__(self, channels: int, pool: int = 4) -> None:
         super().__init__()
         inner = max(1, channels // 8)
         self.query = nn.Conv2d(channels, inner, 1)

@@ -12,7 +12,9 @@ Two inputs, axial T1w and T2w slices (B, 2, 256, 224), one output, the VCE-T1w s
   decoded by three convolution blocks (256, 128, 64 features) with bilinear upsampling
   between them; the SGS outputs join as skip connections at their scale (our reading of
   "fused features ... are passed forward to the decoder").
-- Self-attention (SAGAN) between decoder blocks 2 and 3.
+- Self-attention (SAGAN) between decoder blocks 2 and 3, at 128 x 112; keys and values are
+  max-pooled 4x4 (to 32 x 28) so that the attention matrix per slice is 14336 x 896, not
+  14336^2 (our choice: exact SAGAN there needs ~0.8 GB per slice and dominates CPU time).
 - Multi-level module: every decoder block's output upsampled to the output size, concatenated,
   and a 1x1 convolution gives the image (tanh when targets are scaled to [-1, 1]).
 
@@ -43,7 +45,7 @@ class MMgSNNet(nn.Module):
         fusion: Literal["sgs", "concat"] = "sgs",
         multi_level: bool = True,
         attention: bool = True,
-        attention_pool: int = 2,
+        attention_pool: int = 4,
         output: Literal["tanh", "linear"] = "tanh",
         convs_per_block: int = 2,
     ) -> None:

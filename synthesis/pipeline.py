@@ -1,0 +1,222 @@
+"""The one synthesis pipeline the node, ``vcemri process`` and the tests share:
+study in (T1w and T2w volumes) -> result (VCE-T1w in the T1w's geometry and scanner units, a
+confidence map, the institution decision, the EDM factors, the screening outcome, the
+alignment and timings).
+
+Steps: pair check -> T2w onto the T1w grid (registered on request) -> input checks ->
+background removal -> institution classification -> EDM for external data -> normalisation
+-> model grid (256 x 224) -> generator (+ mirrored pass for confidence, features for the OOD
+score) -> back to the T1w grid -> back to scanner units (T1w statistics, EDM undone).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from config import InputError, ModelError
+
+from . import edm
+from .alignment import AlignMode, Alignment, align
+from .checkpoint import Checkpoint, load_checkpoint
+from .edm import EDMFactors
+from .inference import Predictor, resolve_device, with_confidence
+from .institutions import InstitutionDecision, classify
+from .normalization import Normalization, Statistics
+from .preprocess import foreground, from_model_grid, remove_background, to_model_grid
+from .screening import FeatureProbe, Screening, input_checks, judge, ood_score
+from .series import Volume, check_pair
+
+#: Where the shipped model lives (package data); "builtin" in the configuration means it.
+BUILTIN_CHECKPOINT = Path(__file__).with_name("weights") / "vcemri-default.safetensors"
+
+
+class RejectedStudy(InputError):
+    """Screening refused the study; ``screening`` holds every reason."""
+
+    def __init__(self, screening: Screening) -> None:
+        super().__init__("study rejected by fitness screening: " + "; ".join(screening.reasons))
+        self.screening = screening
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How to run: device (auto, cpu, cuda, cuda:N), slices per batch, whether to register the
+    T2w (never, auto, always) and from how many mm, the confidence map, screening limits."""
+
+    device: str = "auto"
+    batch_size: int = 8
+    align: AlignMode = "never"
+    align_tolerance_mm: float = 2.0
+    confidence: bool = True
+    min_slices: int = 5
+    screen: bool = True
+
+
+@dataclass
+class SynthesisResult:
+    """Everything the planning outputs and the job record need."""
+
+    vce: Volume
+    confidence: sitk.Image | None
+    t1w: Volume
+    t2w: Volume  # on the T1w grid
+    institution: InstitutionDecision
+    edm: EDMFactors
+    screening: Screening
+    alignment: Alignment
+    model: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able record (UIDs only: no patient identity)."""
+        return {
+            "t1w_series_uid": self.t1w.info.series_uid,
+            "t2w_series_uid": self.t2w.info.series_uid,
+            "study_uid": self.t1w.info.study_uid,
+            "frame_of_reference_uid": self.t1w.info.frame_of_reference_uid,
+            "model": self.model,
+            "institution": self.institution.as_dict(),
+            "edm": self.edm.as_dict(),
+            "screening": self.screening.as_dict(),
+            "alignment": self.alignment.as_dict(),
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    """``builtin`` -> the shipped model; anything else is a path."""
+    if str(name) != "builtin":
+        return Path(name)
+    if not BUILTIN_CHECKPOINT.is_file():
+        raise ModelError(
+            "the built-in model is not part of this version yet (it ships with the training "
+            "issue's default weights)",
+            hint="pass --model CKPT or set models.default.checkpoint to a checkpoint file",
+        )
+    return BUILTIN_CHECKPOINT
+
+
+def _overlap(t1w: Volume, t2w_original: Volume) -> float:
+    """Fraction of the T1w's voxels that fall inside the T2w's field of view."""
+    ones = sitk.Image(t2w_original.image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(t2w_original.image)
+    inside = sitk.Resample(ones, t1w.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return float(sitk.GetArrayViewFromImage(inside).mean())
+
+
+class Synthesizer:
+    """A loaded model ready to synthesise studies with the given options."""
+
+    def __init__(self, checkpoint: Checkpoint | Path | str,
+                 options: PipelineOptions | None = None) -> None:
+        self.checkpoint = (checkpoint if isinstance(checkpoint, Checkpoint)
+                           else load_checkpoint(resolve_checkpoint(checkpoint)))
+        self.options = options or PipelineOptions()
+        meta = self.checkpoint.meta
+        self.normalization = Normalization(meta.normalization.method,  # type: ignore[arg-type]
+                                           meta.normalization.level)  # type: ignore[arg-type]
+        self.inputs = tuple(getattr(self.checkpoint.generator, "inputs", ("t1w", "t2w")))
+        self.predictor = Predictor(self.checkpoint.generator, resolve_device(self.options.device),
+                                   self.options.batch_size)
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        meta = self.checkpoint.meta
+        return {"architecture": meta.architecture.name, "path": str(self.checkpoint.path),
+                "created": meta.created, "package_version": meta.package_version,
+                "description": meta.description}
+
+    def _dataset_stats(self, modality: str) -> Statistics | None:
+        stats = self.checkpoint.meta.normalization.dataset_statistics.get(modality)
+        return None if stats is None else Statistics(stats.mean, stats.std, stats.minimum,
+                                                     stats.maximum)
+
+    def run(self, t1w: Volume, t2w: Volume) -> SynthesisResult:
+        """Synthesise the VCE-T1w for one study; raises :class:`RejectedStudy` (with every
+        reason) when screening refuses it and :class:`InputError` for unusable input."""
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = now - clock
+            clock = now
+
+        check_pair(t1w, t2w)
+        t2w_on_grid, alignment = align(t1w, t2w, self.options.align,
+                                       self.options.align_tolerance_mm)
+        lap("align")
+        reasons = input_checks(
+            t1w.shape[0], t1w.info.body_part, _overlap(t1w, t2w), alignment.displacement_mm,
+            min_slices=self.options.min_slices) if self.options.screen else []
+        if reasons:
+            raise RejectedStudy(judge(reasons, None, None))
+
+        arrays = {"t1w": np.asarray(t1w.array, np.float32),
+                  "t2w": np.asarray(t2w_on_grid.array, np.float32)}
+        masks = {k: foreground(v) for k, v in arrays.items()}
+        arrays = {k: remove_background(v, masks[k]) for k, v in arrays.items()}
+        means = {k: float(arrays[k][masks[k]].mean()) if masks[k].any() else 0.0
+                 for k in arrays}
+        lap("background")
+
+        profiles = self.checkpoint.meta.institutions
+        decision = classify(t1w.info, t2w.info, means, profiles)
+        factors = EDMFactors()
+        if not decision.known and decision.closest is not None:
+            reference = next(p for p in profiles if p.key == decision.closest)
+            if all(reference.patient_mean.get(m) for m in edm.MODALITIES) and all(
+                    means[m] > 0 for m in edm.MODALITIES):
+                factors = edm.factors(reference.patient_mean, means, reference.key)
+                arrays = {m: edm.apply(arrays[m], getattr(factors, m)) for m in arrays}
+        lap("institution")
+
+        stats = {m: self.normalization.statistics(arrays[m], masks[m], self._dataset_stats(m))
+                 for m in arrays}
+        normalised = {m: self.normalization.normalise_volume(arrays[m], stats[m]) for m in arrays}
+        rows, columns = arrays["t1w"].shape[1:]
+        model_inputs = to_model_grid(np.stack([normalised[m] for m in self.inputs], 1)).numpy()
+        lap("normalise")
+
+        calibration = self.checkpoint.meta.ood
+        probe = None
+        if self.options.screen and calibration.threshold is not None:
+            probe = FeatureProbe(self.predictor.model, calibration.feature)
+        try:
+            output = self.predictor.predict(model_inputs)
+        finally:
+            if probe is not None:
+                probe.close()
+        score = None if probe is None else ood_score(probe.study_vector(), calibration)
+        confidence = None
+        if self.options.confidence:
+            output, confidence = with_confidence(
+                output, self.predictor.predict(model_inputs, mirror=True))
+        lap("model")
+        screening = judge([], score, calibration if probe is not None else None)
+        if not screening.accepted:
+            raise RejectedStudy(screening)
+
+        on_grid = from_model_grid(output, rows, columns).numpy()
+        vce = self.normalization.restore_volume(on_grid, stats["t1w"]) / np.float32(factors.t1w)
+        vce = np.where(masks["t1w"], np.maximum(vce, 0.0), 0.0).astype(np.float32)
+        vce_image = sitk.GetImageFromArray(vce)
+        vce_image.CopyInformation(t1w.image)
+        confidence_image = None
+        if confidence is not None:
+            back = from_model_grid(confidence, rows, columns).numpy().clip(0, 1)
+            confidence_image = sitk.GetImageFromArray(np.where(masks["t1w"], back, 1.0)
+                                                      .astype(np.float32))
+            confidence_image.CopyInformation(t1w.image)
+        lap("restore")
+        timings["total"] = sum(timings.values())
+        return SynthesisResult(Volume(vce_image, t1w.info, t1w.sources), confidence_image, t1w,
+                               t2w_on_grid, decision, factors, screening, alignment,
+                               self.model_info, timings)

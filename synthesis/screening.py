@@ -1,0 +1,118 @@
+"""Fitness screening (seed 000: a classification network that screens out data the model is
+not fit for, e.g. rare tumour sizes or morphologies, or data unlike the training set).
+
+Two stages, each rejection with a specific reason:
+1. checks for unusable input: too few slices, a body part that is not head and neck, T1w and
+   T2w that do not cover the same anatomy, a misalignment beyond the bound;
+2. an out-of-distribution score on the generator's own features: per study, the spatial mean
+   and standard deviation of every channel of a named layer (decoder block 1 of MMgSN-Net),
+   averaged over slices; the score is the RMS z-distance to the training studies' features
+   (diagonal covariance: training sets are far smaller than the feature count), and the
+   threshold is calibrated on the training studies and stored in the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import OODCalibration
+
+#: BodyPartExamined values that are head and neck (PS3.16 CID 4031 terms and common ones).
+HEAD_NECK_PARTS = frozenset({"HEADNECK", "HEAD", "NECK", "HEAD NECK", "HN", "NASOPHARYNX",
+                             "PHARYNX", "BRAIN", "SKULL", "FACE", "OROPHARYNX"})
+#: Threshold = max(training quantile) times this margin (new scanners vary more than training).
+THRESHOLD_MARGIN = 1.5
+
+
+@dataclass(frozen=True)
+class Screening:
+    """Whether the study may be synthesised, why not, and the OOD score."""
+
+    accepted: bool
+    reasons: list[str] = field(default_factory=list)
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"accepted": self.accepted, "reasons": list(self.reasons),
+                "ood_score": None if self.ood_score is None else round(self.ood_score, 4),
+                "ood_threshold": None if self.ood_threshold is None
+                else round(self.ood_threshold, 4)}
+
+
+def input_checks(slices: int, body_part: str, overlap: float, displacement_mm: float, *,
+                 min_slices: int = 5, min_overlap: float = 0.8,
+                 max_displacement_mm: float = 15.0) -> list[str]:
+    """Reasons the input is unusable (empty when it is fine)."""
+    reasons = []
+    if slices < min_slices:
+        reasons.append(f"too few slices: {slices} (at least {min_slices} needed)")
+    part = " ".join(body_part.upper().replace("_", " ").split())
+    if part and part not in HEAD_NECK_PARTS and part.replace(" ", "") not in HEAD_NECK_PARTS:
+        reasons.append(f"body part {body_part!r} is not head and neck")
+    if overlap < min_overlap:
+        reasons.append(f"T1w and T2w cover different anatomy: only {overlap:.0%} of the T1w "
+                       f"field of view is inside the T2w (at least {min_overlap:.0%} needed)")
+    if displacement_mm > max_displacement_mm:
+        reasons.append(f"T1w and T2w are misaligned by {displacement_mm:.1f} mm (more than "
+                       f"{max_displacement_mm:.0f} mm)")
+    return reasons
+
+
+class FeatureProbe:
+    """Collects the pooled features of one layer of a generator during forward passes."""
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            raise KeyError(f"the model has no layer {layer!r} to screen with")
+        self.rows: list[torch.Tensor] = []
+        self._handle = modules[layer].register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        flat = output.detach().float().flatten(2)
+        self.rows.append(torch.cat([flat.mean(2), flat.std(2)], 1).cpu())
+
+    def study_vector(self) -> np.ndarray:
+        """The study's feature vector: per-slice pooled features averaged over slices."""
+        return torch.cat(self.rows).mean(0).numpy()
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def _score(vector: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(((vector - mean) / scale) ** 2)))
+
+
+def calibrate(study_vectors: Iterable[np.ndarray], layer: str,
+              quantile: float = 0.99) -> OODCalibration:
+    """Calibration from the training studies' feature vectors (see the module docstring)."""
+    vectors = np.stack(list(study_vectors))
+    mean = vectors.mean(0)
+    scale = vectors.std(0) + 1e-3 * (np.abs(mean).mean() + 1e-6)
+    scores = [_score(v, mean, scale) for v in vectors]
+    threshold = float(np.quantile(scores, quantile)) * THRESHOLD_MARGIN
+    return OODCalibration(feature=layer, mean=mean.tolist(), precision=[scale.tolist()],
+                          threshold=threshold, quantile=quantile)
+
+
+def ood_score(vector: np.ndarray, calibration: OODCalibration) -> float:
+    """The study's distance from the training distribution (RMS z)."""
+    return _score(vector, np.asarray(calibration.mean), np.asarray(calibration.precision[0]))
+
+
+def judge(reasons: list[str], score: float | None,
+          calibration: OODCalibration | None) -> Screening:
+    """The screening outcome from the input checks and the OOD score."""
+    reasons = list(reasons)
+    threshold = calibration.threshold if calibration is not None else None
+    if score is not None and threshold is not None and score > threshold:
+        reasons.append(f"unlike the training data: out-of-distribution score {score:.2f} "
+                       f"above the calibrated threshold {threshold:.2f}")
+    return Screening(not reasons, reasons, score, threshold)

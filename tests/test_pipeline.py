@@ -1,0 +1,221 @@
+"""The synthesis pipeline and ``vcemri process``: geometry and units of the output, institution
+decisions with evidence, EDM, screening refusals with reasons, deterministic inference.
+
+The checkpoint has random weights (tests/support/models.py): these tests check mechanics,
+not image quality, which the training issue measures.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+
+from config import ModelError
+from support.models import make_checkpoint
+from synthesis.checkpoint import load_checkpoint
+from synthesis.inference import Predictor, resolve_device
+from synthesis.institutions import classify
+from synthesis.pipeline import PipelineOptions, RejectedStudy, Synthesizer
+from synthesis.preprocess import foreground
+from synthesis.series import read_series
+from training import SimulationOptions, simulate_cohort
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pipeline")
+    simulate_cohort(out, SimulationOptions(
+        institutions=("inst2", "inst3", "inst5"), patients_per_institution=3, matrix_scale=0.25,
+        slices=8), workers=2)
+    make_checkpoint(out / "model.safetensors", out, ("inst2", "inst3"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def synthesizer(cohort) -> Synthesizer:
+    return Synthesizer(cohort / "model.safetensors", PipelineOptions(device="cpu"))
+
+
+def _study(cohort: Path, site: str, n: int = 1):
+    folder = cohort / site / f"{site}-{n:03d}"
+    return read_series(folder / "t1w"), read_series(folder / "t2w")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vcemri", *args], capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_vce_is_in_the_t1w_geometry_and_scanner_units(cohort, synthesizer):
+    t1, t2 = _study(cohort, "inst2")
+    result = synthesizer.run(t1, t2)
+    assert result.vce.image.GetSize() == t1.image.GetSize()
+    assert result.vce.image.GetOrigin() == t1.image.GetOrigin()
+    assert result.vce.image.GetDirection() == t1.image.GetDirection()
+    assert result.vce.image.GetSpacing() == t1.image.GetSpacing()
+    confidence = sitk.GetArrayFromImage(result.confidence)
+    assert confidence.min() >= 0.0 and confidence.max() <= 1.0
+    head = foreground(np.asarray(t1.array))
+    assert np.asarray(result.vce.array)[~head].max() == 0.0
+    # Patient z-score restored with the T1w's statistics: same scale as the T1w.
+    vce = np.asarray(result.vce.array)
+    assert 0.1 < vce[vce > 0].mean() / np.asarray(t1.array)[head].mean() < 10
+    assert result.institution.known and result.institution.institution == "inst2"
+    assert set(result.timings) >= {"align", "model", "total"}
+
+
+def test_external_study_gets_edm_and_edm_is_an_identity_under_patient_zscore(cohort):
+    options = PipelineOptions(device="cpu", screen=False, confidence=False)
+    with_profiles = Synthesizer(cohort / "model.safetensors", options)
+    t1, t2 = _study(cohort, "inst5")
+    result = with_profiles.run(t1, t2)
+    assert not result.institution.known
+    assert result.institution.closest in ("inst2", "inst3")
+    assert result.edm.applied and result.edm.t1w != pytest.approx(1.0)
+    # The same model without EDM statistics: per-patient z-score makes EDM change nothing.
+    checkpoint = load_checkpoint(cohort / "model.safetensors")
+    stripped = [p.model_copy(update={"patient_mean": {}}) for p in checkpoint.meta.institutions]
+    checkpoint.meta = checkpoint.meta.model_copy(update={"institutions": stripped})
+    plain = Synthesizer(checkpoint, options).run(t1, t2)
+    assert not plain.edm.applied
+    np.testing.assert_allclose(plain.vce.array, result.vce.array, rtol=1e-3, atol=1e-2)
+
+
+def test_scrubbed_headers_fall_back_on_intensity(cohort, synthesizer):
+    t1, t2 = _study(cohort, "inst3", 2)
+    anonymous = {"institution_name": "", "station_name": "", "manufacturer": "", "model": "",
+                 "field_strength_t": None}
+    means = {m: float(np.asarray(v.array)[foreground(np.asarray(v.array))].mean())
+             for m, v in (("t1w", t1), ("t2w", t2))}
+    profiles = synthesizer.checkpoint.meta.institutions
+    # Names gone, protocol kept: closest by TR/TE, not known.
+    by_protocol = classify(replace(t1.info, **anonymous), replace(t2.info, **anonymous), means,
+                           profiles)
+    assert not by_protocol.known and by_protocol.closest == "inst3"
+    assert by_protocol.method == "headers"
+    # Protocol gone too: the mean intensities decide.
+    timing = {"repetition_time_ms": None, "echo_time_ms": None}
+    decision = classify(replace(t1.info, **anonymous, **timing),
+                        replace(t2.info, **anonymous, **timing), means, profiles)
+    assert decision.method == "intensity" and not decision.known
+    assert decision.closest == "inst3"
+    assert "scrubbed" in decision.evidence[0]
+    known = classify(t1.info, t2.info, means, profiles)
+    assert known.known and known.institution == "inst3"
+    assert any("InstitutionName matches inst3" in e for e in known.evidence)
+
+
+def test_a_study_of_another_anatomy_is_rejected_with_a_reason(cohort, synthesizer):
+    t1, t2 = _study(cohort, "inst2", 2)
+    rng = np.random.default_rng(0)
+    shape = np.asarray(t1.array).shape
+    z, y, x = np.mgrid[0:shape[0], 0:shape[1], 0:shape[2]]
+    pelvis = (((y - shape[1] / 2) / (shape[1] * 0.45)) ** 2
+              + ((x - shape[2] / 2) / (shape[2] * 0.3)) ** 2) < 1
+    for volume, level in ((t1, 400.0), (t2, 150.0)):
+        array = np.where(pelvis, level, 0.0) + rng.normal(0, level * 0.6, shape) * pelvis
+        image = sitk.GetImageFromArray(np.abs(array).astype(np.float32))
+        image.CopyInformation(volume.image)
+        volume.image = image
+    with pytest.raises(RejectedStudy, match="unlike the training data: out-of-distribution "
+                                            "score .* above the calibrated threshold"):
+        synthesizer.run(t1, t2)
+
+
+def test_wrong_body_part_and_too_few_slices_are_rejected(cohort, synthesizer):
+    t1, t2 = _study(cohort, "inst2", 3)
+    t1.info = replace(t1.info, body_part="CHEST")
+    with pytest.raises(RejectedStudy, match="body part 'CHEST' is not head and neck"):
+        synthesizer.run(t1, t2)
+    t1, t2 = _study(cohort, "inst2", 3)
+    short = Synthesizer(synthesizer.checkpoint, PipelineOptions(device="cpu", min_slices=20))
+    with pytest.raises(RejectedStudy, match=r"too few slices: 8 \(at least 20 needed\)") as caught:
+        short.run(t1, t2)
+    assert caught.value.screening.as_dict()["accepted"] is False
+
+
+def test_inference_is_deterministic_and_batch_independent():
+    torch.manual_seed(1)
+    from synthesis.models import build
+
+    model = build("mmgsn", width_multiplier=0.125, output="linear")
+    inputs = np.random.default_rng(0).normal(size=(5, 2, 64, 56)).astype(np.float32)
+    a = Predictor(model, torch.device("cpu"), batch_size=2).predict(inputs)
+    b = Predictor(model, torch.device("cpu"), batch_size=5).predict(inputs)
+    c = Predictor(model, torch.device("cpu"), batch_size=2).predict(inputs)
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert a.shape == (5, 64, 56)
+
+
+def test_device_selection():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_process_command_writes_a_vce_aligned_with_the_t1w(cohort, tmp_path):
+    out = tmp_path / "out"
+    done = run_cli("process", str(cohort / "inst2" / "inst2-001"), "--out", str(out),
+                   "--model", str(cohort / "model.safetensors"), "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert "VCE-T1w written to" in done.stdout
+    vce = sitk.ReadImage(str(out / "vce.nii.gz"))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(cohort / "inst2/inst2-001/t1w")))
+    t1 = reader.Execute()
+    assert vce.GetSize() == t1.GetSize()
+    np.testing.assert_allclose(vce.GetOrigin(), t1.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(vce.GetDirection(), t1.GetDirection(), atol=1e-6)
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["institution"]["institution"] == "inst2"
+    assert summary["screening"]["accepted"] is True
+    assert (out / "confidence.nii.gz").exists()
+    text = (out / "result.json").read_text()
+    assert "SIM^" not in text and "SIM-INST" not in text  # no patient identity
+
+
+def test_process_without_a_t2w_names_what_it_looked_for(cohort, tmp_path):
+    study = tmp_path / "study"
+    shutil.copytree(cohort / "inst2" / "inst2-001", study)
+    shutil.rmtree(study / "t2w")
+    done = run_cli("process", str(study), "--out", str(tmp_path / "out"),
+                   "--model", str(cohort / "model.safetensors"))
+    assert done.returncode == 1
+    assert done.stderr.startswith("vcemri: error: no T2-weighted series found (looked for: "
+                                  "SeriesDescription matching 't2(?![0-9*])' or 'stir'")
+    assert "Traceback" not in done.stderr
+
+
+def test_process_with_the_builtin_model_says_it_is_not_shipped_yet(cohort, tmp_path):
+    done = run_cli("process", str(cohort / "inst2" / "inst2-001"), "--out", str(tmp_path / "o"))
+    assert done.returncode == 1
+    assert "built-in model is not part of this version yet" in done.stderr
+
+
+def test_process_rejection_is_recorded(cohort, tmp_path):
+    study = tmp_path / "study"
+    shutil.copytree(cohort / "inst2" / "inst2-002", study)
+    for path in (study / "t1w").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.BodyPartExamined = "PELVIS"
+        ds.save_as(path)
+    out = tmp_path / "out"
+    done = run_cli("process", str(study), "--out", str(out), "--model",
+                   str(cohort / "model.safetensors"))
+    assert done.returncode == 1
+    assert "body part 'PELVIS' is not head and neck" in done.stderr
+    record = json.loads((out / "result.json").read_text())
+    assert record["screening"]["accepted"] is False
