@@ -150,8 +150,8 @@ def classify(t1w: SeriesInfo, t2w: SeriesInfo, means: dict[str, float],
              + best[4], *best[2]])
     by_intensity = [s for s in scored if s[3] is not None]
     if by_intensity:
-        by_intensity.sort(key=lambda s: s[3])
-        distance = by_intensity[0][3]
+        by_intensity.sort(key=lambda s: s[3] if s[3] is not None else math.inf)
+        distance = float(by_intensity[0][3] or 0.0)
         confidence = math.exp(-0.5 * distance)
         return InstitutionDecision(
             False, None, by_intensity[0][4], confidence,

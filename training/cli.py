@@ -22,6 +22,11 @@ def _institutions(text: str) -> tuple[str, ...]:
     return keys
 
 
+def _advance(bar: Any, patient: str) -> None:
+    bar.set_postfix_str(patient)
+    bar.update(1)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     # Imported here: the simulator pulls in highdicom and SimpleITK, which every other
     # vcemri command would otherwise pay for at start-up.
@@ -44,7 +49,7 @@ def _simulate(args: argparse.Namespace) -> int:
         records = simulate_cohort(
             Path(args.out), options, preview=args.preview, workers=args.workers,
             overwrite=args.overwrite,
-            progress=lambda record: (bar.set_postfix_str(record.patient), bar.update(1)),
+            progress=lambda record: _advance(bar, record.patient),
         )
     volumes = sorted(r.tumour_volume_ml for r in records)
     print(f"simulated {len(records)} patients from {len(options.institutions)} institutions "

@@ -9,6 +9,8 @@ Where the seeds are silent the choices are written here and used everywhere:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,8 +95,9 @@ class SelfAttention(nn.Module):
         return x + self.gamma * attended.transpose(1, 2).reshape(b, c, h, w)
 
 
-def upsample(x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Bilinear upsampling by 2, or to ``size``."""
+def upsample(x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+    """Bilinear upsampling by 2, or to ``size`` (rows, columns)."""
     if size is None:
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=(int(size[0]), int(size[1])), mode="bilinear",
+                         align_corners=False)
