@@ -364,6 +364,33 @@ class LoggingSettings(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+class PlanningSettings(_Section):
+    """What is written for the treatment planning system."""
+
+    series_description: str = Field(
+        "VCE-MRI SYNTHETIC ({model})",
+        description="synthetic series description; {model} is replaced by the model name",
+    )
+    series_number_offset: int = Field(
+        1000, ge=1, description="synthetic SeriesNumber = the T1w's SeriesNumber + this"
+    )
+    burn_in_marker: bool = Field(
+        False, description="burn 'SYNTHETIC' into the pixels (BurnedInAnnotation YES)"
+    )
+    helper_prefix: str = Field(
+        "zVCE_", min_length=1, max_length=10, description="prefix of every helper ROI name"
+    )
+    enhancement_threshold: float = Field(
+        0.3, gt=0, description="enhancement helper: VCE >= (1 + this) x T1w"
+    )
+    min_region_mm3: float = Field(
+        50.0, ge=0, description="helper regions smaller than this are dropped (mm^3)"
+    )
+    low_confidence_threshold: float = Field(
+        0.5, gt=0, lt=1, description="low-confidence helper: confidence below this"
+    )
+
+
 def _default_routes() -> list[Route]:
     return [Route(name="default", model="default", destinations=["tps"])]
 
@@ -402,6 +429,9 @@ class Settings(BaseSettings):
     )
     models: dict[str, ModelChoice] = Field(
         default_factory=lambda: {"default": ModelChoice()}, description="synthesis models by name"
+    )
+    planning: PlanningSettings = Field(
+        default_factory=PlanningSettings, description="objects written for the TPS"
     )
     logging: LoggingSettings = Field(
         default_factory=LoggingSettings, description="console logging"

@@ -5,14 +5,12 @@ node, ``vcemri process`` and the tests share. Imports ``config`` only.
 
 from typing import Any
 
-from .cli import add_commands
-
 _LAZY = {
     "Checkpoint": "checkpoint", "CheckpointMeta": "checkpoint", "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint", "InstitutionProfile": "checkpoint",
     "PipelineOptions": "pipeline", "RejectedStudy": "pipeline", "SynthesisResult": "pipeline",
     "Synthesizer": "pipeline", "Volume": "series", "read_series": "series",
-    "SeriesInfo": "series", "build_model": "models",
+    "SeriesInfo": "series", "build_model": "models", "find_pair": "study",
 }
 
 
@@ -26,4 +24,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'synthesis' has no attribute {name!r}")
 
 
-__all__ = ["add_commands", *_LAZY]
+__all__ = list(_LAZY)

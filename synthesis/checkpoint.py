@@ -158,11 +158,12 @@ class Checkpoint:
     saved, ``discriminator``."""
 
     def __init__(self, path: Path, meta: CheckpointMeta, generator: nn.Module,
-                 discriminator: nn.Module | None) -> None:
+                 discriminator: nn.Module | None, weights_sha256: str = "") -> None:
         self.path = path
         self.meta = meta
         self.generator = generator
         self.discriminator = discriminator
+        self.weights_sha256 = weights_sha256
 
 
 def _header(path: Path) -> dict[str, str]:
@@ -211,7 +212,7 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     generator = _restore(path, meta.architecture, tensors, "generator")
     discriminator = (None if meta.discriminator is None
                      else _restore(path, meta.discriminator, tensors, "discriminator"))
-    return Checkpoint(path, meta, generator, discriminator)
+    return Checkpoint(path, meta, generator, discriminator, header["weights_sha256"])
 
 
 def _restore(path: Path, architecture: Architecture, tensors: dict[str, torch.Tensor],

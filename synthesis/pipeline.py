@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from config import InputError, ModelError
 
 from . import edm
-from .alignment import AlignMode, Alignment, align
+from .alignment import Alignment, AlignMode, align
 from .checkpoint import Checkpoint, load_checkpoint
 from .edm import EDMFactors
 from .inference import Predictor, resolve_device, with_confidence
@@ -71,6 +71,8 @@ class SynthesisResult:
     screening: Screening
     alignment: Alignment
     model: dict[str, Any]
+    #: the head on the T1w grid (uint8 image, 1 inside; triangle threshold, holes filled)
+    foreground: sitk.Image | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -130,6 +132,7 @@ class Synthesizer:
         meta = self.checkpoint.meta
         return {"architecture": meta.architecture.name, "path": str(self.checkpoint.path),
                 "created": meta.created, "package_version": meta.package_version,
+                "weights_sha256": self.checkpoint.weights_sha256,
                 "description": meta.description}
 
     def _dataset_stats(self, modality: str) -> Statistics | None:
@@ -215,8 +218,10 @@ class Synthesizer:
             confidence_image = sitk.GetImageFromArray(np.where(masks["t1w"], back, 1.0)
                                                       .astype(np.float32))
             confidence_image.CopyInformation(t1w.image)
+        head = sitk.GetImageFromArray(masks["t1w"].astype(np.uint8))
+        head.CopyInformation(t1w.image)
         lap("restore")
         timings["total"] = sum(timings.values())
         return SynthesisResult(Volume(vce_image, t1w.info, t1w.sources), confidence_image, t1w,
                                t2w_on_grid, decision, factors, screening, alignment,
-                               self.model_info, timings)
+                               self.model_info, head, timings)

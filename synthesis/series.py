@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,8 @@ class SourceInstance:
     sop_class_uid: str
     sop_instance_uid: str
     frame: int | None = None
+    #: position of the slice along its series' normal (mm)
+    position_mm: float | None = None
 
 
 @dataclass
@@ -339,6 +341,8 @@ def _assemble(slices: Sequence[_Slice], info: SeriesInfo) -> Volume:
     if drift > 0.5 * max(ordered[0].spacing):
         raise InputError(f"series {uid}: slice positions drift in-plane by {drift:.1f} mm "
                          "(a sheared or mixed stack)")
+    for s, position in zip(ordered, along, strict=True):
+        s.source = replace(s.source, position_mm=round(float(position), 4))
     array = np.stack([s.pixels for s in ordered]).astype(np.float32)
     image = sitk.GetImageFromArray(array)
     image.SetOrigin([float(v) for v in ordered[0].position])

@@ -19,9 +19,9 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
+from support.models import make_checkpoint
 
 from config import ModelError
-from support.models import make_checkpoint
 from synthesis.checkpoint import load_checkpoint
 from synthesis.inference import Predictor, resolve_device
 from synthesis.institutions import classify
@@ -171,7 +171,7 @@ def test_process_command_writes_a_vce_aligned_with_the_t1w(cohort, tmp_path):
     done = run_cli("process", str(cohort / "inst2" / "inst2-001"), "--out", str(out),
                    "--model", str(cohort / "model.safetensors"), "--device", "cpu")
     assert done.returncode == 0, done.stderr
-    assert "VCE-T1w written to" in done.stdout
+    assert "synthetic series: 8 instances in" in done.stdout
     vce = sitk.ReadImage(str(out / "vce.nii.gz"))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(cohort / "inst2/inst2-001/t1w")))
@@ -183,6 +183,12 @@ def test_process_command_writes_a_vce_aligned_with_the_t1w(cohort, tmp_path):
     assert summary["institution"]["institution"] == "inst2"
     assert summary["screening"]["accepted"] is True
     assert (out / "confidence.nii.gz").exists()
+    # The three kinds of objects for the TPS.
+    assert len(list((out / "synthetic").glob("*.dcm"))) == vce.GetSize()[2]
+    assert pydicom.dcmread(out / "rtstruct.dcm").Modality == "RTSTRUCT"
+    assert pydicom.dcmread(out / "review.dcm").SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert (out / "review.png").stat().st_size > 0
+    assert summary["outputs"]["rtstruct"].endswith("rtstruct.dcm")
     text = (out / "result.json").read_text()
     assert "SIM^" not in text and "SIM-INST" not in text  # no patient identity
 

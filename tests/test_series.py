@@ -13,9 +13,9 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from support.tools import require
 
 from config import InputError
-from support.tools import require
 from synthesis.alignment import align, resample_onto
 from synthesis.series import check_pair, read_series, scan_folder
 from training import SimulationOptions, simulate_cohort

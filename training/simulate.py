@@ -27,7 +27,15 @@ import numpy as np
 
 from config import StorageError, VcemriError
 
-from .acquisition import Geometry, Scene, acquire, default_slices, draw_protocols, make_geometry, scene
+from .acquisition import (
+    Geometry,
+    Scene,
+    acquire,
+    default_slices,
+    draw_protocols,
+    make_geometry,
+    scene,
+)
 from .dicom_export import (
     PatientInfo,
     derived_uid,

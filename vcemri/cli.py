@@ -19,11 +19,10 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 
 import config
-import synthesis
 import training
 from config import VcemriError
 
-from . import __version__
+from . import __version__, process
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE, sysexits.h
 EXIT_INTERRUPTED = 130
@@ -127,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reference.set_defaults(handler=_config_reference)
 
-    synthesis.add_commands(commands)
+    process.add_commands(commands)
     training.add_commands(commands)
     return parser
 
