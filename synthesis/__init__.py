@@ -11,7 +11,18 @@ _LAZY = {
     "PipelineOptions": "pipeline", "RejectedStudy": "pipeline", "SynthesisResult": "pipeline",
     "Synthesizer": "pipeline", "Volume": "series", "read_series": "series",
     "SeriesInfo": "series", "build_model": "models", "find_pair": "study",
+    "check_pair": "series", "resample_onto": "alignment", "foreground": "preprocess",
+    "remove_background": "preprocess", "to_model_grid": "preprocess",
+    "clean_pair": "preprocess",
+    "Normalization": "normalization", "Statistics": "normalization",
+    "FeatureProbe": "screening", "calibrate_ood": "screening",
+    "Architecture": "checkpoint", "NormalizationMeta": "checkpoint",
+    "SequenceRange": "checkpoint", "OODCalibration": "checkpoint",
+    "MODEL_GRID": "preprocess", "inference_device": "inference",
 }
+
+_RENAMED = {"build_model": "build", "calibrate_ood": "calibrate",
+            "inference_device": "resolve_device"}
 
 
 def __getattr__(name: str) -> Any:
@@ -20,7 +31,9 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module = importlib.import_module(f".{_LAZY[name]}", __name__)
-        return getattr(module, "build" if name == "build_model" else name)
+        if name == "MODEL_GRID":
+            return (module.MODEL_ROWS, module.MODEL_COLUMNS)
+        return getattr(module, _RENAMED.get(name, name))
     raise AttributeError(f"module 'synthesis' has no attribute {name!r}")
 
 

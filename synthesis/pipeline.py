@@ -28,7 +28,7 @@ from .edm import EDMFactors
 from .inference import Predictor, resolve_device, with_confidence
 from .institutions import InstitutionDecision, classify
 from .normalization import Normalization, Statistics
-from .preprocess import foreground, from_model_grid, remove_background, to_model_grid
+from .preprocess import clean_pair, from_model_grid, to_model_grid
 from .screening import FeatureProbe, Screening, input_checks, judge, ood_score
 from .series import Volume, check_pair
 
@@ -162,10 +162,8 @@ class Synthesizer:
         if reasons:
             raise RejectedStudy(judge(reasons, None, None))
 
-        arrays = {"t1w": np.asarray(t1w.array, np.float32),
-                  "t2w": np.asarray(t2w_on_grid.array, np.float32)}
-        masks = {k: foreground(v) for k, v in arrays.items()}
-        arrays = {k: remove_background(v, masks[k]) for k, v in arrays.items()}
+        arrays, masks = clean_pair(np.asarray(t1w.array, np.float32),
+                                   np.asarray(t2w_on_grid.array, np.float32))
         means = {k: float(arrays[k][masks[k]].mean()) if masks[k].any() else 0.0
                  for k in arrays}
         lap("background")

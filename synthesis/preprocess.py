@@ -34,15 +34,37 @@ def from_model_grid(slices: np.ndarray | torch.Tensor, rows: int, columns: int) 
     return to_model_grid(slices, rows, columns)
 
 
+#: A head covers this fraction of the field of view at least; a triangle threshold that keeps
+#: less has locked onto the wrong histogram peak (e.g. a T2w whose tissue peak dwarfs the
+#: background's), and Otsu's threshold is used instead.
+MIN_HEAD_FRACTION = 0.05
+
+
 def foreground(volume: np.ndarray) -> np.ndarray:
-    """The head: voxels above the volume's triangle threshold, with each slice's holes
-    (airways, sinuses, dark bone) filled, so only the background outside is dropped."""
+    """The head: voxels above the volume's triangle threshold (Otsu's when the triangle
+    keeps implausibly little), with each slice's holes (airways, sinuses, dark bone)
+    filled, so only the background outside is dropped."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
     mask = sitk.TriangleThreshold(image, 0, 1, 256)
+    if sitk.GetArrayViewFromImage(mask).mean() < MIN_HEAD_FRACTION:
+        mask = sitk.OtsuThreshold(image, 0, 1, 256)
     filled = np.empty(volume.shape, bool)
     for k in range(volume.shape[0]):
         filled[k] = sitk.GetArrayFromImage(sitk.BinaryFillhole(mask[:, :, k])) > 0
     return filled
+
+
+def clean_pair(t1w: np.ndarray, t2w: np.ndarray) -> tuple[dict[str, np.ndarray],
+                                                           dict[str, np.ndarray]]:
+    """Head masks and background-free T1w and T2w (on one grid), exactly as training and
+    inference both need them: one function, so the two can never drift apart. A T2w without
+    a usable head mask borrows the T1w's."""
+    masks = {"t1w": foreground(t1w), "t2w": foreground(t2w)}
+    if not masks["t2w"].any():
+        masks["t2w"] = masks["t1w"]
+    clean = {"t1w": remove_background(t1w, masks["t1w"]),
+             "t2w": remove_background(t2w, masks["t2w"])}
+    return clean, masks
 
 
 def remove_background(volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

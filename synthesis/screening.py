@@ -7,8 +7,9 @@ Two stages, each rejection with a specific reason:
 2. an out-of-distribution score on the generator's own features: per study, the spatial mean
    and standard deviation of every channel of a named layer (decoder block 1 of MMgSN-Net),
    averaged over slices; the score is the RMS z-distance to the training studies' features
-   (diagonal covariance: training sets are far smaller than the feature count), and the
-   threshold is calibrated on the training studies and stored in the model.
+   (diagonal covariance with a floor: training sets are far smaller than the feature count),
+   and the threshold is calibrated on the training studies (leave-one-out) and stored in the
+   model.
 """
 
 from __future__ import annotations
@@ -90,13 +91,29 @@ def _score(vector: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> float:
     return float(np.sqrt(np.mean(((vector - mean) / scale) ** 2)))
 
 
+def _spread(vectors: np.ndarray) -> np.ndarray:
+    # Each feature's spread, floored at a tenth of the typical feature magnitude: with the few
+    # studies a hospital trains on, some features barely vary and would make any new study
+    # look far away.
+    return vectors.std(0) + 0.1 * (np.abs(vectors).mean() + 1e-6)
+
+
 def calibrate(study_vectors: Iterable[np.ndarray], layer: str,
               quantile: float = 0.99) -> OODCalibration:
-    """Calibration from the training studies' feature vectors (see the module docstring)."""
+    """Calibration from the training studies' feature vectors (see the module docstring).
+
+    The threshold comes from leave-one-out scores (each study against the others), which
+    estimate how far an unseen study from the training distribution lands, times
+    :data:`THRESHOLD_MARGIN`."""
     vectors = np.stack(list(study_vectors))
-    mean = vectors.mean(0)
-    scale = vectors.std(0) + 1e-3 * (np.abs(mean).mean() + 1e-6)
-    scores = [_score(v, mean, scale) for v in vectors]
+    mean, scale = vectors.mean(0), _spread(vectors)
+    if len(vectors) >= 3:
+        scores = []
+        for i in range(len(vectors)):
+            others = np.delete(vectors, i, axis=0)
+            scores.append(_score(vectors[i], others.mean(0), _spread(others)))
+    else:
+        scores = [_score(v, mean, scale) for v in vectors]
     threshold = float(np.quantile(scores, quantile)) * THRESHOLD_MARGIN
     return OODCalibration(feature=layer, mean=mean.tolist(), precision=[scale.tolist()],
                           threshold=threshold, quantile=quantile)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synthesis.alignment import resample_onto
 from synthesis.checkpoint import (
     Architecture,
     CheckpointMeta,
@@ -22,7 +23,7 @@ from synthesis.checkpoint import (
 )
 from synthesis.models import build
 from synthesis.normalization import Normalization
-from synthesis.preprocess import foreground, remove_background, to_model_grid
+from synthesis.preprocess import clean_pair, to_model_grid
 from synthesis.screening import FeatureProbe, calibrate
 from synthesis.series import read_series
 from training import INSTITUTIONS
@@ -54,16 +55,14 @@ def make_checkpoint(path: Path, cohort: Path, training_sites: tuple[str, ...],
     for key in training_sites:
         means: dict[str, list[float]] = {"t1w": [], "t2w": []}
         for folder in sorted((cohort / key).iterdir()):
-            volumes = {m: read_series(folder / m) for m in ("t1w", "t2w")}
+            t1 = read_series(folder / "t1w")
+            t2 = resample_onto(read_series(folder / "t2w"), t1)
+            clean, masks = clean_pair(np.asarray(t1.array, np.float32),
+                                      np.asarray(t2.array, np.float32))
             arrays = {}
-            for m, volume in volumes.items():
-                array = np.asarray(volume.array, np.float32)
-                mask = foreground(array)
-                means[m].append(float(array[mask].mean()))
-                arrays[m] = norm.normalise_volume(remove_background(array, mask),
-                                                  norm.statistics(array, mask))
-            if arrays["t2w"].shape != arrays["t1w"].shape:
-                continue  # a T2w on its own grid; the pipeline resamples it
+            for m in ("t1w", "t2w"):
+                means[m].append(float(clean[m][masks[m]].mean()))
+                arrays[m] = norm.normalise_volume(clean[m], norm.statistics(clean[m], masks[m]))
             probe = FeatureProbe(generator, LAYER)
             with torch.inference_mode():
                 generator(to_model_grid(np.stack([arrays["t1w"], arrays["t2w"]], 1)))

@@ -1,0 +1,108 @@
+"""`vcemri train` (the part that exists so far): manifest checks, the study design, a tiny
+training run whose loss falls, and a checkpoint that the pipeline and `vcemri process` use."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from config import InputError
+from synthesis import load_checkpoint
+from training import SimulationOptions, simulate_cohort
+from training.dataset import read_manifest
+from training.trainer import TrainOptions, design, train
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("training")
+    simulate_cohort(out, SimulationOptions(
+        institutions=("inst2", "inst3", "inst5"), patients_per_institution=3, matrix_scale=0.25,
+        slices=6), workers=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = train(cohort / "manifest.csv", out, TrainOptions(
+        institutions=("inst2", "inst3"), epochs=6, batch_size=4, width=0.125, device="cpu"))
+    return out, result
+
+
+def test_broken_manifest_lists_every_problem(cohort, tmp_path):
+    rows = list(csv.DictReader(open(cohort / "manifest.csv")))
+    broken = [r for r in rows if not (r["patient"] == "SIM-INST2-001" and r["role"] == "t2w")]
+    broken.append({"patient": "SIM-X", "institution": "inst9", "role": "t1w",
+                   "path": "nowhere/t1w"})
+    path = tmp_path / "manifest.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["patient", "institution", "role", "path"])
+        writer.writeheader()
+        for row in broken:
+            writer.writerow({**row, "path": str((cohort / row["path"]).resolve())
+                             if row["patient"] != "SIM-X" else row["path"]})
+    with pytest.raises(InputError) as caught:
+        read_manifest(path)
+    message = str(caught.value)
+    assert "nowhere/t1w does not exist" in message
+    assert "patient SIM-INST2-001 has no t2w" in message
+    assert "patient SIM-X has no t2w, ce" in message
+
+
+def test_study_design_is_a_balanced_mixture_with_a_patient_split():
+    patients = [(f"a{i}", "inst1") for i in range(10)] + [(f"b{i}", "inst2") for i in range(7)]
+    patients += [(f"c{i}", "inst4") for i in range(4)]
+    split = design(patients, TrainOptions(institutions=("inst1", "inst2"), seed=3))
+    assert len(split["external"]) == 4 and all(p.startswith("c") for p in split["external"])
+    assert len(split["dropped"]) == 3  # inst1 cut to inst2's 7
+    used = split["train"] + split["internal"]
+    assert sum(p.startswith("a") for p in used) == sum(p.startswith("b") for p in used) == 7
+    assert len(split["internal"]) == 2 * round(0.3 * 7)
+    assert not set(split["train"]) & set(split["internal"])
+    assert design(patients, TrainOptions(institutions=("inst1", "inst2"), seed=3)) == split
+    with pytest.raises(InputError, match="no patients from training institution"):
+        design(patients, TrainOptions(institutions=("inst7",)))
+
+
+def test_a_tiny_training_run_lowers_its_loss(run):
+    out, result = run
+    log = list(csv.DictReader(open(out / "training_log.csv")))
+    l1 = np.array([float(row["loss_l1"]) for row in log])
+    assert len(l1) == result.steps >= 10
+    assert l1[-4:].mean() < 0.9 * l1[:4].mean()
+    split = json.loads((out / "split.json").read_text())
+    assert split == result.split and split["external"]
+
+
+def test_the_checkpoint_carries_what_inference_needs(run):
+    out, result = run
+    checkpoint = load_checkpoint(result.checkpoint)
+    meta = checkpoint.meta
+    assert [p.key for p in meta.institutions] == ["inst2", "inst3"]
+    for profile in meta.institutions:
+        assert profile.institution_names and profile.patient_mean["t1w"] > 0
+        assert profile.sequences["t1w"].repetition_time_ms is not None
+    assert meta.ood.threshold is not None and meta.ood.feature == "decode1"
+    assert meta.training["steps"] == result.steps
+    assert "internal_l1_t1w_copy_normalised" in meta.metrics
+    assert checkpoint.discriminator is not None
+
+
+def test_train_then_process(run, cohort, tmp_path):
+    out, result = run
+    study = cohort / "inst2" / "inst2-002"
+    done = subprocess.run(
+        [sys.executable, "-m", "vcemri", "process", str(study), "--out", str(tmp_path / "o"),
+         "--model", str(result.checkpoint), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert summary["institution"]["institution"] == "inst2"
+    assert summary["institution"]["known"] is True

@@ -1,0 +1,172 @@
+"""Training data: a manifest of patients (T1w, T2w, CE-T1w series; optional tumour mask),
+checked as a whole, preprocessed once exactly as the synthesis pipeline preprocesses a study,
+and cached as memory-mapped slices so epochs never decode DICOM again.
+
+Manifest: CSV with ``patient,institution,role,path`` (the simulator's ``manifest.csv``), roles
+``t1w``, ``t2w``, ``ce`` (required) and ``mask`` (NIfTI, optional); paths relative to the
+manifest. A broken manifest is refused with every problem listed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import synthesis
+from config import InputError, VcemriError
+
+REQUIRED_ROLES = ("t1w", "t2w", "ce")
+
+
+@dataclass(frozen=True)
+class PatientEntry:
+    """One patient of a manifest."""
+
+    patient: str
+    institution: str
+    paths: dict[str, Path]
+
+
+def read_manifest(path: Path) -> list[PatientEntry]:
+    """The patients of a manifest; raises :class:`InputError` listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"manifest {path} does not exist")
+    problems: list[str] = []
+    rows: dict[str, dict[str, Path]] = defaultdict(dict)
+    institutions: dict[str, str] = {}
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing_columns = {"patient", "institution", "role", "path"} - set(reader.fieldnames or [])
+        if missing_columns:
+            raise InputError(f"manifest {path} lacks the columns {', '.join(sorted(missing_columns))}")
+        for number, row in enumerate(reader, start=2):
+            patient, role = row["patient"].strip(), row["role"].strip()
+            target = (path.parent / row["path"].strip()).resolve()
+            if role in rows[patient]:
+                problems.append(f"line {number}: patient {patient} has a second {role}")
+            if not target.exists():
+                problems.append(f"line {number}: {row['path']} does not exist")
+            rows[patient][role] = target
+            if institutions.setdefault(patient, row["institution"].strip()) != row["institution"].strip():
+                problems.append(f"line {number}: patient {patient} is listed at two institutions")
+    for patient, roles in rows.items():
+        absent = [r for r in REQUIRED_ROLES if r not in roles]
+        if absent:
+            problems.append(f"patient {patient} has no {', '.join(absent)}")
+    if not rows:
+        problems.append("the manifest lists no patients")
+    if problems:
+        raise InputError(f"manifest {path}: {len(problems)} problem(s): " + "; ".join(problems))
+    return [PatientEntry(p, institutions[p], roles) for p, roles in sorted(rows.items())]
+
+
+@dataclass
+class PreparedPatient:
+    """One patient preprocessed for training (arrays live in the cache)."""
+
+    patient: str
+    institution: str
+    slices: int
+    means: dict[str, float]  # head mean per modality, scanner units (EDM statistics)
+    header: dict[str, object] = field(default_factory=dict)  # for institution profiles
+
+
+class SliceCache:
+    """Memory-mapped model-grid slices of every patient: inputs (N, 2, H, W) float16 and
+    targets (N, H, W) float16, with the index of each patient's slices."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        index = json.loads((self.folder / "index.json").read_text())
+        self.patients = [PreparedPatient(**p) for p in index["patients"]]
+        self.offsets = index["offsets"]
+        self.inputs = np.load(self.folder / "inputs.npy", mmap_mode="r")
+        self.targets = np.load(self.folder / "targets.npy", mmap_mode="r")
+        self.normalization = index["normalization"]
+
+    def rows(self, patients: set[str]) -> np.ndarray:
+        """Slice indices of the given patients."""
+        parts = [np.arange(self.offsets[i], self.offsets[i] + p.slices)
+                 for i, p in enumerate(self.patients) if p.patient in patients]
+        return np.concatenate(parts) if parts else np.zeros(0, int)
+
+
+def _key(entries: list[PatientEntry], normalization: synthesis.Normalization) -> str:
+    digest = hashlib.sha256()
+    for entry in entries:
+        for role in sorted(entry.paths):
+            folder = entry.paths[role]
+            files = sorted(folder.rglob("*")) if folder.is_dir() else [folder]
+            stamp = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
+            digest.update(f"{entry.patient}|{role}|{stamp}".encode())
+    digest.update(f"{normalization.method}|{normalization.level}".encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare(entries: list[PatientEntry], cache_root: Path,
+            normalization: synthesis.Normalization, progress=None) -> SliceCache:
+    """Preprocess every patient once (reused while the inputs are unchanged)."""
+    folder = Path(cache_root) / _key(entries, normalization)
+    if (folder / "index.json").exists():
+        return SliceCache(folder)
+    inputs, targets, patients, offsets = [], [], [], []
+    problems = []
+    total = 0
+    for entry in entries:
+        try:
+            volumes = {role: synthesis.read_series(entry.paths[role]) for role in REQUIRED_ROLES}
+            synthesis.check_pair(volumes["t1w"], volumes["t2w"])
+            synthesis.check_pair(volumes["t1w"], volumes["ce"])
+        except VcemriError as exc:
+            problems.append(f"patient {entry.patient}: {exc}")
+            continue
+        t1 = volumes["t1w"]
+        arrays = {"t1w": np.asarray(t1.array, np.float32)}
+        for role in ("t2w", "ce"):
+            arrays[role] = np.asarray(synthesis.resample_onto(volumes[role], t1).array, np.float32)
+        clean, masks = synthesis.clean_pair(arrays["t1w"], arrays["t2w"])
+        if not masks["t1w"].any():
+            problems.append(f"patient {entry.patient}: no head found in the T1w (empty "
+                            "foreground)")
+            continue
+        masks["ce"] = masks["t1w"]
+        clean["ce"] = synthesis.remove_background(arrays["ce"], masks["ce"])
+        stats = {role: normalization.statistics(clean[role], masks[role])
+                 for role in ("t1w", "t2w")}
+        normalised = {role: normalization.normalise_volume(clean[role], stats[role])
+                      for role in ("t1w", "t2w")}
+        target = normalization.normalise_volume(clean["ce"], stats["t1w"], target=True)
+        grid_inputs = synthesis.to_model_grid(np.stack([normalised["t1w"], normalised["t2w"]], 1))
+        grid_target = synthesis.to_model_grid(target)
+        inputs.append(grid_inputs.numpy().astype(np.float16))
+        targets.append(grid_target.numpy().astype(np.float16))
+        info = t1.info
+        patients.append(PreparedPatient(
+            entry.patient, entry.institution, len(grid_target),
+            {role: float(clean[role][masks[role]].mean()) for role in ("t1w", "t2w")},
+            {"manufacturer": info.manufacturer, "model": info.model,
+             "field_strength_t": info.field_strength_t, "institution_name": info.institution_name,
+             "station_name": info.station_name,
+             "t1w_tr": info.repetition_time_ms, "t1w_te": info.echo_time_ms,
+             "t2w_tr": volumes["t2w"].info.repetition_time_ms,
+             "t2w_te": volumes["t2w"].info.echo_time_ms}))
+        offsets.append(total)
+        total += len(grid_target)
+        if progress is not None:
+            progress(entry.patient)
+    if problems:
+        raise InputError(f"{len(problems)} patient(s) cannot be used: " + "; ".join(problems))
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "inputs.npy", np.concatenate(inputs))
+    np.save(folder / "targets.npy", np.concatenate(targets))
+    (folder / "index.json").write_text(json.dumps({
+        "patients": [p.__dict__ for p in patients], "offsets": offsets,
+        "normalization": {"method": normalization.method, "level": normalization.level}}))
+    return SliceCache(folder)

@@ -1,0 +1,248 @@
+"""Training MMgSN-Net on a multi-institution manifest (seed 000 "Examples (B)", MODELS.md).
+
+Study design: the training institutions contribute the same number of patients each (the
+smallest count, others dropped at random: mixture modelling), split per institution at the
+patient level 70 % training / 30 % internal evaluation; every other institution is external.
+The split is written next to the model.
+
+Losses: L1 (weight 100, as pix2pix; the seed gives none) plus least-squares adversarial loss
+against the conditional PatchGAN; Adam, learning rate 2e-4, betas (0.5, 0.999) (the seed names
+Adam and the rate). Targets are z-scored with the T1w's statistics per patient, so the
+generator's output is linear.
+
+At the end the checkpoint stores what inference needs: the institution profiles (names,
+scanner, TR/TE ranges) with EDM statistics (each institution's mean of patient means), the
+OOD calibration on the training studies, the training summary and internal-evaluation L1
+next to the trivial baseline 'VCE = T1w'.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import synthesis
+from config import InputError
+
+from .dataset import SliceCache, prepare, read_manifest
+
+DECODER_PROBE = "decode1"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """What and how to train (see the module docstring for the seed's choices)."""
+
+    institutions: tuple[str, ...] | None = None  # training institutions; None: all listed
+    epochs: int = 5
+    batch_size: int = 4
+    width: float = 0.25
+    l1_weight: float = 100.0
+    adversarial_weight: float = 1.0
+    learning_rate: float = 2e-4
+    internal_fraction: float = 0.3
+    seed: int = 0
+    device: str = "auto"
+    max_steps: int | None = None
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    split: dict[str, list[str]]
+    metrics: dict[str, float]
+    steps: int
+    seconds: float
+
+
+def design(patients: list[tuple[str, str]], options: TrainOptions) -> dict[str, list[str]]:
+    """Mixture modelling and the 70/30 patient split: {train, internal, external}."""
+    rng = np.random.default_rng(options.seed)
+    by_site: dict[str, list[str]] = defaultdict(list)
+    for patient, site in patients:
+        by_site[site].append(patient)
+    training_sites = sorted(options.institutions or by_site)
+    unknown = [s for s in training_sites if s not in by_site]
+    if unknown:
+        raise InputError(f"no patients from training institution(s) {', '.join(unknown)} in "
+                         f"the manifest (it has {', '.join(sorted(by_site))})")
+    equal = min(len(by_site[s]) for s in training_sites)
+    split: dict[str, list[str]] = {"train": [], "internal": [], "external": [], "dropped": []}
+    for site in sorted(by_site):
+        members = sorted(by_site[site])
+        if site not in training_sites:
+            split["external"] += members
+            continue
+        order = list(rng.permutation(members))
+        kept, dropped = order[:equal], order[equal:]
+        split["dropped"] += sorted(dropped)
+        internal = max(1, int(round(options.internal_fraction * equal))) if equal > 1 else 0
+        split["internal"] += sorted(kept[:internal])
+        split["train"] += sorted(kept[internal:])
+    if not split["train"]:
+        raise InputError("no training patients left after the split; add patients")
+    return split
+
+
+def _profiles(cache: SliceCache, patients: set[str]) -> list[Any]:
+    groups: dict[str, list[Any]] = defaultdict(list)
+    for p in cache.patients:
+        if p.patient in patients:
+            groups[p.institution].append(p)
+    profiles = []
+    for site, members in sorted(groups.items()):
+        first = members[0].header
+
+        def span(key: str, members: list[Any] = members) -> tuple[float, float] | None:
+            values = [m.header[key] for m in members if m.header.get(key) is not None]
+            return (float(min(values)), float(max(values))) if values else None
+
+        profiles.append(synthesis.InstitutionProfile(
+            key=site,
+            manufacturer=str(first.get("manufacturer") or ""),
+            model=str(first.get("model") or ""),
+            field_strength_t=first.get("field_strength_t"),
+            institution_names=sorted({str(m.header["institution_name"]) for m in members
+                                      if m.header.get("institution_name")}),
+            station_names=sorted({str(m.header["station_name"]) for m in members
+                                  if m.header.get("station_name")}),
+            sequences={role: synthesis.SequenceRange(repetition_time_ms=span(f"{role}_tr"),
+                                                     echo_time_ms=span(f"{role}_te"))
+                       for role in ("t1w", "t2w")},
+            patient_mean={m: float(np.mean([p.means[m] for p in members])) for m in ("t1w", "t2w")},
+            patient_mean_std={m: float(np.std([p.means[m] for p in members])) + 1e-6
+                              for m in ("t1w", "t2w")},
+            patients=len(members),
+        ))
+    return profiles
+
+
+def _batches(rows: np.ndarray, size: int, rng: np.random.Generator):
+    order = rng.permutation(rows)
+    for start in range(0, len(order), size):
+        yield np.sort(order[start:start + size])
+
+
+def _l1(generator: torch.nn.Module, cache: SliceCache, rows: np.ndarray,
+        device: torch.device) -> tuple[float, float]:
+    """Mean absolute error (normalised units) of the model and of 'VCE = T1w'."""
+    if len(rows) == 0:
+        return float("nan"), float("nan")
+    model, copy, count = 0.0, 0.0, 0
+    generator.eval()
+    with torch.inference_mode():
+        for start in range(0, len(rows), 8):
+            part = rows[start:start + 8]
+            x = torch.from_numpy(np.asarray(cache.inputs[part], np.float32)).to(device)
+            y = torch.from_numpy(np.asarray(cache.targets[part], np.float32)).to(device)
+            model += float((generator(x)[:, 0] - y).abs().sum())
+            copy += float((x[:, 0] - y).abs().sum())
+            count += y.numel()
+    generator.train()
+    return model / count, copy / count
+
+
+def train(manifest: Path, out: Path, options: TrainOptions,
+          progress: Callable[[str, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train, evaluate internally, calibrate, and save ``out/model.safetensors``."""
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = read_manifest(Path(manifest))
+    split = design([(e.patient, e.institution) for e in entries], options)
+    (out / "split.json").write_text(json.dumps(split, indent=1))
+    used = set(split["train"]) | set(split["internal"])
+    normalization = synthesis.Normalization("zscore", "patient")
+    cache = prepare([e for e in entries if e.patient in used], out / "cache", normalization,
+                    progress=(lambda p: progress("prepare", {"patient": p})) if progress else None)
+
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    device = synthesis.inference_device(options.device)
+    generator = synthesis.build_model("mmgsn", width_multiplier=options.width,
+                                      output="linear").to(device)
+    discriminator = synthesis.build_model("patchgan", width_multiplier=options.width).to(device)
+    opt_g = torch.optim.Adam(generator.parameters(), options.learning_rate, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(discriminator.parameters(), options.learning_rate,
+                             betas=(0.5, 0.999))
+    train_rows = cache.rows(set(split["train"]))
+    internal_rows = cache.rows(set(split["internal"]))
+    log_path = out / "training_log.csv"
+    step = 0
+    with open(log_path, "w", newline="") as handle:
+        log = csv.writer(handle)
+        log.writerow(["step", "epoch", "loss_g", "loss_l1", "loss_adv", "loss_d", "seconds"])
+        for epoch in range(1, options.epochs + 1):
+            for rows in _batches(train_rows, options.batch_size, rng):
+                x = torch.from_numpy(np.asarray(cache.inputs[rows], np.float32)).to(device)
+                y = torch.from_numpy(np.asarray(cache.targets[rows], np.float32))[:, None].to(
+                    device)
+                fake = generator(x)
+                real_score = discriminator(y, x)
+                fake_score = discriminator(fake.detach(), x)
+                loss_d = 0.5 * (F.mse_loss(real_score, torch.ones_like(real_score))
+                                + F.mse_loss(fake_score, torch.zeros_like(fake_score)))
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+                judged = discriminator(fake, x)
+                loss_adv = F.mse_loss(judged, torch.ones_like(judged))
+                loss_l1 = F.l1_loss(fake, y)
+                loss_g = options.adversarial_weight * loss_adv + options.l1_weight * loss_l1
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+                step += 1
+                values = {"loss_g": loss_g.item(), "loss_l1": loss_l1.item(),
+                          "loss_adv": loss_adv.item(), "loss_d": loss_d.item()}
+                log.writerow([step, epoch, *(round(v, 6) for v in values.values()),
+                              round(time.perf_counter() - started, 2)])
+                if progress is not None:
+                    progress("step", {"epoch": epoch, **values})
+                if options.max_steps is not None and step >= options.max_steps:
+                    break
+            if options.max_steps is not None and step >= options.max_steps:
+                break
+
+    model_l1, copy_l1 = _l1(generator, cache, internal_rows, device)
+    generator.eval()
+    vectors = []
+    for patient in split["train"]:
+        rows = cache.rows({patient})
+        probe = synthesis.FeatureProbe(generator, DECODER_PROBE)
+        with torch.inference_mode():
+            for start in range(0, len(rows), 8):
+                generator(torch.from_numpy(np.asarray(cache.inputs[rows[start:start + 8]],
+                                                      np.float32)).to(device))
+        vectors.append(probe.study_vector())
+        probe.close()
+    seconds = time.perf_counter() - started
+    sites = sorted({p.institution for p in cache.patients if p.patient in set(split["train"])})
+    metrics = {"internal_l1_normalised": round(model_l1, 5),
+               "internal_l1_t1w_copy_normalised": round(copy_l1, 5)}
+    meta = synthesis.CheckpointMeta(
+        architecture=synthesis.Architecture(name="mmgsn", config=generator.config),
+        discriminator=synthesis.Architecture(name="patchgan", config=discriminator.config),
+        normalization=synthesis.NormalizationMeta(method="zscore", level="patient"),
+        institutions=_profiles(cache, set(split["train"])),
+        ood=synthesis.calibrate_ood(vectors, DECODER_PROBE),
+        training={"manifest": str(manifest), "options": asdict(options), "steps": step,
+                  "seconds": round(seconds, 1), "training_institutions": sites,
+                  "patients": {k: len(v) for k, v in split.items()}},
+        metrics=metrics,
+        description=f"MMgSN-Net width {options.width} trained by vcemri train on "
+                    f"{', '.join(sites)}",
+    )
+    checkpoint = synthesis.save_checkpoint(out / "model.safetensors", generator.cpu(), meta,
+                                           discriminator.cpu())
+    return TrainResult(checkpoint, split, metrics, step, seconds)
