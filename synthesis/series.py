@@ -98,8 +98,9 @@ class Volume:
 
     @property
     def array(self) -> np.ndarray:
-        """(slices, rows, columns) float32 view of the voxels."""
-        return sitk.GetArrayViewFromImage(self.image)
+        """(slices, rows, columns) float32 copy of the voxels. A copy, not SimpleITK's view:
+        a view does not keep its image alive, and a temporary's memory gets reused."""
+        return sitk.GetArrayFromImage(self.image)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -81,6 +81,21 @@ def test_a_tiny_training_run_lowers_its_loss(run):
     assert split == result.split and split["external"]
 
 
+def test_cached_inputs_and_targets_are_the_three_different_series(run):
+    from training.dataset import SliceCache
+
+    out, result = run
+    cache = SliceCache(next((out / "cache").iterdir()))
+    rows = cache.rows({result.split["train"][0]})
+    x = np.asarray(cache.inputs[rows], np.float32)
+    y = np.asarray(cache.targets[rows], np.float32)
+    assert x.shape[1:] == (2, 256, 224) and y.shape[1:] == (256, 224)
+    assert np.abs(x[:, 0] - x[:, 1]).mean() > 0.1  # T1w and T2w differ
+    assert np.abs(x[:, 0] - y).mean() > 0.01  # the CE target is not the T1w
+    head = x[:, 0] > x[:, 0].min()
+    assert y[head].mean() > x[:, 0][head].mean()  # contrast enhances on average
+
+
 def test_the_checkpoint_carries_what_inference_needs(run):
     out, result = run
     checkpoint = load_checkpoint(result.checkpoint)
