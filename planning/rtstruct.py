@@ -124,7 +124,6 @@ def rtstruct(helpers: Sequence[Helper], series: Sequence[Dataset], key: str,
         observation = Dataset()
         observation.ObservationNumber = number
         observation.ReferencedROINumber = number
-        observation.ROIObservationLabel = helper.name
         observation.RTROIInterpretedType = helper.interpreted_type
         observation.ROIInterpreter = ""
         observations.append(observation)

@@ -208,7 +208,8 @@ def test_helpers_are_named_coloured_and_typed(outputs):
     names = [roi.ROIName for roi in structure.StructureSetROISequence]
     assert all(n.startswith("zVCE_") for n in names)
     assert "zVCE_External" in names and "zVCE_Enhancement" in names
-    types = {o.ROIObservationLabel: o.RTROIInterpretedType
+    numbers = {roi.ROINumber: roi.ROIName for roi in structure.StructureSetROISequence}
+    types = {numbers[o.ReferencedROINumber]: o.RTROIInterpretedType
              for o in structure.RTROIObservationsSequence}
     assert types["zVCE_External"] == "EXTERNAL" and types["zVCE_Enhancement"] == "CONTROL"
     assert all(len(c.ROIDisplayColor) == 3 for c in structure.ROIContourSequence)
