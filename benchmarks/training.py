@@ -1,0 +1,73 @@
+"""Training speed: slices per second of one MMgSN-Net + PatchGAN step (L1 + LSGAN, Adam) at
+256 x 224, for the full model and the small variant, on CPU (and CUDA when present).
+
+    python benchmarks/training.py [--batch 4] [--steps 5] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.machine import describe  # noqa: E402
+from synthesis.inference import resolve_device  # noqa: E402
+from synthesis.models import build, parameter_count  # noqa: E402
+
+
+def step_time(width: float, batch: int, steps: int, device: torch.device) -> float:
+    torch.manual_seed(0)
+    generator = build("mmgsn", width_multiplier=width, output="linear").to(device)
+    discriminator = build("patchgan", width_multiplier=width).to(device)
+    opt_g = torch.optim.Adam(generator.parameters(), 2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(discriminator.parameters(), 2e-4, betas=(0.5, 0.999))
+    x = torch.randn(batch, 2, 256, 224, device=device)
+    y = torch.randn(batch, 1, 256, 224, device=device)
+    times = []
+    for i in range(steps + 1):  # the first step warms up
+        start = time.perf_counter()
+        fake = generator(x)
+        real, false = discriminator(y, x), discriminator(fake.detach(), x)
+        loss_d = 0.5 * (F.mse_loss(real, torch.ones_like(real))
+                        + F.mse_loss(false, torch.zeros_like(false)))
+        opt_d.zero_grad()
+        loss_d.backward()
+        opt_d.step()
+        judged = discriminator(fake, x)
+        loss_g = F.mse_loss(judged, torch.ones_like(judged)) + 100 * F.l1_loss(fake, y)
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    print(describe(("torch", "numpy")))
+    print(f"device: {device}, torch threads: {torch.get_num_threads()}, batch {args.batch}, "
+          f"median of {args.steps} steps")
+    print(f"{'model':<7} {'params':>10} {'s/step':>8} {'slices/s':>9}")
+    for name, width in (("small", 0.25), ("full", 1.0)):
+        seconds = step_time(width, args.batch, args.steps, device)
+        params = parameter_count(build("mmgsn", width_multiplier=width))
+        print(f"{name:<7} {params:>10,} {seconds:>8.2f} {args.batch / seconds:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
