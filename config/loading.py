@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
-from pydantic_settings import EnvSettingsSource
+from pydantic_settings import EnvSettingsSource, SettingsError
 
 from .errors import ConfigError
 from .settings import ENV_DELIMITER, ENV_PREFIX, Settings
@@ -52,6 +52,10 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain name, not a {type(key).__name__}",
+                key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
@@ -219,7 +223,14 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         # The file alone first, so its problems point at its lines; then the environment,
         # merged key by key over the file's effective settings (defaults included).
         settings = Settings.model_validate(data)
-        overrides = EnvSettingsSource(Settings)()
+        try:
+            overrides = EnvSettingsSource(Settings)()
+        except SettingsError as exc:
+            # A VCEMRI_ variable for a list or mapping that is not valid JSON.
+            names = ", ".join(sorted(k for k in environ if k.upper().startswith(ENV_PREFIX)))
+            raise ConfigError("environment", [
+                f"{exc}: lists and mappings in VCEMRI_ variables must be JSON "
+                f"(set: {names})"]) from None
         if overrides:
             merged = _deep_merge(settings.model_dump(), overrides)
             settings = Settings.model_validate(merged)

@@ -48,7 +48,8 @@ def result_key(result: SynthesisResult) -> str:
     """What makes an output unique: both input series and the exact model weights."""
     return "|".join((result.t1w.info.series_uid, result.t2w.info.series_uid,
                      str(result.model.get("weights_sha256", "")),
-                     str(result.model.get("architecture", ""))))
+                     str(result.model.get("architecture", "")),
+                     f"align={result.alignment.mode}:{result.alignment.applied}"))
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -67,21 +68,45 @@ def _source(sop_class: str, sop_instance: str, frame: int | None) -> Dataset:
     return item
 
 
-def _t2w_sources(result: SynthesisResult, position: float) -> list[Any]:
-    """The T2w slices within one T2w slice spacing of a T1w slice position (1-2 slices)."""
-    sources = [s for s in result.t2w.sources if s.position_mm is not None]
-    if len(sources) < 2:
+def _t2w_sources(result: SynthesisResult, position: float, normal: np.ndarray) -> list[Any]:
+    """The T2w slices within one T2w slice spacing of a T1w slice position, measured along
+    the T1w's normal (the T2w may be another plane); the nearest one at least."""
+    sources = [s for s in result.t2w.sources if s.origin_mm is not None]
+    if not sources:
         return list(result.t2w.sources[:1])
-    spacing = float(np.median(np.diff([s.position_mm for s in sources])))
-    return [s for s in sources if abs(s.position_mm - position) < abs(spacing)] or [
-        min(sources, key=lambda s: abs(s.position_mm - position))]
+    along = np.array([float(np.dot(s.origin_mm, normal)) for s in sources])
+    if len(sources) < 2:
+        return sources
+    spacing = abs(float(np.median(np.diff(np.sort(along))))) or 1.0
+    near = [s for s, a in zip(sources, along, strict=True) if abs(a - position) < spacing]
+    return near or [sources[int(np.argmin(np.abs(along - position)))]]
 
 
-def _stored(values: np.ndarray, t1w_header: Dataset) -> tuple[np.ndarray, float, float]:
-    slope = float(t1w_header.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(t1w_header.get("RescaleIntercept", 0.0) or 0.0)
+def _rescale(values: np.ndarray, t1w_header: Dataset) -> tuple[float, float, bool]:
+    """(slope, intercept, write them?) for storing ``values`` (scanner units) as uint16.
+
+    The T1w's own RescaleSlope/Intercept when it has them (top level, or a multi-frame file's
+    shared or first per-frame pixel value transformation: Enhanced MR keeps them there);
+    otherwise the T1w stored its scanner units as integers and so do we, unless they would not
+    fit 16 bits, when a slope spreads the range over them."""
+    candidates = [t1w_header]
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in (t1w_header.get(groups) or [])[:1]:
+            candidates += list(group.get("PixelValueTransformationSequence") or [])
+    for source in candidates:
+        if "RescaleSlope" in source:
+            return (float(source.RescaleSlope or 1.0),
+                    float(source.get("RescaleIntercept", 0) or 0), True)
+    top = float(values.max()) if values.size else 0.0
+    if top <= 65535:
+        return 1.0, 0.0, False
+    return top / 65000.0, 0.0, True
+
+
+def _stored(values: np.ndarray, t1w_header: Dataset) -> tuple[np.ndarray, float, float, bool]:
+    slope, intercept, written = _rescale(values, t1w_header)
     stored = np.clip(np.rint((values - intercept) / slope), 0, 65535).astype(np.uint16)
-    return stored, slope, intercept
+    return stored, slope, intercept, written
 
 
 def _burn_in(pixels: np.ndarray, value: int) -> np.ndarray:
@@ -100,7 +125,7 @@ def synthetic_series(result: SynthesisResult, t1w_header: Dataset,
     """The synthetic series' datasets, ascending along the slice normal."""
     image = result.vce.image
     values = sitk.GetArrayFromImage(image)
-    stored, slope, intercept = _stored(values, t1w_header)
+    stored, slope, intercept, write_rescale = _stored(values, t1w_header)
     direction = np.reshape(image.GetDirection(), (3, 3))
     normal = direction[:, 2]
     spacing = image.GetSpacing()
@@ -150,7 +175,7 @@ def synthetic_series(result: SynthesisResult, t1w_header: Dataset,
         ds.SourceImageSequence = [
             _source(t1_source.sop_class_uid, t1_source.sop_instance_uid, t1_source.frame),
             *[_source(s.sop_class_uid, s.sop_instance_uid, s.frame)
-              for s in _t2w_sources(result, along)],
+              for s in _t2w_sources(result, along, normal)],
         ]
         for keyword in MR_COPIED:
             if keyword in t1w_header:
@@ -172,8 +197,8 @@ def synthetic_series(result: SynthesisResult, t1w_header: Dataset,
         ds.Rows, ds.Columns = int(values.shape[1]), int(values.shape[2])
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
         ds.PixelRepresentation = 0
-        if "RescaleSlope" in t1w_header:
-            ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        if write_rescale:
+            ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", f"{intercept:.10g}"
             ds.RescaleType = "US"
         ds.WindowCenter = round(float((low + high) / 2), 2)
         ds.WindowWidth = round(float(max(high - low, 1.0)), 2)

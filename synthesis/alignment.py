@@ -35,6 +35,7 @@ class Alignment:
     centre: tuple[float, ...]
     displacement_mm: float
     metric: float | None
+    note: str = ""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -43,6 +44,7 @@ class Alignment:
             "centre_mm": [round(c, 3) for c in self.centre],
             "displacement_mm": round(self.displacement_mm, 3),
             "mattes_mi": None if self.metric is None else round(self.metric, 5),
+            "note": self.note,
         }
 
 
@@ -68,12 +70,14 @@ def _largest_displacement(transform: sitk.Euler3DTransform, reference: sitk.Imag
     return float(max(np.linalg.norm(np.subtract(transform.TransformPoint(p), p)) for p in points))
 
 
-def register_rigid(fixed: Volume, moving: Volume, seed: int = 0) -> tuple[sitk.Euler3DTransform,
+def register_rigid(fixed: Volume, moving: Volume, seed: int = 1) -> tuple[sitk.Euler3DTransform,
                                                                            float]:
     """Rigid (Euler 3D) registration of ``moving`` to ``fixed`` by Mattes mutual information
     (it copes with the different contrasts of T1w and T2w), sampled inside the T1w's Otsu
     foreground, two resolution levels, started from the scanner's alignment (identity).
-    Deterministic. Reliable for T2w spin-echo data of clinical resolution; a fat-suppressed STIR T2w
+    Repeatable to 1e-9 (``seed`` must not be 0, which SimpleITK reads as "seed from the
+    clock"; the last bits vary with ITK's threaded smoothing).
+    Reliable for T2w spin-echo data of clinical resolution; a fat-suppressed STIR T2w
     carries too little shared structure for it (see README)."""
     fixed_image = sitk.Cast(fixed.image, sitk.sitkFloat32)
     moving_image = sitk.Cast(moving.image, sitk.sitkFloat32)
@@ -106,12 +110,20 @@ def align(t1w: Volume, t2w: Volume, mode: AlignMode = "auto",
     if mode == "never":
         return resample_onto(t2w, t1w), Alignment(mode, False, False, IDENTITY,
                                                   (0.0, 0.0, 0.0), 0.0, None)
-    transform, metric = register_rigid(t1w, t2w)
+    try:
+        transform, metric = register_rigid(t1w, t2w)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1][:200]
+        return resample_onto(t2w, t1w), Alignment(
+            mode, False, False, IDENTITY, (0.0, 0.0, 0.0), 0.0, None,
+            f"registration failed ({reason}); the scanner's alignment is kept")
     displacement = _largest_displacement(transform, t1w.image)
     # Patients move millimetres between series, not centimetres: a larger "correction" is a
     # registration that went astray, and the scanner's alignment is kept.
     plausible = displacement <= MAX_PLAUSIBLE_MM
     apply = plausible and (mode == "always" or displacement > tolerance_mm)
+    note = "" if plausible else (f"registration implies {displacement:.1f} mm, more than "
+                                 f"{MAX_PLAUSIBLE_MM:.0f} mm: not applied")
     alignment = Alignment(mode, True, apply, tuple(transform.GetParameters()),
-                          tuple(transform.GetCenter()), displacement, metric)
+                          tuple(transform.GetCenter()), displacement, metric, note)
     return resample_onto(t2w, t1w, transform if apply else None), alignment

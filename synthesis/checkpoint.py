@@ -15,7 +15,7 @@ import json
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -52,8 +52,8 @@ class IntensityStatistics(_Meta):
 
 
 class NormalizationMeta(_Meta):
-    method: str = "zscore"
-    level: str = "patient"
+    method: Literal["zscore", "minmax"] = "zscore"
+    level: Literal["patient", "image", "dataset"] = "patient"
     #: dataset-level statistics per modality (t1w, t2w), when level == "dataset"
     dataset_statistics: dict[str, IntensityStatistics] = Field(default_factory=dict)
 
@@ -210,6 +210,14 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     if _checksum(tensors) != header.get("weights_sha256"):
         raise ModelError(f"checkpoint {path} is corrupted: the weights' checksum does not match")
     generator = _restore(path, meta.architecture, tensors, "generator")
+    if meta.ood.threshold is not None and meta.ood.feature not in dict(generator.named_modules()):
+        raise ModelError(f"{path}: the OOD calibration names layer {meta.ood.feature!r}, which "
+                         f"{meta.architecture.name} does not have")
+    if meta.normalization.level == "dataset":
+        absent = [m for m in ("t1w", "t2w") if m not in meta.normalization.dataset_statistics]
+        if absent:
+            raise ModelError(f"{path}: dataset-level normalisation without the training set's "
+                             f"statistics for {', '.join(absent)}")
     discriminator = (None if meta.discriminator is None
                      else _restore(path, meta.discriminator, tensors, "discriminator"))
     return Checkpoint(path, meta, generator, discriminator, header["weights_sha256"])

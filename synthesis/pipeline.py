@@ -153,14 +153,17 @@ class Synthesizer:
             clock = now
 
         check_pair(t1w, t2w)
+        overlap = _overlap(t1w, t2w)
+        if self.options.screen:  # before registering: registration needs overlap
+            reasons = input_checks(t1w.shape[0], t1w.info.body_part, overlap,
+                                   min_slices=self.options.min_slices)
+            if reasons:
+                raise RejectedStudy(judge(reasons, None, None))
         t2w_on_grid, alignment = align(t1w, t2w, self.options.align,
                                        self.options.align_tolerance_mm)
+        # An implausible registration is not applied and says so (alignment.note): the
+        # scanner's alignment is kept and the study is not rejected for it.
         lap("align")
-        reasons = input_checks(
-            t1w.shape[0], t1w.info.body_part, _overlap(t1w, t2w), alignment.displacement_mm,
-            min_slices=self.options.min_slices) if self.options.screen else []
-        if reasons:
-            raise RejectedStudy(judge(reasons, None, None))
 
         arrays, masks = clean_pair(np.asarray(t1w.array, np.float32),
                                    np.asarray(t2w_on_grid.array, np.float32))

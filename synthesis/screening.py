@@ -3,7 +3,8 @@ not fit for, e.g. rare tumour sizes or morphologies, or data unlike the training
 
 Two stages, each rejection with a specific reason:
 1. checks for unusable input: too few slices, a body part that is not head and neck, T1w and
-   T2w that do not cover the same anatomy, a misalignment beyond the bound;
+   T2w that do not cover the same anatomy (a registration beyond the plausible bound is not
+   applied, see synthesis.alignment, rather than a reason to refuse);
 2. an out-of-distribution score on the generator's own features: per study, the spatial mean
    and standard deviation of every channel of a named layer (decoder block 1 of MMgSN-Net),
    averaged over slices; the score is the RMS z-distance to the training studies' features
@@ -46,9 +47,8 @@ class Screening:
                 else round(self.ood_threshold, 4)}
 
 
-def input_checks(slices: int, body_part: str, overlap: float, displacement_mm: float, *,
-                 min_slices: int = 5, min_overlap: float = 0.8,
-                 max_displacement_mm: float = 15.0) -> list[str]:
+def input_checks(slices: int, body_part: str, overlap: float, *,
+                 min_slices: int = 5, min_overlap: float = 0.8) -> list[str]:
     """Reasons the input is unusable (empty when it is fine)."""
     reasons = []
     if slices < min_slices:
@@ -59,9 +59,6 @@ def input_checks(slices: int, body_part: str, overlap: float, displacement_mm: f
     if overlap < min_overlap:
         reasons.append(f"T1w and T2w cover different anatomy: only {overlap:.0%} of the T1w "
                        f"field of view is inside the T2w (at least {min_overlap:.0%} needed)")
-    if displacement_mm > max_displacement_mm:
-        reasons.append(f"T1w and T2w are misaligned by {displacement_mm:.1f} mm (more than "
-                       f"{max_displacement_mm:.0f} mm)")
     return reasons
 
 

@@ -86,6 +86,8 @@ class SourceInstance:
     frame: int | None = None
     #: position of the slice along its series' normal (mm)
     position_mm: float | None = None
+    #: ImagePositionPatient of the slice (mm), to place it along another series' normal
+    origin_mm: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -343,7 +345,8 @@ def _assemble(slices: Sequence[_Slice], info: SeriesInfo) -> Volume:
         raise InputError(f"series {uid}: slice positions drift in-plane by {drift:.1f} mm "
                          "(a sheared or mixed stack)")
     for s, position in zip(ordered, along, strict=True):
-        s.source = replace(s.source, position_mm=round(float(position), 4))
+        s.source = replace(s.source, position_mm=round(float(position), 4),
+                           origin_mm=tuple(round(float(v), 4) for v in s.position))
     array = np.stack([s.pixels for s in ordered]).astype(np.float32)
     image = sitk.GetImageFromArray(array)
     image.SetOrigin([float(v) for v in ordered[0].position])

@@ -111,3 +111,17 @@ def test_unknown_architecture_is_refused(saved):
     _rewrite_meta(path, lambda m: m["architecture"].update(name="vnet"))
     with pytest.raises(ModelError, match="cannot build generator 'vnet'"):
         load_checkpoint(path)
+
+
+def test_an_ood_calibration_on_a_missing_layer_is_refused(saved):
+    path, _ = saved
+    _rewrite_meta(path, lambda m: m["ood"].update(feature="no_such_layer", threshold=1.0))
+    with pytest.raises(ModelError, match="names layer 'no_such_layer'"):
+        load_checkpoint(path)
+
+
+def test_an_unknown_normalisation_is_refused(saved):
+    path, _ = saved
+    _rewrite_meta(path, lambda m: m["normalization"].update(method="z-score"))
+    with pytest.raises(ModelError, match="invalid checkpoint metadata at normalization.method"):
+        load_checkpoint(path)

@@ -257,3 +257,14 @@ def test_settings_are_immutable():
     settings = Settings()
     with pytest.raises(ValueError):
         settings.dicom.port = 1  # type: ignore[misc]
+
+
+def test_non_json_list_in_the_environment_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("VCEMRI_DESTINATIONS", "notjson")
+    [problem] = _problems(_write(tmp_path, ""))
+    assert "must be JSON" in problem and "VCEMRI_DESTINATIONS" in problem
+
+
+def test_a_key_that_is_not_a_name_is_a_config_error(tmp_path):
+    [problem] = _problems(_write(tmp_path, "? [a, b]\n: 1\n"))
+    assert "a key must be a plain name, not a list" in problem

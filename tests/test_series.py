@@ -221,6 +221,8 @@ def test_registration_corrects_a_moved_t2w(tmp_path):
     assert alignment.registered and alignment.applied
     found = np.asarray(alignment.parameters[3:])
     assert np.linalg.norm(found - np.asarray(truth["t2w"])) < 1.5  # mm, with <= 2 deg turns
+    _, again = align(t1, t2, "auto", tolerance_mm=1.0)
+    np.testing.assert_allclose(again.parameters, alignment.parameters, atol=1e-9)  # repeatable
     never, skipped = align(t1, t2, "never")
     assert not skipped.registered and never.image.GetSize() == t1.image.GetSize()
 

@@ -41,6 +41,7 @@ def test_broken_manifest_lists_every_problem(cohort, tmp_path):
     broken = [r for r in rows if not (r["patient"] == "SIM-INST2-001" and r["role"] == "t2w")]
     broken.append({"patient": "SIM-X", "institution": "inst9", "role": "t1w",
                    "path": "nowhere/t1w"})
+    broken.append({"patient": "SIM-Y", "institution": "inst9", "role": "", "path": ""})
     path = tmp_path / "manifest.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, ["patient", "institution", "role", "path"])
@@ -54,6 +55,7 @@ def test_broken_manifest_lists_every_problem(cohort, tmp_path):
     assert "nowhere/t1w does not exist" in message
     assert "patient SIM-INST2-001 has no t2w" in message
     assert "patient SIM-X has no t2w, ce" in message
+    assert ": no role" in message
 
 
 def test_study_design_is_a_balanced_mixture_with_a_patient_split():

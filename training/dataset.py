@@ -41,20 +41,30 @@ def read_manifest(path: Path) -> list[PatientEntry]:
     problems: list[str] = []
     rows: dict[str, dict[str, Path]] = defaultdict(dict)
     institutions: dict[str, str] = {}
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"manifest {path} is not UTF-8 text ({exc.reason})") from None
+    if lines:
+        reader = csv.DictReader(lines)
         missing_columns = {"patient", "institution", "role", "path"} - set(reader.fieldnames or [])
         if missing_columns:
             raise InputError(f"manifest {path} lacks the columns {', '.join(sorted(missing_columns))}")
         for number, row in enumerate(reader, start=2):
-            patient, role = row["patient"].strip(), row["role"].strip()
-            target = (path.parent / row["path"].strip()).resolve()
+            values = {k: (row.get(k) or "").strip() for k in ("patient", "institution", "role",
+                                                               "path")}
+            empty = [k for k, v in values.items() if not v]
+            if empty:
+                problems.append(f"line {number}: no {', '.join(empty)}")
+                continue
+            patient, role = values["patient"], values["role"]
+            target = (path.parent / values["path"]).resolve()
             if role in rows[patient]:
                 problems.append(f"line {number}: patient {patient} has a second {role}")
             if not target.exists():
                 problems.append(f"line {number}: {row['path']} does not exist")
             rows[patient][role] = target
-            if institutions.setdefault(patient, row["institution"].strip()) != row["institution"].strip():
+            if institutions.setdefault(patient, values["institution"]) != values["institution"]:
                 problems.append(f"line {number}: patient {patient} is listed at two institutions")
     for patient, roles in rows.items():
         absent = [r for r in REQUIRED_ROLES if r not in roles]
@@ -105,7 +115,7 @@ def _key(entries: list[PatientEntry], normalization: synthesis.Normalization) ->
             folder = entry.paths[role]
             files = sorted(folder.rglob("*")) if folder.is_dir() else [folder]
             stamp = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
-            digest.update(f"{entry.patient}|{role}|{stamp}".encode())
+            digest.update(f"{entry.patient}|{entry.institution}|{role}|{stamp}".encode())
     digest.update(f"{normalization.method}|{normalization.level}".encode())
     return digest.hexdigest()[:16]
 

@@ -220,12 +220,14 @@ def train(manifest: Path, out: Path, options: TrainOptions,
     for patient in split["train"]:
         rows = cache.rows({patient})
         probe = synthesis.FeatureProbe(generator, DECODER_PROBE)
-        with torch.inference_mode():
-            for start in range(0, len(rows), 8):
-                generator(torch.from_numpy(np.asarray(cache.inputs[rows[start:start + 8]],
-                                                      np.float32)).to(device))
-        vectors.append(probe.study_vector())
-        probe.close()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(rows), 8):
+                    generator(torch.from_numpy(np.asarray(cache.inputs[rows[start:start + 8]],
+                                                          np.float32)).to(device))
+            vectors.append(probe.study_vector())
+        finally:
+            probe.close()
     seconds = time.perf_counter() - started
     sites = sorted({p.institution for p in cache.patients if p.patient in set(split["train"])})
     metrics = {"internal_l1_normalised": round(model_l1, 5),
