@@ -11,7 +11,7 @@ import pytest
 from support.dciodvfy import DciodvfyAbort, parse
 from support.dcmtk import StoreSCP
 from support.processes import port_open
-from support.tools import dcmtk_tool
+from support.tools import dcmtk_tool, require
 
 
 def _copies(source: Path, directory: Path, count: int) -> list[Path]:
@@ -33,9 +33,8 @@ def _copies(source: Path, directory: Path, count: int) -> list[Path]:
 def test_dcmtk_tools_are_dcmtk_not_pynetdicom_apps():
     # pynetdicom installs Python scripts named storescp/storescu that shadow dcmtk's on PATH.
     for name in ("storescp", "storescu"):
-        path = dcmtk_tool(name)
-        if path is None:
-            pytest.skip(f"{name} not installed")
+        path = require(name)  # skips, or fails in CI, when dcmtk is missing
+        assert path == dcmtk_tool(name)
         assert path.read_bytes()[:4] == b"\x7fELF", f"{path} is not the dcmtk binary"
 
 
@@ -102,9 +101,8 @@ def test_orthanc_receives_over_dicom_and_answers_over_rest(orthanc, send, mr_fil
 
 
 @pytest.mark.orthanc
+@pytest.mark.dcmtk
 def test_orthanc_checks_the_called_ae_title(orthanc, send, mr_file):
-    if dcmtk_tool("storescu") is None:
-        pytest.skip("storescu not installed")
     result = send([mr_file], orthanc.dicom_port, called_ae="NOT_ORTHANC")
     assert not result.ok
     assert orthanc.instances() == []
