@@ -123,3 +123,19 @@ def test_train_then_process(run, cohort, tmp_path):
     summary = json.loads((tmp_path / "o" / "result.json").read_text())
     assert summary["institution"]["institution"] == "inst2"
     assert summary["institution"]["known"] is True
+
+
+def test_evaluate_tabulates_internal_and_external_against_the_baseline(run, cohort, tmp_path):
+    from training.evaluate import evaluate, write
+
+    out, result = run
+    evaluation = evaluate(result.checkpoint, cohort / "manifest.csv", device="cpu")
+    groups = {(r["group"], r["institution"]) for r in evaluation.rows}
+    assert ("external", "inst5") in groups and ("internal", "inst2") in groups
+    assert {r["method"] for r in evaluation.rows} == {"model", "VCE = T1w"}
+    for row in evaluation.rows:
+        assert np.isfinite(row["seed000_whole_mae"]) and 0 < row["seed000_whole_ssim"] <= 1
+        assert np.isfinite(row["seed000_tumour_mae"])  # the simulator's masks are used
+    table, markdown = write(evaluation, tmp_path)
+    assert "| external | inst5 | model |" in markdown.read_text()
+    assert len(list(csv.DictReader(open(table)))) == len(evaluation.rows)

@@ -97,6 +97,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .evaluate import evaluate, write
+
+    with tqdm(unit="patient", desc="evaluating", file=sys.stderr, disable=args.quiet) as bar:
+        evaluation = evaluate(Path(args.model), Path(args.manifest),
+                              tuple(args.groups.split(",")), args.device,
+                              progress=lambda patient: bar.update(1))
+    if not evaluation.rows:
+        from config import InputError
+
+        raise InputError(f"no patients of the groups {args.groups} in {args.manifest}")
+    table, markdown = write(evaluation, Path(args.out))
+    print(evaluation.markdown, end="")
+    print(f"written: {table} and {markdown}")
+    return 0
+
+
 def _default_workers() -> int:
     """Processes for simulation: the CPUs this process may use, at most 4."""
     return max(1, min(4, len(os.sched_getaffinity(0))))
@@ -158,3 +177,19 @@ def add_commands(commands: Any) -> None:
                          help="stop after N optimisation steps")
     trainer.add_argument("--quiet", action="store_true", help="no progress bar")
     trainer.set_defaults(handler=_train)
+
+    evaluator = commands.add_parser(
+        "evaluate",
+        help="evaluate a model on a manifest: MAE, MSE, SSIM, PSNR per institution",
+        description="Run each patient through the synthesis pipeline and compare with the "
+        "acquired CE-T1w (seed 000 and seed 001 conventions, whole image and tumour), next to "
+        "'VCE = T1w'; per institution, internal and external (from the model's split.json).",
+    )
+    evaluator.add_argument("--model", required=True, metavar="CKPT")
+    evaluator.add_argument("--manifest", required=True, metavar="CSV")
+    evaluator.add_argument("--out", required=True, metavar="DIR")
+    evaluator.add_argument("--groups", default="internal,external",
+                           help="split groups to evaluate (train, internal, external)")
+    evaluator.add_argument("--device", default="auto")
+    evaluator.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluator.set_defaults(handler=_evaluate)
