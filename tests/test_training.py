@@ -139,3 +139,25 @@ def test_evaluate_tabulates_internal_and_external_against_the_baseline(run, coho
     table, markdown = write(evaluation, tmp_path)
     assert "| external | inst5 | model |" in markdown.read_text()
     assert len(list(csv.DictReader(open(table)))) == len(evaluation.rows)
+
+
+def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(cohort, tmp_path):
+    import torch
+
+    options = TrainOptions(institutions=("inst2", "inst3"), epochs=2, batch_size=4,
+                           width=0.125, device="cpu", checkpoint_every=2)
+    whole = train(cohort / "manifest.csv", tmp_path / "whole", options)
+    stopped = train(cohort / "manifest.csv", tmp_path / "parts",
+                    TrainOptions(**{**options.__dict__, "max_steps": 3}))
+    assert stopped.steps == 3 < whole.steps
+    resumed = train(cohort / "manifest.csv", tmp_path / "parts", options, resume=True)
+    assert resumed.steps == whole.steps
+    a = load_checkpoint(whole.checkpoint).generator.state_dict()
+    b = load_checkpoint(resumed.checkpoint).generator.state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    log = list(csv.DictReader(open(tmp_path / "parts" / "training_log.csv")))
+    assert [int(r["step"]) for r in log] == list(range(1, whole.steps + 1))
+    with pytest.raises(InputError, match="other training options"):
+        train(cohort / "manifest.csv", tmp_path / "parts",
+              TrainOptions(**{**options.__dict__, "width": 0.25}), resume=True)

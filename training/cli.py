@@ -75,7 +75,8 @@ def _train(args: argparse.Namespace) -> int:
 
     options = TrainOptions(
         institutions=args.institutions, epochs=args.epochs, batch_size=args.batch_size,
-        width=args.width, seed=args.seed, device=args.device, max_steps=args.max_steps)
+        width=args.width, seed=args.seed, device=args.device, max_steps=args.max_steps,
+        checkpoint_every=args.checkpoint_every)
     bar = tqdm(unit="step", desc="training", file=sys.stderr, disable=args.quiet)
 
     def progress(stage: str, values: dict[str, Any]) -> None:
@@ -87,7 +88,8 @@ def _train(args: argparse.Namespace) -> int:
         bar.update(1)
 
     with bar:
-        result = train(Path(args.manifest), Path(args.out), options, progress)
+        result = train(Path(args.manifest), Path(args.out), options, progress,
+                       resume=args.resume)
     print(f"model: {result.checkpoint} ({result.steps} steps, {result.seconds:.0f} s)")
     print(f"split: {len(result.split['train'])} training, {len(result.split['internal'])} "
           f"internal, {len(result.split['external'])} external patients "
@@ -175,6 +177,10 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     trainer.add_argument("--max-steps", type=int, default=None, metavar="N",
                          help="stop after N optimisation steps")
+    trainer.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                         help="save the resumable state every N steps (default 50)")
+    trainer.add_argument("--resume", action="store_true",
+                         help="continue an interrupted run in --out exactly where it stopped")
     trainer.add_argument("--quiet", action="store_true", help="no progress bar")
     trainer.set_defaults(handler=_train)
 

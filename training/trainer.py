@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from config import InputError
 from .dataset import SliceCache, prepare, read_manifest
 
 DECODER_PROBE = "decode1"
+STATE = "training_state.pt"
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class TrainOptions:
     seed: int = 0
     device: str = "auto"
     max_steps: int | None = None
+    #: save the resumable training state every N steps (and always when max_steps stops it)
+    checkpoint_every: int | None = 50
 
 
 @dataclass
@@ -127,10 +131,40 @@ def _profiles(cache: SliceCache, patients: set[str]) -> list[Any]:
     return profiles
 
 
-def _batches(rows: np.ndarray, size: int, rng: np.random.Generator):
-    order = rng.permutation(rows)
-    for start in range(0, len(order), size):
-        yield np.sort(order[start:start + size])
+def _epoch_batches(rows: np.ndarray, size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The epoch's batches: a permutation that depends only on the seed and the epoch, so a
+    resumed run continues with exactly the batches the uninterrupted one would see."""
+    order = np.random.default_rng([seed, epoch]).permutation(rows)
+    return [np.sort(order[start:start + size]) for start in range(0, len(order), size)]
+
+
+def _resumable(options: TrainOptions) -> dict[str, Any]:
+    """The options that must not change between an interrupted run and its resumption."""
+    kept = asdict(options)
+    for free in ("epochs", "max_steps", "checkpoint_every", "device"):
+        kept.pop(free)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kept.items()}
+
+
+def _save_state(path: Path, modules: dict[str, Any], step: int, epoch: int, batch: int,
+                options: dict[str, Any]) -> None:
+    """Everything a resumed run needs, written atomically (temporary file, then rename)."""
+    state = {name: module.state_dict() for name, module in modules.items()}
+    state.update(step=step, epoch=epoch, batch=batch, options=options)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows written after the state being resumed from."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    kept = [rows[0], *[r for r in rows[1:] if int(r[0]) <= step]] if rows else []
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows(kept)
 
 
 def _l1(generator: torch.nn.Module, cache: SliceCache, rows: np.ndarray,
@@ -153,8 +187,12 @@ def _l1(generator: torch.nn.Module, cache: SliceCache, rows: np.ndarray,
 
 
 def train(manifest: Path, out: Path, options: TrainOptions,
-          progress: Callable[[str, dict[str, float]], None] | None = None) -> TrainResult:
-    """Train, evaluate internally, calibrate, and save ``out/model.safetensors``."""
+          progress: Callable[[str, dict[str, float]], None] | None = None,
+          resume: bool = False) -> TrainResult:
+    """Train, evaluate internally, calibrate, and save ``out/model.safetensors``.
+
+    With ``resume``, continue from ``out/training_state.pt`` (models, optimisers, position in
+    the epoch) exactly where the interrupted run stopped."""
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +205,6 @@ def train(manifest: Path, out: Path, options: TrainOptions,
                     progress=(lambda p: progress("prepare", {"patient": p})) if progress else None)
 
     torch.manual_seed(options.seed)
-    rng = np.random.default_rng(options.seed)
     device = synthesis.inference_device(options.device)
     generator = synthesis.build_model("mmgsn", width_multiplier=options.width,
                                       output="linear").to(device)
@@ -178,12 +215,31 @@ def train(manifest: Path, out: Path, options: TrainOptions,
     train_rows = cache.rows(set(split["train"]))
     internal_rows = cache.rows(set(split["internal"]))
     log_path = out / "training_log.csv"
-    step = 0
-    with open(log_path, "w", newline="") as handle:
+    state_path = out / STATE
+    modules = {"generator": generator, "discriminator": discriminator, "opt_g": opt_g,
+               "opt_d": opt_d}
+    step, start_epoch, start_batch = 0, 1, 0
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state.get("options") != _resumable(options):
+            raise InputError(f"{state_path} was written with other training options; "
+                             "resume with the same options or start a new run")
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+        step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
+        _truncate_log(log_path, step)
+    elif log_path.exists():
+        log_path.unlink()
+    fresh = not log_path.exists()
+    with open(log_path, "a", newline="") as handle:
         log = csv.writer(handle)
-        log.writerow(["step", "epoch", "loss_g", "loss_l1", "loss_adv", "loss_d", "seconds"])
-        for epoch in range(1, options.epochs + 1):
-            for rows in _batches(train_rows, options.batch_size, rng):
+        if fresh:
+            log.writerow(["step", "epoch", "loss_g", "loss_l1", "loss_adv", "loss_d", "seconds"])
+        for epoch in range(start_epoch, options.epochs + 1):
+            batches = _epoch_batches(train_rows, options.batch_size, options.seed, epoch)
+            first = start_batch if epoch == start_epoch else 0
+            for index in range(first, len(batches)):
+                rows = batches[index]
                 x = torch.from_numpy(np.asarray(cache.inputs[rows], np.float32)).to(device)
                 y = torch.from_numpy(np.asarray(cache.targets[rows], np.float32))[:, None].to(
                     device)
@@ -209,7 +265,13 @@ def train(manifest: Path, out: Path, options: TrainOptions,
                               round(time.perf_counter() - started, 2)])
                 if progress is not None:
                     progress("step", {"epoch": epoch, **values})
-                if options.max_steps is not None and step >= options.max_steps:
+                stop = options.max_steps is not None and step >= options.max_steps
+                due = options.checkpoint_every and step % options.checkpoint_every == 0
+                if due or stop:
+                    handle.flush()
+                    nxt = (epoch, index + 1) if index + 1 < len(batches) else (epoch + 1, 0)
+                    _save_state(state_path, modules, step, *nxt, _resumable(options))
+                if stop:
                     break
             if options.max_steps is not None and step >= options.max_steps:
                 break
