@@ -12,7 +12,6 @@ geometry and frame of reference, labelled synthetic everywhere a viewer or TPS l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -214,8 +213,3 @@ def synthetic_series(result: SynthesisResult, t1w_header: Dataset,
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         datasets.append(ds)
     return datasets
-
-
-def slice_references(datasets: Sequence[Dataset]) -> list[tuple[str, str]]:
-    """(SOPClassUID, SOPInstanceUID) of each synthetic slice, in order."""
-    return [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in datasets]

@@ -19,10 +19,11 @@ _LAZY = {
     "Architecture": "checkpoint", "NormalizationMeta": "checkpoint",
     "SequenceRange": "checkpoint", "OODCalibration": "checkpoint",
     "MODEL_GRID": "preprocess", "inference_device": "inference",
+    "edm_dataset_mean": "edm",
 }
 
 _RENAMED = {"build_model": "build", "calibrate_ood": "calibrate",
-            "inference_device": "resolve_device"}
+            "inference_device": "resolve_device", "edm_dataset_mean": "dataset_mean"}
 
 
 def __getattr__(name: str) -> Any:

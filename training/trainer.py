@@ -123,7 +123,9 @@ def _profiles(cache: SliceCache, patients: set[str]) -> list[Any]:
             sequences={role: synthesis.SequenceRange(repetition_time_ms=span(f"{role}_tr"),
                                                      echo_time_ms=span(f"{role}_te"))
                        for role in ("t1w", "t2w")},
-            patient_mean={m: float(np.mean([p.means[m] for p in members])) for m in ("t1w", "t2w")},
+            # EDM's mu: the mean over the institution's patients of each patient's mean.
+            patient_mean={m: synthesis.edm_dataset_mean(p.means[m] for p in members)
+                          for m in ("t1w", "t2w")},
             patient_mean_std={m: float(np.std([p.means[m] for p in members])) + 1e-6
                               for m in ("t1w", "t2w")},
             patients=len(members),
