@@ -14,7 +14,7 @@ from .loading import (
     load_settings,
 )
 from .logs import setup_logging
-from .phi import ALLOWED_FIELDS, PHI_KEYWORDS, PHIFilter, loggable_identifiers
+from .phi import ALLOWED_FIELDS, PHI_KEYWORDS, PHIFilter, is_uid, loggable_identifiers
 from .reference import reference_markdown
 from .settings import (
     Destination,
@@ -51,6 +51,7 @@ __all__ = [
     "config_path",
     "default_config_path",
     "effective_yaml",
+    "is_uid",
     "load_settings",
     "loggable_identifiers",
     "read_audit",

@@ -111,6 +111,11 @@ class DicomNode(_Section):
         description="calling AE titles accepted; empty accepts any (not for production)",
     )
     max_associations: int = Field(10, ge=1, description="concurrent associations")
+    other_storage: Literal["ignore", "refuse"] = Field(
+        "ignore",
+        description="storage SOP classes other than MR and Enhanced MR: ignore (acknowledge, "
+        "audit, discard) or refuse (no presentation context)",
+    )
     timeouts: Timeouts = Field(default_factory=Timeouts, description="in seconds")
     tls: ServerTLS | None = Field(None, description="TLS settings; null for plain TCP")
 
@@ -147,6 +152,22 @@ class Assembly(_Section):
     )
     study_timeout_s: Seconds = Field(
         600.0, description="a study fails if its T1w or T2w has not arrived by then"
+    )
+
+
+class Jobs(_Section):
+    """The job queue: workers, retries and how long results are re-sent to a peer that is down."""
+
+    workers: int = Field(1, ge=1, le=64, description="jobs processed at the same time")
+    max_attempts: int = Field(
+        3, ge=1, description="processing attempts before a job fails (errors that may pass)"
+    )
+    retry_initial_s: Seconds = Field(
+        5.0, description="first retry delay; doubles each attempt, with +-25 % jitter"
+    )
+    retry_max_s: Seconds = Field(300.0, description="longest delay between retries")
+    send_max_age_s: Seconds = Field(
+        3600.0, description="a job whose destination stays unreachable this long fails"
     )
 
 
@@ -416,6 +437,7 @@ class Settings(BaseSettings):
     assembly: Assembly = Field(
         default_factory=Assembly, description="series completion and study timeout"
     )
+    jobs: Jobs = Field(default_factory=Jobs, description="job queue, retries and sending")
     series_rules: SeriesRules = Field(
         default_factory=SeriesRules,
         description="series recognition; a rule you write replaces that default rule whole",

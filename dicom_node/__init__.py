@@ -1,6 +1,35 @@
 """Network edge and orchestration: C-STORE SCP, spool, series assembly, routing, job queue,
-sender, and the ``serve`` and ``demo`` commands. Imports ``config``, ``synthesis`` and
+sender, and the ``serve`` and ``jobs`` commands. Imports ``config``, ``synthesis`` and
 ``planning``.
-
-Nothing here yet: the DICOM node issue fills this package.
 """
+
+from .assembly import Assembler, choose_route
+from .cli import add_commands
+from .jobs import ACTIVE, STATES, TERMINAL, Job, JobQueue, backoff_s
+from .node import Node
+from .processing import ProcessedStudy, Processor
+from .scp import StorageSCP
+from .sender import send
+from .spool import Received, Spool
+from .worker import Worker, output_folder
+
+__all__ = [
+    "ACTIVE",
+    "STATES",
+    "TERMINAL",
+    "Assembler",
+    "Job",
+    "JobQueue",
+    "Node",
+    "ProcessedStudy",
+    "Processor",
+    "Received",
+    "Spool",
+    "StorageSCP",
+    "Worker",
+    "add_commands",
+    "backoff_s",
+    "choose_route",
+    "output_folder",
+    "send",
+]

@@ -9,7 +9,7 @@ from typing import Any
 from .cli import add_commands
 from .institutions import INSTITUTIONS, Institution, Sequence
 
-_LAZY = {"MANIFEST", "PatientRecord", "SimulationOptions", "simulate_cohort"}
+_LAZY = {"MANIFEST", "PatientRecord", "SimulationOptions", "simulate_cohort", "simulate_patient"}
 
 
 def __getattr__(name: str) -> Any:
@@ -30,4 +30,5 @@ __all__ = [
     "SimulationOptions",
     "add_commands",
     "simulate_cohort",
+    "simulate_patient",
 ]

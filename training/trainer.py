@@ -58,6 +58,10 @@ class TrainOptions:
     max_steps: int | None = None
     #: save the resumable training state every N steps (and always when max_steps stops it)
     checkpoint_every: int | None = 50
+    #: train on random (rows, columns) crops of the 256 x 224 model grid (None: whole slices);
+    #: the network is fully convolutional, so a crop trains the same weights ~4x faster at
+    #: 128 x 112 (the pix2pix practice of training on crops)
+    crop: tuple[int, int] | None = None
 
 
 @dataclass
@@ -138,6 +142,18 @@ def _epoch_batches(rows: np.ndarray, size: int, seed: int, epoch: int) -> list[n
     resumed run continues with exactly the batches the uninterrupted one would see."""
     order = np.random.default_rng([seed, epoch]).permutation(rows)
     return [np.sort(order[start:start + size]) for start in range(0, len(order), size)]
+
+
+def _crop_window(shape: tuple[int, int], crop: tuple[int, int] | None, seed: int, epoch: int,
+                 index: int) -> tuple[slice, slice]:
+    """The batch's crop: offsets that depend only on the seed, epoch and batch (resumable)."""
+    if crop is None:
+        return slice(None), slice(None)
+    rows, cols = min(crop[0], shape[0]), min(crop[1], shape[1])
+    rng = np.random.default_rng([seed, epoch, index, 7])
+    top = int(rng.integers(0, shape[0] - rows + 1))
+    left = int(rng.integers(0, shape[1] - cols + 1))
+    return slice(top, top + rows), slice(left, left + cols)
 
 
 def _resumable(options: TrainOptions) -> dict[str, Any]:
@@ -242,9 +258,12 @@ def train(manifest: Path, out: Path, options: TrainOptions,
             first = start_batch if epoch == start_epoch else 0
             for index in range(first, len(batches)):
                 rows = batches[index]
-                x = torch.from_numpy(np.asarray(cache.inputs[rows], np.float32)).to(device)
-                y = torch.from_numpy(np.asarray(cache.targets[rows], np.float32))[:, None].to(
-                    device)
+                top, left = _crop_window(cache.targets.shape[1:], options.crop, options.seed,
+                                         epoch, index)
+                x = torch.from_numpy(np.asarray(cache.inputs[rows][..., top, left],
+                                                np.float32)).to(device)
+                y = torch.from_numpy(np.asarray(cache.targets[rows][:, top, left],
+                                                np.float32))[:, None].to(device)
                 fake = generator(x)
                 real_score = discriminator(y, x)
                 fake_score = discriminator(fake.detach(), x)

@@ -19,10 +19,11 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 
 import config
+import dicom_node
 import training
 from config import VcemriError
 
-from . import __version__, process
+from . import __version__, demo, process
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE, sysexits.h
 EXIT_INTERRUPTED = 130
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reference.set_defaults(handler=_config_reference)
 
+    demo.add_commands(commands)
+    dicom_node.add_commands(commands)
     process.add_commands(commands)
     training.add_commands(commands)
     return parser

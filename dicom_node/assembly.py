@@ -1,0 +1,172 @@
+"""Series assembly and study readiness: from spooled instances to jobs.
+
+A series is complete ``assembly.series_idle_s`` seconds after its last instance, or as soon as
+it holds the number of instances its header announces (ImagesInAcquisition; one instance for
+an enhanced multi-frame series). A study is ready when a complete T1w and a complete T2w series
+(``series_rules``) of the same patient and frame of reference are present; its job then gets
+a route (``routes``: model and destinations) and becomes ``ready``. A study still missing a
+sequence ``assembly.study_timeout_s`` after its first instance fails with the reason.
+
+New content for a study that was already processed (a late series, changed instances) starts a
+new job; the same content resent changes nothing, because the job's input key (series UIDs and
+their content generations) is already known.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import config
+
+from . import jobs as states
+from .database import connect
+from .jobs import Job, JobQueue
+
+log = logging.getLogger(__name__)
+
+ROLE_NAMES = {"t1w": "T1w", "t2w": "T2w"}
+
+
+def choose_route(settings: config.Settings, header: dict[str, Any]) -> config.Route | None:
+    """The first route whose conditions the study's T1w header (plus calling AE) meets."""
+    for route in settings.routes:
+        if route.match.matches(header):
+            return route
+    return None
+
+
+def input_key(t1w: sqlite3.Row, t2w: sqlite3.Row, route: config.Route) -> str:
+    """What a job's result depends on: both series and their content, and the route."""
+    text = json.dumps([t1w["series_uid"], t1w["generation"], t2w["series_uid"],
+                       t2w["generation"], route.name, route.model])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class Assembler:
+    """Turns the spool's series table into jobs; call :meth:`tick` every second or so."""
+
+    def __init__(self, settings: config.Settings, queue: JobQueue,
+                 audit: config.AuditLog | None = None) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.audit = audit
+        self.root = Path(settings.storage.root)
+        self._local = threading.local()
+
+    def _db(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "db", None)
+        if connection is None:
+            connection = self._local.db = connect(self.root)
+        return connection
+
+    def tick(self, now: float | None = None) -> list[Job]:
+        """Mark complete series, then create or advance the jobs of affected studies.
+        Returns the jobs that changed."""
+        now = time.time() if now is None else now
+        db = self._db()
+        idle = self.settings.assembly.series_idle_s
+        completed = db.execute(
+            "SELECT series_uid, study_uid, generation, instances FROM series WHERE "
+            "complete_generation IS NOT generation AND "
+            "(last_received + ? <= ? OR (expected IS NOT NULL AND instances >= expected))",
+            (idle, now)).fetchall()
+        for row in completed:
+            db.execute("UPDATE series SET complete_generation = ? WHERE series_uid = ?",
+                       (row["generation"], row["series_uid"]))
+            if self.audit is not None:
+                self.audit.record("series.complete", series_uid=row["series_uid"],
+                                  study_uid=row["study_uid"], count=row["instances"])
+        studies = {r["study_uid"] for r in completed}
+        studies |= {j.study_uid for j in self.queue.list(states=(states.WAITING,))}
+        fresh = db.execute(
+            "SELECT DISTINCT s.study_uid FROM series s WHERE NOT EXISTS "
+            "(SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid)").fetchall()
+        studies |= {r["study_uid"] for r in fresh}
+        changed = []
+        for study in sorted(studies):
+            job = self._study(study, now)
+            if job is not None:
+                changed.append(job)
+        return changed
+
+    def _study(self, study: str, now: float) -> Job | None:
+        db = self._db()
+        series = db.execute("SELECT * FROM series WHERE study_uid = ? ORDER BY last_received",
+                            (study,)).fetchall()
+        jobs = self.queue.list(study_uid=study)
+        active = next((j for j in jobs if j.state in states.ACTIVE), None)
+        pair, missing = self._pair(series)
+        if pair is not None:
+            t1w, t2w = pair
+            header = json.loads(t1w["header"])
+            route = choose_route(self.settings, header)
+            if route is None:
+                key = f"unrouted:{t1w['series_uid']}:{t1w['generation']}:{t2w['generation']}"
+            else:
+                key = input_key(t1w, t2w, route)
+            if active is not None and active.state != states.WAITING:
+                return None  # in flight; new content gets its own job when this one ends
+            if any(j.input_key == key for j in jobs):
+                return None  # this content was handled already (a resend)
+            values = {"input_key": key, "t1w_series_uid": t1w["series_uid"],
+                      "t2w_series_uid": t2w["series_uid"]}
+            if route is None:
+                reason = ("no route matches the study (calling AE "
+                          f"{header.get('CallingAETitle') or '-'}, modality "
+                          f"{header.get('Modality') or '-'}, body part "
+                          f"{header.get('BodyPartExamined') or '-'}); it is kept, not "
+                          "processed")
+                log.warning("study %s: %s", study, reason)
+                if active is None:
+                    return self.queue.enqueue(study, state=states.REJECTED, reason=reason,
+                                              **values)
+                return self.queue.complete(active.id, states.REJECTED, reason, **values)
+            values.update(route=route.name, model=route.model,
+                          destinations=list(route.destinations))
+            reason = f"T1w and T2w complete; route {route.name}"
+            if active is None:
+                return self.queue.enqueue(study, state=states.READY, reason=reason, **values)
+            return self.queue.complete(active.id, states.READY, reason, **values)
+        if not series:
+            return None
+        if any(j.state in states.TERMINAL for j in jobs) and active is None:
+            return None  # processed before; waits for new content quietly
+        if active is None:
+            return self.queue.enqueue(study, state=states.WAITING, reason=missing)
+        if active.state != states.WAITING:
+            return None
+        receiving = any(s["complete_generation"] != s["generation"] for s in series)
+        first = min(s["first_received"] for s in series)
+        timeout = self.settings.assembly.study_timeout_s
+        if not receiving and now - first >= timeout:
+            return self.queue.fail(active.id, f"{missing} within {timeout:.0f} s")
+        if active.reason != missing:
+            return self.queue.complete(active.id, states.WAITING, missing)
+        return None
+
+    def _pair(self, series: list[sqlite3.Row]) -> tuple[tuple[sqlite3.Row, sqlite3.Row] | None,
+                                                       str]:
+        """The newest complete T1w and T2w of one patient and frame of reference, or why not."""
+        complete = [s for s in series if s["complete_generation"] == s["generation"]]
+        by_role = {role: [s for s in complete if s["role"] == role] for role in ROLE_NAMES}
+        for t1w in reversed(by_role["t1w"]):
+            for t2w in reversed(by_role["t2w"]):
+                if (t1w["patient_id"] == t2w["patient_id"]
+                        and t1w["frame_of_reference_uid"] == t2w["frame_of_reference_uid"]):
+                    return (t1w, t2w), ""
+        if by_role["t1w"] and by_role["t2w"]:
+            return None, ("no T1w and T2w series of the same patient and frame of reference "
+                          "received")
+        absent = [name for role, name in ROLE_NAMES.items() if not by_role[role]]
+        pending = [name for role, name in ROLE_NAMES.items()
+                   if any(s["role"] == role for s in series) and not by_role[role]]
+        if pending:
+            return None, f"{' and '.join(pending)} series not complete"
+        return None, f"{' and '.join(absent)} series not received"

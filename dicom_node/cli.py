@@ -1,0 +1,159 @@
+"""``vcemri serve`` and ``vcemri jobs list|show|retry|cancel``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import signal
+import sys
+import threading
+from typing import Any
+
+import config
+
+from . import jobs as states
+from .jobs import Job, JobQueue
+
+
+def _when(timestamp: float | None) -> str:
+    if not timestamp:
+        return "-"
+    return _dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .node import Node
+
+    settings = config.load_settings(args.config)
+    if args.log_format == "human" and settings.logging.format == "json":
+        config.setup_logging("json", "DEBUG" if args.debug else settings.logging.level)
+    node = Node(settings)
+    stopping = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        node.start()
+        dicom = settings.dicom
+        print(f"vcemri node {dicom.ae_title} listening on {dicom.bind_address}:{node.scp.port}"
+              f"{' (TLS)' if dicom.tls else ''}; data in {settings.storage.root}; "
+              "Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
+        while not stopping.wait(0.5):
+            pass
+        print("vcemri: stopping (finishing in-flight work)", file=sys.stderr, flush=True)
+    finally:
+        node.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0
+
+
+def _queue(args: argparse.Namespace) -> JobQueue:
+    settings = config.load_settings(args.config)
+    root = settings.storage.root
+    from .database import database_path
+
+    if not database_path(root).is_file():
+        raise config.InputError(f"no node database under {root}; has `vcemri serve` run with "
+                                "this configuration?")
+    return JobQueue(root, config.AuditLog(settings.storage.audit_log_path))
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    queue = _queue(args)
+    jobs = queue.list(states=tuple(args.state) if args.state else None, limit=args.limit)
+    if args.json:
+        print(json.dumps([_as_dict(j) for j in jobs], indent=1))
+        return 0
+    print(f"{'ID':>6}  {'STATE':<9} {'UPDATED':<19}  {'ROUTE':<10} STUDY / REASON")
+    for job in jobs:
+        print(f"{job.id:>6}  {job.state:<9} {_when(job.updated_at):<19}  "
+              f"{(job.route or '-'):<10} {job.study_uid}")
+        if job.reason:
+            print(f"{'':>6}  {job.reason}")
+    if not jobs:
+        print("(no jobs)")
+    return 0
+
+
+def _as_dict(job: Job) -> dict[str, Any]:
+    return {k: getattr(job, k) for k in job.__dataclass_fields__}
+
+
+def _jobs_show(args: argparse.Namespace) -> int:
+    queue = _queue(args)
+    job = queue.get(args.id)
+    if args.json:
+        record = _as_dict(job)
+        record["transitions"] = queue.transitions(job.id)
+        record["outputs"] = {k: str(v) for k, v in queue.outputs(job.id).items()}
+        print(json.dumps(record, indent=1))
+        return 0
+    print(f"job {job.id}: {job.state}" + (f" ({job.reason})" if job.reason else ""))
+    print(f"study:        {job.study_uid}")
+    print(f"T1w series:   {job.t1w_series_uid or '-'}")
+    print(f"T2w series:   {job.t2w_series_uid or '-'}")
+    print(f"route/model:  {job.route or '-'} / {job.model or '-'}; destinations: "
+          f"{', '.join(job.destinations) or '-'}")
+    print(f"attempts:     {job.attempts}")
+    result = job.result
+    if result.get("institution"):
+        decision = result["institution"]
+        print(f"institution:  {decision.get('institution') or 'external'} (closest "
+              f"{decision.get('closest')}, confidence {decision.get('confidence')})")
+    if result.get("edm"):
+        print(f"EDM factors:  T1w {result['edm']['t1w']}, T2w {result['edm']['t2w']}")
+    if result.get("output_folder"):
+        print(f"outputs:      {result['output_folder']}")
+    for name in job.destinations:
+        print(f"delivered to {name}: {len(queue.delivered(job.id, name))} of "
+              f"{len(queue.outputs(job.id))}")
+    print("history:")
+    for step in queue.transitions(job.id):
+        print(f"  {_when(step['at'])}  {step['state']:<9} {step['reason'] or ''}")
+    return 0
+
+
+def _jobs_retry(args: argparse.Namespace) -> int:
+    job = _queue(args).requeue(args.id)
+    print(f"job {job.id} is {job.state} again; a running node will process it")
+    return 0
+
+
+def _jobs_cancel(args: argparse.Namespace) -> int:
+    job = _queue(args).cancel(args.id)
+    print(f"job {job.id} cancelled")
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    """Add ``serve`` and ``jobs`` to the ``vcemri`` sub-command parser."""
+    serve = commands.add_parser(
+        "serve", help="run the DICOM node (C-STORE SCP, assembly, jobs, sending to the TPS)",
+        description="Receive T1w and T2w series, synthesise a VCE-T1w and send it with the "
+        "RTSTRUCT helpers and the review image to the route's destinations. SIGTERM or Ctrl-C "
+        "stops accepting, finishes in-flight writes and exits; interrupted jobs resume at the "
+        "next start.")
+    serve.set_defaults(handler=_serve)
+
+    jobs = commands.add_parser("jobs", help="list, show, retry or cancel the node's jobs")
+    actions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="jobs, newest first")
+    listing.add_argument("--state", action="append", choices=states.STATES,
+                         help="only jobs in this state (repeatable)")
+    listing.add_argument("--limit", type=int, default=50, help="at most N jobs (default 50)")
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    listing.set_defaults(handler=_jobs_list)
+    show = actions.add_parser("show", help="one job: inputs, result, deliveries, history")
+    show.add_argument("id", type=int)
+    show.add_argument("--json", action="store_true", help="JSON instead of text")
+    show.set_defaults(handler=_jobs_show)
+    retry = actions.add_parser("retry", help="process a failed, rejected or cancelled job again")
+    retry.add_argument("id", type=int)
+    retry.set_defaults(handler=_jobs_retry)
+    cancel = actions.add_parser("cancel", help="stop a job that has not finished")
+    cancel.add_argument("id", type=int)
+    cancel.set_defaults(handler=_jobs_cancel)

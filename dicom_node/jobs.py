@@ -1,0 +1,310 @@
+"""The durable job queue (SQLite) behind a narrow interface a Celery backend could replace.
+
+A job is one study on its way through the node::
+
+    waiting -> ready -> running -> sending -> done
+                                       \\-> failed | rejected   (from any active state)
+
+``waiting``: the study has arrived in part (its T1w or T2w is missing or incomplete);
+``ready``: both series are complete and a route chose the model and destinations; ``running``:
+a worker is synthesising; ``sending``: results are written and being delivered; ``done``;
+``failed`` (a reason a person can act on); ``rejected`` (deliberately not processed: screening
+refused the study, or no route matches). Every transition is kept with its time and reason.
+
+Interface: :meth:`JobQueue.enqueue`, :meth:`claim`, :meth:`complete` (advance), :meth:`fail`,
+:meth:`retry` (later, with backoff), plus :meth:`cancel`, :meth:`requeue`, :meth:`get`,
+:meth:`list` and :meth:`recover` (after a restart: interrupted ``running`` jobs become
+``ready`` again).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import config
+
+from .database import connect
+
+WAITING, READY, RUNNING, SENDING = "waiting", "ready", "running", "sending"
+DONE, FAILED, REJECTED, CANCELLED = "done", "failed", "rejected", "cancelled"
+ACTIVE = (WAITING, READY, RUNNING, SENDING)
+TERMINAL = (DONE, FAILED, REJECTED, CANCELLED)
+STATES = ACTIVE + TERMINAL
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job's row, as the CLI and the workers see it."""
+
+    id: int
+    study_uid: str
+    state: str
+    reason: str | None
+    input_key: str | None
+    t1w_series_uid: str | None
+    t2w_series_uid: str | None
+    route: str | None
+    model: str | None
+    destinations: list[str]
+    attempts: int
+    next_attempt_at: float
+    created_at: float
+    updated_at: float
+    sending_since: float | None
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        values = dict(row)
+        values["destinations"] = json.loads(values["destinations"] or "[]")
+        values["result"] = json.loads(values["result"] or "{}")
+        return cls(**values)
+
+
+def backoff_s(attempt: int, initial_s: float, maximum_s: float,
+              rng: random.Random | None = None) -> float:
+    """Delay before retry ``attempt`` (1-based): doubling from ``initial_s`` up to
+    ``maximum_s``, with +-25 % jitter so that many jobs do not retry in step."""
+    base = min(maximum_s, initial_s * 2 ** max(0, attempt - 1))
+    return base * (rng or random).uniform(0.75, 1.25)
+
+
+class JobQueue:
+    """Jobs in the node's SQLite database; safe to use from several threads and processes."""
+
+    def __init__(self, root: Path, audit: config.AuditLog | None = None) -> None:
+        self.root = Path(root)
+        self.audit = audit
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def _db(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "db", None)
+        if connection is None:
+            connection = self._local.db = connect(self.root)
+        return connection
+
+    # -- the narrow interface -----------------------------------------------------------------
+
+    def enqueue(self, study_uid: str, *, state: str = WAITING, reason: str | None = None,
+                **values: Any) -> Job:
+        """A new job for a study, ``waiting`` for its series or already ``ready``."""
+        now = time.time()
+        if "destinations" in values:
+            values["destinations"] = json.dumps(values["destinations"])
+        columns = ["study_uid", "state", "reason", "created_at", "updated_at", *values]
+        with self._lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = db.execute(
+                    f"INSERT INTO jobs ({', '.join(columns)}) "
+                    f"VALUES ({', '.join('?' for _ in columns)})",
+                    (study_uid, state, reason, now, now, *values.values()))
+                job_id = int(cursor.lastrowid or 0)
+                db.execute("INSERT INTO transitions VALUES (?, ?, ?, ?)",
+                           (job_id, now, state, reason))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        self._audit(job_id, study_uid, state, None, reason)
+        return self.get(job_id)
+
+    def claim(self, states: tuple[str, ...] = (READY, SENDING)) -> Job | None:
+        """Take the oldest job in ``states`` that is due, marking a ``ready`` one ``running``
+        (a ``sending`` one stays ``sending``, its next attempt pushed back while it is held)."""
+        now = time.time()
+        with self._lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute(
+                    f"SELECT * FROM jobs WHERE state IN ({', '.join('?' for _ in states)}) "
+                    "AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1",
+                    (*states, now)).fetchone()
+                if row is None:
+                    db.execute("COMMIT")
+                    return None
+                new_state = RUNNING if row["state"] == READY else row["state"]
+                # a claimed job is invisible to other workers until this deadline
+                db.execute("UPDATE jobs SET state = ?, updated_at = ?, next_attempt_at = ?, "
+                           "attempts = attempts + ? WHERE id = ?",
+                           (new_state, now, now + 3600.0, 1 if new_state == RUNNING else 0,
+                            row["id"]))
+                if new_state != row["state"]:
+                    db.execute("INSERT INTO transitions VALUES (?, ?, ?, NULL)",
+                               (row["id"], now, new_state))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        if new_state != row["state"]:
+            self._audit(row["id"], row["study_uid"], new_state, row["state"], None)
+        return self.get(row["id"])
+
+    def complete(self, job_id: int, state: str, reason: str | None = None,
+                 **values: Any) -> Job:
+        """Advance a job to ``state`` (``ready``, ``sending``, ``done`` ...), storing ``values``."""
+        return self._transition(job_id, state, reason, **values)
+
+    def fail(self, job_id: int, reason: str, *, state: str = FAILED) -> Job:
+        """End a job as ``failed`` (or ``rejected``) with the reason a person can act on."""
+        return self._transition(job_id, state, reason)
+
+    def retry(self, job_id: int, state: str, reason: str, delay_s: float) -> Job:
+        """Put a job back in ``state`` to be attempted again after ``delay_s`` seconds."""
+        return self._transition(job_id, state, reason, next_attempt_at=time.time() + delay_s)
+
+    # -- administration -----------------------------------------------------------------------
+
+    def cancel(self, job_id: int, reason: str = "cancelled by an administrator") -> Job:
+        """Stop a job that has not finished; it will not be processed or sent."""
+        job = self.get(job_id)
+        if job.state in TERMINAL:
+            raise config.InputError(f"job {job_id} is already {job.state}; nothing to cancel")
+        return self._transition(job_id, CANCELLED, reason)
+
+    def requeue(self, job_id: int, reason: str = "retried by an administrator") -> Job:
+        """Process a failed, rejected or cancelled job again from the start."""
+        job = self.get(job_id)
+        if job.state not in (FAILED, REJECTED, CANCELLED):
+            raise config.InputError(
+                f"job {job_id} is {job.state}; only failed, rejected or cancelled jobs can be "
+                "retried")
+        if not job.t1w_series_uid or not job.t2w_series_uid:
+            raise config.InputError(
+                f"job {job_id} never had both a T1w and a T2w series; send the missing series "
+                "and a new job starts by itself")
+        return self._transition(job_id, READY, reason, attempts=0, next_attempt_at=0.0,
+                                sending_since=None)
+
+    def recover(self) -> list[int]:
+        """After a restart: jobs left ``running`` by a dead process become ``ready`` again and
+        held ``sending`` jobs become due. Returns the ids recovered."""
+        with self._lock:
+            rows = self._db().execute("SELECT id, state FROM jobs WHERE state IN (?, ?)",
+                                      (RUNNING, SENDING)).fetchall()
+        for row in rows:
+            if row["state"] == RUNNING:
+                self._transition(row["id"], READY, "resumed after the node restarted",
+                                 next_attempt_at=0.0)
+            else:
+                self._transition(row["id"], SENDING, "resumed after the node restarted",
+                                 next_attempt_at=0.0)
+        return [r["id"] for r in rows]
+
+    def get(self, job_id: int) -> Job:
+        with self._lock:
+            row = self._db().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise config.InputError(f"there is no job {job_id}")
+        return Job.from_row(row)
+
+    def list(self, states: tuple[str, ...] | None = None, study_uid: str | None = None,
+             limit: int | None = None) -> list[Job]:
+        query, args = "SELECT * FROM jobs WHERE 1=1", []
+        if states:
+            query += f" AND state IN ({', '.join('?' for _ in states)})"
+            args += list(states)
+        if study_uid:
+            query += " AND study_uid = ?"
+            args.append(study_uid)
+        query += " ORDER BY id DESC"
+        if limit:
+            query += f" LIMIT {int(limit)}"
+        with self._lock:
+            rows = self._db().execute(query, args).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def transitions(self, job_id: int) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db().execute(
+                "SELECT at, state, reason FROM transitions WHERE job_id = ? ORDER BY rowid",
+                (job_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def record_outputs(self, job_id: int, outputs: dict[str, Path]) -> None:
+        """Remember the files a job wrote (SOP Instance UID -> path), replacing earlier ones."""
+        with self._lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
+            db.executemany("INSERT INTO outputs VALUES (?, ?, ?)",
+                           [(job_id, uid, str(p)) for uid, p in outputs.items()])
+            db.execute("COMMIT")
+
+    def outputs(self, job_id: int) -> dict[str, Path]:
+        with self._lock:
+            rows = self._db().execute(
+                "SELECT sop_instance_uid, path FROM outputs WHERE job_id = ? ORDER BY path",
+                (job_id,)).fetchall()
+        return {r["sop_instance_uid"]: Path(r["path"]) for r in rows}
+
+    def record_delivery(self, job_id: int, destination: str, sop_instance_uid: str) -> None:
+        with self._lock:
+            self._db().execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)",
+                               (job_id, destination, sop_instance_uid, time.time()))
+
+    def delivered(self, job_id: int, destination: str) -> set[str]:
+        with self._lock:
+            rows = self._db().execute(
+                "SELECT sop_instance_uid FROM deliveries WHERE job_id = ? AND destination = ?",
+                (job_id, destination)).fetchall()
+        return {r["sop_instance_uid"] for r in rows}
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _transition(self, job_id: int, state: str, reason: str | None, **values: Any) -> Job:
+        if state not in STATES:
+            raise ValueError(f"unknown job state {state!r}")
+        now = time.time()
+        if "destinations" in values:
+            values["destinations"] = json.dumps(values["destinations"])
+        if "result" in values:
+            values["result"] = json.dumps(values["result"])
+        if state == SENDING and "sending_since" not in values:
+            values["sending_since"] = now
+        if state != SENDING and "next_attempt_at" not in values:
+            values["next_attempt_at"] = 0.0
+        sets = ", ".join(f"{k} = ?" for k in values)
+        with self._lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                before = db.execute("SELECT state, study_uid, sending_since FROM jobs "
+                                    "WHERE id = ?", (job_id,)).fetchone()
+                if before is None:
+                    db.execute("ROLLBACK")
+                    raise config.InputError(f"there is no job {job_id}")
+                if before["state"] == SENDING and state == SENDING:
+                    values.pop("sending_since", None)
+                    sets = ", ".join(f"{k} = ?" for k in values)
+                db.execute(f"UPDATE jobs SET state = ?, reason = ?, updated_at = ?"
+                           f"{', ' + sets if sets else ''} WHERE id = ?",
+                           (state, reason, now, *values.values(), job_id))
+                db.execute("INSERT INTO transitions VALUES (?, ?, ?, ?)",
+                           (job_id, now, state, reason))
+                db.execute("COMMIT")
+            except sqlite3.Error:
+                db.execute("ROLLBACK")
+                raise
+        self._audit(job_id, before["study_uid"], state, before["state"], reason)
+        return self.get(job_id)
+
+    def _audit(self, job_id: int, study_uid: str, state: str, previous: str | None,
+               reason: str | None) -> None:
+        if self.audit is None:
+            return
+        outcome = "failure" if state in (FAILED, REJECTED) else "success"
+        fields: dict[str, Any] = {"job_id": job_id, "study_uid": study_uid, "state": state}
+        if previous is not None:
+            fields["previous_state"] = previous
+        self.audit.record(f"job.{state}", outcome=outcome, reason=reason, **fields)

@@ -1,0 +1,88 @@
+"""The node: SCP + spool + assembler + workers, started and stopped together.
+
+Start-up recovers what a previous process left: temporary spool files are removed (their
+instances were never acknowledged), ``running`` jobs become ``ready`` again, ``sending`` jobs
+become due. Stopping closes the listening socket first, lets in-flight C-STOREs finish their
+writes, then lets each worker finish or abandon its job (an abandoned job resumes at the next
+start).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import config
+
+from .assembly import Assembler
+from .jobs import JobQueue
+from .processing import Processor
+from .scp import StorageSCP
+from .spool import Spool
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.25
+
+
+class Node:
+    """A running vcemri node for ``settings``; use :meth:`start` and :meth:`stop` (or ``with``)."""
+
+    def __init__(self, settings: config.Settings, *, workers: int | None = None) -> None:
+        self.settings = settings
+        self.root = Path(settings.storage.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.audit = config.AuditLog(settings.storage.audit_log_path)
+        self.spool = Spool(settings)
+        self.queue = JobQueue(self.root, self.audit)
+        self.assembler = Assembler(settings, self.queue, self.audit)
+        self.processor = Processor(settings)
+        self.scp = StorageSCP(settings, self.spool, self.audit)
+        count = settings.jobs.workers if workers is None else workers
+        self.workers = [Worker(settings, self.queue, self.spool, self.processor, self.audit,
+                               name=f"worker-{i + 1}") for i in range(count)]
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def start(self) -> Node:
+        recovered = self.queue.recover()
+        if recovered:
+            log.info("resuming %d interrupted job(s): %s", len(recovered),
+                     ", ".join(map(str, recovered)))
+        self.audit.record("node.started", called_ae=self.settings.dicom.ae_title,
+                          peer_port=self.settings.dicom.port, count=len(recovered))
+        self.scp.start()
+        self._ticker = threading.Thread(target=self._tick_loop, name="assembler", daemon=True)
+        self._ticker.start()
+        for worker in self.workers:
+            worker.start()
+        return self
+
+    def _tick_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.assembler.tick()
+            except Exception:  # keep assembling; the log says what went wrong
+                log.exception("series assembly failed; retrying")
+            self._stop.wait(TICK_S)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting, finish in-flight writes, stop the workers (waiting up to
+        ``timeout_s`` for a job in progress)."""
+        self.scp.stop()
+        self._stop.set()
+        for worker in self.workers:
+            worker.stop()
+        for worker in self.workers:
+            worker.join(timeout_s)
+        if self._ticker is not None:
+            self._ticker.join(5.0)
+        self.audit.record("node.stopped", called_ae=self.settings.dicom.ae_title)
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

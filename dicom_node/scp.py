@@ -1,0 +1,203 @@
+"""The C-ECHO / C-STORE SCP (pynetdicom): the node's front door.
+
+Accepts MR Image Storage and Enhanced MR Image Storage in the uncompressed and the common
+compressed transfer syntaxes; other storage SOP classes are acknowledged and discarded
+(``dicom.other_storage: ignore``) or get no presentation context (``refuse``). The called AE
+title and the calling-AE allow-list are checked at association time; rejections are logged
+and audited with the reason. Every C-STORE is answered only after :class:`Spool` has made the
+instance durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import Any
+
+import config
+
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+PROCESSED = (MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE)
+
+#: Uncompressed and the common compressed transfer syntaxes pydicom's handlers decode.
+TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",        # Explicit VR Little Endian
+    "1.2.840.10008.1.2",          # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",     # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",        # Explicit VR Big Endian (retired, still sent by old scanners)
+    "1.2.840.10008.1.2.4.70",     # JPEG Lossless, first-order prediction
+    "1.2.840.10008.1.2.4.57",     # JPEG Lossless
+    "1.2.840.10008.1.2.4.50",     # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",     # JPEG Extended
+    "1.2.840.10008.1.2.4.80",     # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",     # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",     # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",     # JPEG 2000
+    "1.2.840.10008.1.2.5",        # RLE Lossless
+)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip()
+
+
+class StorageSCP:
+    """The listening AE; :meth:`start` returns once the port is bound."""
+
+    def __init__(self, settings: config.Settings, spool: Spool,
+                 audit: config.AuditLog | None = None,
+                 on_stored: Any = None) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.audit = audit
+        self.on_stored = on_stored
+        self.server: Any = None
+        self._counts: dict[int, Counter[str]] = {}
+        self._lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from pynetdicom import AE, evt
+        from pynetdicom.presentation import StoragePresentationContexts
+
+        from .tls import server_context
+
+        node = self.settings.dicom
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.acse_timeout = node.timeouts.acse_s
+        ae.dimse_timeout = node.timeouts.dimse_s
+        ae.network_timeout = node.timeouts.network_s
+        ae.require_called_aet = node.check_called_ae
+        ae.require_calling_aet = list(node.allowed_calling_aes)
+        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs from peers that allow it
+        ae.add_supported_context("1.2.840.10008.1.1")  # Verification
+        for sop_class in PROCESSED:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        if node.other_storage == "ignore":
+            for context in StoragePresentationContexts:
+                if context.abstract_syntax not in PROCESSED:
+                    ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
+        handlers = [
+            (evt.EVT_C_ECHO, self._echo),
+            (evt.EVT_C_STORE, self._store),
+            (evt.EVT_ESTABLISHED, self._established),
+            (evt.EVT_REJECTED, self._rejected),
+            (evt.EVT_RELEASED, self._ended),
+            (evt.EVT_ABORTED, self._ended),
+        ]
+        try:
+            self.server = ae.start_server(
+                (node.bind_address, node.port), block=False, evt_handlers=handlers,
+                ssl_context=server_context(node))
+        except OSError as exc:
+            raise config.VcemriError(
+                f"cannot listen on {node.bind_address}:{node.port}: {exc.strerror or exc}",
+                hint="another program may use the port; change dicom.port") from exc
+        log.info("listening on %s:%d as %s%s", node.bind_address, node.port, node.ae_title,
+                 " (TLS)" if node.tls else "")
+
+    def stop(self) -> None:
+        """Stop accepting; in-flight C-STOREs finish their write (each is one handler call)."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1]) if self.server is not None else 0
+
+    # -- handlers -----------------------------------------------------------------------------
+
+    def _peer(self, event: Any) -> dict[str, Any]:
+        requestor = event.assoc.requestor
+        return {"calling_ae": _text(requestor.ae_title) or "-",
+                "peer_host": str(requestor.address), "peer_port": int(requestor.port)}
+
+    def _echo(self, event: Any) -> int:
+        return 0x0000
+
+    def _established(self, event: Any) -> None:
+        with self._lock:
+            self._counts[id(event.assoc)] = Counter()
+        if self.audit is not None:
+            self.audit.record("association.accepted", **self._peer(event),
+                              called_ae=self.settings.dicom.ae_title)
+
+    def _rejected(self, event: Any) -> None:
+        node = self.settings.dicom
+        peer = self._peer(event)
+        called = _text(getattr(event.assoc.requestor.primitive, "called_ae_title", ""))
+        if node.check_called_ae and called != node.ae_title:
+            reason = f"called AE title {called!r} is not ours ({node.ae_title!r})"
+        elif node.allowed_calling_aes and peer["calling_ae"] not in node.allowed_calling_aes:
+            reason = (f"calling AE title {peer['calling_ae']!r} is not in "
+                      "dicom.allowed_calling_aes")
+        else:
+            reason = f"too many associations (dicom.max_associations is {node.max_associations})"
+        log.warning("association from %s (%s) rejected: %s", peer["calling_ae"],
+                    peer["peer_host"], reason)
+        if self.audit is not None:
+            self.audit.record("association.rejected", outcome="failure", reason=reason, **peer,
+                              called_ae=called or "-")
+
+    def _ended(self, event: Any) -> None:
+        with self._lock:
+            counts = self._counts.pop(id(event.assoc), Counter())
+        aborted = event.event.name == "EVT_ABORTED"
+        if self.audit is not None:
+            self.audit.record("association.aborted" if aborted else "association.released",
+                              outcome="failure" if aborted else "success", **self._peer(event),
+                              count=counts["stored"],
+                              reason=(f"{counts['ignored']} ignored, {counts['failed']} refused"
+                                      if counts["ignored"] or counts["failed"] else None))
+        if counts:
+            log.info("association from %s %s: %d stored, %d ignored, %d failed",
+                     self._peer(event)["calling_ae"], "aborted" if aborted else "released",
+                     counts["stored"], counts["ignored"], counts["failed"])
+
+    def _count(self, event: Any, what: str) -> None:
+        with self._lock:
+            self._counts.setdefault(id(event.assoc), Counter())[what] += 1
+
+    def _store(self, event: Any) -> int:
+        sop_class = str(event.request.AffectedSOPClassUID)
+        peer = self._peer(event)
+        if sop_class not in PROCESSED:
+            self._count(event, "ignored")
+            if self.audit is not None:
+                self.audit.record("instance.ignored", sop_class_uid=sop_class,
+                                  calling_ae=peer["calling_ae"],
+                                  reason="not MR or Enhanced MR (dicom.other_storage: ignore)")
+            return 0x0000
+        try:
+            received = self.spool.store(event.encoded_dataset(), peer["calling_ae"])
+        except Exception as exc:  # a response must always go back; the reason is audited
+            log.exception("storing an instance failed")
+            from .spool import OUT_OF_RESOURCES, Received
+            received = Received(OUT_OF_RESOURCES, f"internal error while storing: {exc}")
+        if received.status != 0:
+            self._count(event, "failed")
+            ids = {k: v for k, v in (("sop_instance_uid", received.sop_instance_uid),
+                                     ("series_uid", received.series_uid),
+                                     ("study_uid", received.study_uid)) if v}
+            log.warning("instance from %s refused (0x%04X): %s", peer["calling_ae"],
+                        received.status, received.reason)
+            if self.audit is not None:
+                self.audit.record("instance.refused", outcome="failure", reason=received.reason,
+                                  status=f"0x{received.status:04X}", sop_class_uid=sop_class,
+                                  calling_ae=peer["calling_ae"], **ids)
+            return received.status
+        self._count(event, "stored")
+        if received.new and self.on_stored is not None:
+            self.on_stored(received)
+        return 0x0000

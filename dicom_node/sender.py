@@ -1,0 +1,90 @@
+"""C-STORE SCU: results to a destination (TPS, PACS), one association per job.
+
+Each instance is tried twice within the association; an instance the peer keeps refusing, a
+refused association or a peer that cannot be reached raise :class:`config.PeerError` with the
+reason, and the job retries later (``dicom_node.worker``). Instances already delivered are
+skipped, so a retried job never sends one twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import config
+
+from .tls import client_context
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS_PER_INSTANCE = 2
+
+
+def _contexts(files: Iterable[Path]) -> dict[str, set[str]]:
+    import pydicom
+
+    wanted: dict[str, set[str]] = {}
+    for path in files:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        wanted.setdefault(str(meta.MediaStorageSOPClassUID), set()).add(
+            str(meta.TransferSyntaxUID))
+    return wanted
+
+
+def send(files: list[tuple[str, Path]], destination: config.Destination, name: str, *,
+         calling_ae: str, timeouts: Any,
+         on_sent: Callable[[str], None] | None = None) -> int:
+    """Send ``(sop_instance_uid, path)`` pairs to ``destination``; returns how many were sent.
+
+    ``on_sent`` is called after each success status (to record the delivery)."""
+    import pydicom
+    from pynetdicom import AE
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if not files:
+        return 0
+    where = f"{name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeouts.acse_s
+    ae.dimse_timeout = timeouts.dimse_s
+    ae.network_timeout = timeouts.network_s
+    for sop_class, syntaxes in _contexts(p for _, p in files).items():
+        ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian,
+                                                               ImplicitVRLittleEndian}))
+    context = client_context(destination, name)
+    tls_args = None if context is None else (context, destination.host)
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             tls_args=tls_args)
+    except OSError as exc:
+        raise config.PeerError(f"cannot reach destination {where}: {exc}") from exc
+    if assoc.is_rejected:
+        raise config.PeerError(f"destination {where} rejected the association")
+    if not assoc.is_established:
+        raise config.PeerError(f"destination {where} is unreachable or aborted the association")
+    sent = 0
+    try:
+        for uid, path in files:
+            dataset = pydicom.dcmread(path)
+            problem = ""
+            for _ in range(ATTEMPTS_PER_INSTANCE):
+                if not assoc.is_established:
+                    raise config.PeerError(f"destination {where} dropped the association after "
+                                           f"{sent} of {len(files)} instances")
+                status = assoc.send_c_store(dataset)
+                code = getattr(status, "Status", None)
+                if code is not None and (code == 0 or code in (0xB000, 0xB007, 0xB006)):
+                    break
+                problem = ("no response (timeout or aborted association)" if code is None
+                           else f"status 0x{int(code):04X}")
+            else:
+                raise config.PeerError(f"destination {where} refused instance {uid}: {problem}")
+            sent += 1
+            if on_sent is not None:
+                on_sent(uid)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return sent

@@ -1,0 +1,222 @@
+"""The spool: every received instance on disk, durable before it is acknowledged.
+
+An instance is written exactly as received (file meta + the dataset bytes the peer sent, never
+decoded and re-encoded) to a temporary file beside its final name, fsynced, renamed atomically
+and the directory fsynced; only then is it indexed in SQLite (WAL, synchronous FULL) and only
+then does the SCP answer success. A crash at any point leaves either nothing visible or a
+complete file: temporary files are removed at start-up, and a file without an index row is
+simply received again (the peer got no success status for it).
+
+UIDs come from the network and are checked before they name a path. A resent SOP Instance UID
+with the same bytes changes nothing; with different bytes it replaces the old file and counts
+as new content for its series.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import config
+
+from .database import connect
+
+log = logging.getLogger(__name__)
+
+#: DIMSE C-STORE failure statuses (PS3.4 Table B.2-1).
+OUT_OF_RESOURCES = 0xA700
+DATA_SET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+#: Header values kept per series for routing and recognition (DICOM keywords).
+SERIES_KEYWORDS = (
+    "Modality", "SeriesDescription", "SeriesNumber", "BodyPartExamined", "InstitutionName",
+    "RepetitionTime", "EchoTime", "InversionTime", "ContrastBolusAgent", "Manufacturer",
+    "ImagesInAcquisition",
+)
+
+
+@dataclass(frozen=True)
+class Received:
+    """The spool's answer to one C-STORE: a DIMSE status and, for failures, the reason."""
+
+    status: int
+    reason: str | None = None
+    sop_instance_uid: str | None = None
+    series_uid: str | None = None
+    study_uid: str | None = None
+    new: bool = False
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _value(dataset: Any, keyword: str) -> Any:
+    value = dataset.get(keyword)
+    if value is None or value == "":
+        return None
+    if hasattr(value, "original_string") or type(value).__name__ in ("DSfloat", "IS",
+                                                                        "DSdecimal"):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return value
+    return str(value)
+
+
+def _role(rules: Any, header: dict[str, Any]) -> str:
+    if header.get("Modality") != "MR":
+        return "other"
+    for role in ("t1w", "t2w", "contrast_enhanced"):
+        if getattr(rules, role).matches(header):
+            return role
+    return "other"
+
+
+class Spool:
+    """Receives instances into ``<root>/spool/<study>/<series>/<instance>.dcm`` and indexes them.
+
+    Thread-safe: the SCP calls :meth:`store` from one thread per association.
+    """
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.root = Path(settings.storage.root)
+        self.directory = self.root / "spool"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._index_lock = threading.Lock()
+        self._remove_temporary_files()
+
+    def _db(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "db", None)
+        if connection is None:
+            connection = self._local.db = connect(self.root)
+        return connection
+
+    def _remove_temporary_files(self) -> None:
+        for leftover in self.directory.rglob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+    def free_mib(self) -> float:
+        """Free space on the spool's file system, MiB."""
+        return shutil.disk_usage(self.directory).free / 2**20
+
+    def store(self, encoded: bytes, calling_ae: str) -> Received:
+        """Make one received instance (file meta + dataset bytes) durable and index it."""
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        try:
+            dataset = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
+            transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
+        except (InvalidDicomError, EOFError, ValueError, KeyError, AttributeError,
+                OSError, TypeError, OverflowError) as exc:
+            return Received(CANNOT_UNDERSTAND, f"the data set cannot be decoded: {exc}")
+        uids = {}
+        for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID"):
+            value = str(dataset.get(keyword, "") or "").rstrip("\0 ")
+            if not config.is_uid(value) or not value:
+                return Received(CANNOT_UNDERSTAND,
+                                f"{keyword} is missing or not a valid UID",
+                                sop_instance_uid=uids.get("SOPInstanceUID"))
+            uids[keyword] = value
+        sop, series, study = (uids["SOPInstanceUID"], uids["SeriesInstanceUID"],
+                              uids["StudyInstanceUID"])
+        ids = {"sop_instance_uid": sop, "series_uid": series, "study_uid": study}
+        free = self.free_mib()
+        if free < self.settings.storage.min_free_mib:
+            return Received(OUT_OF_RESOURCES,
+                            f"only {free:.0f} MiB free under {self.directory} (storage."
+                            f"min_free_mib is {self.settings.storage.min_free_mib})", **ids)
+        digest = hashlib.sha256(encoded).hexdigest()
+        folder = self.directory / study / series
+        path = folder / f"{sop}.dcm"
+        with self._index_lock:
+            known = self._db().execute(
+                "SELECT sha256 FROM instances WHERE sop_instance_uid = ?", (sop,)).fetchone()
+        if known is not None and known["sha256"] == digest and path.is_file():
+            return Received(0x0000, **ids)
+        temporary = folder / f".{sop}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as handle:
+                handle.write(encoded)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+            _fsync_directory(folder)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            return Received(OUT_OF_RESOURCES, f"cannot write to the spool: {what}", **ids)
+        try:
+            self._index(dataset, uids, transfer_syntax, path, digest, len(encoded), calling_ae)
+        except sqlite3.Error as exc:
+            # the file is complete but unindexed: the peer sees a failure and resends it
+            return Received(OUT_OF_RESOURCES, f"cannot index the instance: {exc}", **ids)
+        return Received(0x0000, new=True, **ids)
+
+    def _index(self, dataset: Any, uids: dict[str, str], transfer_syntax: str, path: Path,
+               digest: str, size: int, calling_ae: str) -> None:
+        now = time.time()
+        header = {k: _value(dataset, k) for k in SERIES_KEYWORDS}
+        header["CallingAETitle"] = calling_ae
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        expected = header.get("ImagesInAcquisition")
+        if frames > 1:  # an enhanced multi-frame series is usually one instance
+            expected = 1
+        with self._index_lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                previous = db.execute(
+                    "SELECT series_uid FROM instances WHERE sop_instance_uid = ?",
+                    (uids["SOPInstanceUID"],)).fetchone()
+                db.execute(
+                    "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (uids["SOPInstanceUID"], uids["SeriesInstanceUID"],
+                     uids["StudyInstanceUID"], uids["SOPClassUID"], transfer_syntax,
+                     str(path), digest, size, now, calling_ae))
+                row = db.execute("SELECT instances FROM series WHERE series_uid = ?",
+                                 (uids["SeriesInstanceUID"],)).fetchone()
+                if row is None:
+                    db.execute(
+                        "INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1, 1, ?, ?, NULL)",
+                        (uids["SeriesInstanceUID"], uids["StudyInstanceUID"],
+                         str(dataset.get("PatientID", "") or ""),
+                         str(dataset.get("FrameOfReferenceUID", "") or ""),
+                         _role(self.settings.series_rules, header), json.dumps(header),
+                         None if expected is None else int(expected), now, now))
+                else:
+                    grew = 0 if previous is not None else 1
+                    db.execute(
+                        "UPDATE series SET instances = instances + ?, "
+                        "generation = generation + 1, last_received = ? WHERE series_uid = ?",
+                        (grew, now, uids["SeriesInstanceUID"]))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def series_files(self, series_uid: str) -> list[Path]:
+        """The spooled files of a series."""
+        with self._index_lock:
+            rows = self._db().execute("SELECT path FROM instances WHERE series_uid = ?",
+                                      (series_uid,)).fetchall()
+        return sorted(Path(r["path"]) for r in rows)

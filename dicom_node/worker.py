@@ -1,0 +1,179 @@
+"""Workers: a ``ready`` job is synthesised and written, then a ``sending`` job is delivered.
+
+Outcomes, each with a reason in the job, the log and the audit log:
+- screening refuses the study -> ``rejected``;
+- bad input or an unusable model (``InputError``, ``ModelError``) -> ``failed`` at once
+  (retrying cannot help);
+- anything else -> retried with exponential backoff up to ``jobs.max_attempts``, then ``failed``;
+- a destination that is down -> ``sending`` again after a backoff, until
+  ``jobs.send_max_age_s`` has passed since sending began -> ``failed``.
+
+Output UIDs depend only on the inputs and the model (``planning``), so a job that runs twice
+(after a crash, or retried by an administrator) writes the same objects and the TPS never
+receives a duplicate series.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import config
+
+from . import jobs as states
+from .jobs import Job, JobQueue
+from .processing import Processor
+from .sender import send
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+def output_folder(root: Path, job_id: int) -> Path:
+    """Where a job's results are written under ``storage.root``."""
+    return Path(root) / "outputs" / f"job-{job_id:06d}"
+
+
+class Worker:
+    """Processes jobs from the queue until :meth:`stop`; run several for parallel jobs."""
+
+    def __init__(self, settings: config.Settings, queue: JobQueue, spool: Spool,
+                 processor: Processor, audit: config.AuditLog | None = None,
+                 name: str = "worker") -> None:
+        self.settings = settings
+        self.queue = queue
+        self.spool = spool
+        self.processor = processor
+        self.audit = audit
+        self.name = name
+        self._stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            if not self.work_once():
+                self._stop.wait(0.2)
+
+    def work_once(self) -> bool:
+        """Claim and handle one due job; False when there was none."""
+        job = self.queue.claim()
+        if job is None:
+            return False
+        try:
+            if job.state == states.RUNNING:
+                job = self.synthesise(job)
+            if job.state == states.SENDING:
+                self.deliver(job)
+        except Exception as exc:  # never let a worker thread die; the job carries the reason
+            log.exception("job %d: unexpected error", job.id)
+            self._retry_or_fail(job, f"internal error: {type(exc).__name__}: {exc}")
+        return True
+
+    # -- synthesis ----------------------------------------------------------------------------
+
+    def synthesise(self, job: Job) -> Job:
+        import synthesis
+
+        t1w = self.spool.series_files(job.t1w_series_uid or "")
+        t2w = self.spool.series_files(job.t2w_series_uid or "")
+        out = output_folder(self.settings.storage.root, job.id)
+        if out.exists():
+            shutil.rmtree(out)
+        started = time.perf_counter()
+        try:
+            done = self.processor.process(t1w, t2w, out, model=job.model or "default")
+        except synthesis.RejectedStudy as rejected:
+            log.warning("job %d rejected: %s", job.id, rejected.reason)
+            return self.queue.fail(job.id, rejected.reason, state=states.REJECTED)
+        except (config.InputError, config.ModelError, config.ConfigError) as exc:
+            log.error("job %d failed: %s", job.id, exc.reason if hasattr(exc, "reason") else exc)
+            return self.queue.fail(job.id, str(exc))
+        import pydicom
+
+        outputs = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+                   for p in done.dicom_files}
+        self.queue.record_outputs(job.id, outputs)
+        summary = dict(done.summary)
+        summary["processing_s"] = round(time.perf_counter() - started, 3)
+        summary["device"] = done.device
+        summary["output_folder"] = str(out)
+        if self.audit is not None:
+            self.audit.record("job.synthesised", job_id=job.id, study_uid=job.study_uid,
+                              model=job.model, count=len(outputs),
+                              model_version=str(summary["model"].get("weights_sha256", ""))[:16],
+                              duration_s=summary["processing_s"])
+        destinations = ", ".join(job.destinations) or "no destination"
+        return self.queue.complete(job.id, states.SENDING,
+                                   f"{len(outputs)} objects written; sending to {destinations}",
+                                   result=summary)
+
+    # -- delivery -----------------------------------------------------------------------------
+
+    def deliver(self, job: Job) -> Job:
+        outputs = self.queue.outputs(job.id)
+        problems = []
+        for name in job.destinations:
+            destination = self.settings.destinations.get(name)
+            if destination is None:
+                return self.queue.fail(job.id, f"destination {name!r} is no longer configured")
+            delivered = self.queue.delivered(job.id, name)
+            pending = [(uid, path) for uid, path in outputs.items() if uid not in delivered]
+            if not pending:
+                continue
+
+            def sent(uid: str, name: str = name, destination: Any = destination) -> None:
+                self.queue.record_delivery(job.id, name, uid)
+                if self.audit is not None:
+                    self.audit.record("instance.sent", job_id=job.id, sop_instance_uid=uid,
+                                      destination=name, called_ae=destination.ae_title)
+
+            try:
+                count = send(pending, destination, name, calling_ae=self.settings.dicom.ae_title,
+                             timeouts=self.settings.dicom.timeouts, on_sent=sent)
+                log.info("job %d: %d objects sent to %s", job.id, count, name)
+            except config.PeerError as exc:
+                problems.append(exc.reason)
+        if not problems:
+            result = dict(job.result)
+            result["delivered_at"] = time.time()
+            return self.queue.complete(job.id, states.DONE,
+                                       f"{len(outputs)} objects delivered to "
+                                       f"{', '.join(job.destinations) or 'no destination'}",
+                                       result=result)
+        reason = "; ".join(problems)
+        age = time.time() - (job.sending_since or time.time())
+        limit = self.settings.jobs.send_max_age_s
+        if age >= limit:
+            return self.queue.fail(job.id, f"{reason}; gave up after {age:.0f} s "
+                                           f"(jobs.send_max_age_s is {limit:.0f})")
+        attempt = len([t for t in self.queue.transitions(job.id) if t["state"] == states.SENDING])
+        delay = states.backoff_s(attempt, self.settings.jobs.retry_initial_s,
+                                 self.settings.jobs.retry_max_s)
+        log.warning("job %d: %s; retrying in %.0f s", job.id, reason, delay)
+        return self.queue.retry(job.id, states.SENDING, f"{reason}; retrying in {delay:.0f} s",
+                                delay)
+
+    def _retry_or_fail(self, job: Job, reason: str) -> None:
+        current = self.queue.get(job.id)
+        if current.attempts >= self.settings.jobs.max_attempts:
+            self.queue.fail(job.id, f"{reason} (after {current.attempts} attempts)")
+            return
+        delay = states.backoff_s(current.attempts, self.settings.jobs.retry_initial_s,
+                                 self.settings.jobs.retry_max_s)
+        state = states.SENDING if current.state == states.SENDING else states.READY
+        self.queue.retry(job.id, state, f"{reason}; retrying in {delay:.0f} s", delay)

@@ -1,0 +1,183 @@
+"""``vcemri demo``: the whole product on loopback with the embedded defaults.
+
+Simulates one patient (``training``'s simulator), starts a node (``dicom_node``) and a TPS
+stand-in (a pynetdicom storage SCP that writes what it receives), sends the patient's T1w and
+T2w series to the node with a C-STORE SCU as a scanner would, waits until the synthetic series,
+the RTSTRUCT and the review image have arrived at the TPS, and prints what happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import config
+
+DEMO_INSTITUTION = "inst1"
+SERIES_IDLE_S = 2.0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class TPSStandIn:
+    """A storage SCP writing every instance it receives to ``folder/<Modality>-<UID>.dcm``."""
+
+    def __init__(self, folder: Path, ae_title: str, port: int) -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = port
+        self.received: list[tuple[float, str, str]] = []  # time, modality, path
+        self._lock = threading.Lock()
+        self.server: Any = None
+
+    def start(self) -> None:
+        from pynetdicom import AE, evt
+        from pynetdicom.presentation import StoragePresentationContexts
+
+        ae = AE(ae_title=self.ae_title)
+        for context in StoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event: Any) -> int:
+        dataset = event.dataset
+        path = self.folder / f"{dataset.Modality}-{dataset.SOPInstanceUID}.dcm"
+        with open(path, "wb") as handle:
+            handle.write(event.encoded_dataset())
+        with self._lock:
+            self.received.append((time.time(), str(dataset.Modality), str(path)))
+        return 0x0000
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import pydicom
+
+    import dicom_node
+    import training
+
+    started = time.perf_counter()
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="vcemri-demo-"))
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise config.VcemriError(f"output directory {out} is not empty",
+                                 hint="choose another or pass --overwrite")
+    base = config.load_settings(args.config)
+    node_port, tps_port = _free_port(), _free_port()
+    destination = base.destinations[base.routes[0].destinations[0]]
+    settings = base.model_copy(update={
+        "dicom": base.dicom.model_copy(update={"port": node_port, "bind_address": "127.0.0.1",
+                                               "allowed_calling_aes": [], "tls": None}),
+        "storage": base.storage.model_copy(update={"root": out / "node", "min_free_mib": 64,
+                                                   "audit_log": None}),
+        "assembly": base.assembly.model_copy(update={"series_idle_s": SERIES_IDLE_S}),
+        "destinations": {**base.destinations,
+                         base.routes[0].destinations[0]: destination.model_copy(
+                             update={"host": "127.0.0.1", "port": tps_port, "tls": None})},
+    })
+    print(f"demo folder: {out}")
+    print("1/4 simulating one head-and-neck patient (T1w, T2w) ...", flush=True)
+    options = training.SimulationOptions(institutions=(DEMO_INSTITUTION,),
+                                         patients_per_institution=1, seed=args.seed,
+                                         matrix_scale=0.75, slices=args.slices)
+    record = training.simulate_patient(out / "patient", DEMO_INSTITUTION, 1, options)
+    simulated = time.perf_counter()
+    files = {role: sorted((out / "patient" / record.paths[role]).glob("*.dcm"))
+             for role in ("t1w", "t2w")}
+    tps = TPSStandIn(out / "tps", destination.ae_title, tps_port)
+    tps.start()
+    node = dicom_node.Node(settings)
+    try:
+        node.start()
+        print(f"2/4 node {settings.dicom.ae_title} on 127.0.0.1:{node_port}, TPS stand-in "
+              f"{destination.ae_title} on 127.0.0.1:{tps_port}", flush=True)
+        scanner = config.Destination(ae_title=settings.dicom.ae_title, host="127.0.0.1",
+                                     port=node_port)
+        pairs = []
+        for t1, t2 in zip(files["t1w"], files["t2w"]):  # interleaved, as a router may send
+            for path in (t1, t2):
+                pairs.append((str(pydicom.dcmread(path, stop_before_pixels=True)
+                                  .SOPInstanceUID), path))
+        sent = dicom_node.send(pairs, scanner, "node", calling_ae="DEMO_MR",
+                               timeouts=settings.dicom.timeouts)
+        sent_at = time.perf_counter()
+        print(f"3/4 sent {sent} instances (T1w and T2w, {len(files['t1w'])} slices each) with a "
+              f"C-STORE SCU in {sent_at - simulated:.1f} s; waiting for the node ...", flush=True)
+        job = _wait_for_job(node, args.timeout)
+        finished = time.perf_counter()
+        expected = len(node.queue.outputs(job.id))
+        while len(tps.received) < expected and time.perf_counter() - finished < 10:
+            time.sleep(0.1)
+    finally:
+        node.stop()
+        tps.stop()
+    if job.state != "done":
+        raise config.VcemriError(f"the demo's job ended {job.state}: {job.reason}")
+    result = job.result
+    modalities: dict[str, int] = {}
+    for _, modality, _ in tps.received:
+        modalities[modality] = modalities.get(modality, 0) + 1
+    decision = result["institution"]
+    where = (f"known institution {decision['institution']}" if decision["known"] else
+             f"external (closest {decision['closest']})")
+    timings = result.get("timings_s", {})
+    print("4/4 done")
+    print(f"  simulated patient:  {time.perf_counter() - started:.0f} s in all; simulation "
+          f"{simulated - started:.1f} s, sending {sent_at - simulated:.1f} s, assembly + "
+          f"synthesis + delivery {finished - sent_at:.1f} s (series idle time "
+          f"{SERIES_IDLE_S:.0f} s; synthesis {timings.get('total', 0):.1f} s on "
+          f"{result.get('device')})")
+    print(f"  institution:        {where}, confidence {decision['confidence']:.2f}")
+    print(f"  EDM factors:        T1w {result['edm']['t1w']:.3f}, T2w {result['edm']['t2w']:.3f}"
+          f" ({'applied' if result['edm']['applied'] else 'identity'})")
+    print(f"  arrived at the TPS: " + ", ".join(f"{n} {m}" for m, n in sorted(modalities.items()))
+          + f" in {tps.folder}")
+    print(f"  review image:       {result['outputs']['review_png']}")
+    print(f"  job:                {job.id} ({job.state}); audit log {settings.storage.audit_log_path}")
+    return 0
+
+
+def _wait_for_job(node: Any, timeout_s: float) -> Any:
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        jobs = node.queue.list()
+        ended = [j for j in jobs if j.state in ("done", "failed", "rejected", "cancelled")]
+        if ended:
+            return ended[0]
+        time.sleep(0.2)
+    states = ", ".join(f"job {j.id} {j.state} ({j.reason})" for j in node.queue.list()) or "none"
+    raise config.VcemriError(f"the demo's study was not processed within {timeout_s:.0f} s "
+                             f"(jobs: {states})")
+
+
+def add_commands(commands: Any) -> None:
+    """Add ``demo`` to the ``vcemri`` sub-command parser."""
+    parser = commands.add_parser(
+        "demo", help="run the whole product on loopback: simulated scanner, node, TPS stand-in",
+        description="Simulate one patient, start a node and a TPS stand-in on loopback, send "
+        "the T1w and T2w series with a C-STORE SCU, wait for the synthetic series, RTSTRUCT and "
+        "review image to arrive at the TPS, and print a summary. Uses the configuration's "
+        "model (default: the shipped weights), series rules, routes and planning settings.")
+    parser.add_argument("--out", metavar="DIR", help="where to keep everything (default: a new "
+                        "temporary folder)")
+    parser.add_argument("--seed", type=int, default=7, help="simulated patient's seed")
+    parser.add_argument("--slices", type=int, default=24, help="slices per series (default 24)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="give up after this many seconds (default 300)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="use a non-empty --out folder")
+    parser.set_defaults(handler=_demo)
