@@ -27,14 +27,15 @@ class StoreSCP:
     """
 
     def __init__(self, workdir: Path, *, ae_title: str = "TPS",
-                 extra_args: Sequence[str] = (), start_timeout: float = 15.0) -> None:
+                 extra_args: Sequence[str] = (), start_timeout: float = 15.0,
+                 port: int | None = None) -> None:
         self.ae_title = ae_title
         self.host = "127.0.0.1"
         self.output_dir = workdir / "received"
         self.output_dir.mkdir(parents=True, exist_ok=True)
         binary = require("storescp")
         for _ in range(3):  # another process may take the free port before storescp binds it
-            self.port = free_port()
+            self.port = port or free_port()
             self.process = ManagedProcess(
                 [binary, "--aetitle", ae_title, "--output-directory", self.output_dir,
                  "--accept-all", "--promiscuous", *extra_args, str(self.port)],
@@ -45,7 +46,7 @@ class StoreSCP:
                 self.process.wait_until(lambda: port_open(self.port), start_timeout, "storescp")
                 return
             except ServerStartError as exc:
-                if "bind" not in str(exc).lower():
+                if port is not None or "bind" not in str(exc).lower():
                     raise
         raise ServerStartError("storescp could not bind a free port in 3 attempts")
 

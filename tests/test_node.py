@@ -1,0 +1,453 @@
+"""The DICOM node with real peers: dcmtk storescu as the scanner, dcmtk storescp and Orthanc as
+the TPS/PACS, Orthanc as a hospital router; kill -9 and restart, a TPS that is down, TLS, a
+full disk, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from support.dcmtk import StoreSCP, storescu
+from support.models import make_checkpoint
+from support.node import (
+    NodeProcess,
+    finished_jobs,
+    jobs,
+    query,
+    start_node,
+    wait_for,
+    write_config,
+)
+from support.processes import free_port
+
+import config
+import dicom_node
+from training import SimulationOptions, simulate_cohort
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("node-cohort")
+    simulate_cohort(out, SimulationOptions(
+        institutions=("inst2",), patients_per_institution=2, matrix_scale=0.25, slices=8),
+        workers=1)
+    make_checkpoint(out / "model.safetensors", out, ("inst2",))
+    return out
+
+
+def _series(cohort: Path, patient: int = 1) -> tuple[list[Path], list[Path]]:
+    folder = cohort / "inst2" / f"inst2-{patient:03d}"
+    return sorted((folder / "t1w").glob("*.dcm")), sorted((folder / "t2w").glob("*.dcm"))
+
+
+def _interleaved(cohort: Path, patient: int = 1) -> list[Path]:
+    t1, t2 = _series(cohort, patient)
+    return [f for pair in zip(t1, t2) for f in pair]
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The bytes after the file meta information (what travels in a C-STORE): the preamble
+    and 'DICM' (132 bytes), the group length element (12 bytes), then that many bytes."""
+    raw = path.read_bytes()
+    assert raw[128:132] == b"DICM" and raw[132:136] == b"\x02\x00\x00\x00"
+    return raw[144 + int.from_bytes(raw[140:144], "little"):]
+
+
+def _audit(root: Path) -> list[dict]:
+    return list(config.read_audit(root / "audit.jsonl"))
+
+
+def _sop_uids(files: list[Path]) -> set[str]:
+    return {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+
+
+# -- end to end with dcmtk ------------------------------------------------------------------
+
+
+def test_storescu_to_node_to_storescp_end_to_end(cohort, tmp_path):
+    """T1w and T2w interleaved in one association from dcmtk storescu; the node spools the
+    bytes as received, assembles, synthesises and delivers to dcmtk storescp."""
+    with StoreSCP(tmp_path / "tps") as tps:
+        cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors",
+                           destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
+                                                 "port": tps.port}})
+        node = start_node(cfg)
+        try:
+            files = _interleaved(cohort)
+            sent = storescu(files, node.scp.port, called_ae="VCEMRI", calling_ae="MR_SCANNER")
+            assert sent.ok, sent.output
+            job = wait_for(lambda: finished_jobs(tmp_path / "root"), 90, "the job")[0]
+        finally:
+            node.stop()
+        assert job["state"] == "done", job["reason"]
+        outputs = query(tmp_path / "root", "SELECT * FROM outputs")
+        received = tps.received()
+        assert _sop_uids(received) == {o["sop_instance_uid"] for o in outputs}
+        modalities = sorted(pydicom.dcmread(f, stop_before_pixels=True).Modality
+                            for f in received)
+        assert modalities.count("MR") == 8 and "RTSTRUCT" in modalities
+    spooled = query(tmp_path / "root", "SELECT * FROM instances")
+    assert len(spooled) == 16
+    by_uid = {r["sop_instance_uid"]: Path(r["path"]) for r in spooled}
+    for original in files:
+        uid = str(pydicom.dcmread(original, stop_before_pixels=True).SOPInstanceUID)
+        assert _dataset_bytes(by_uid[uid]) == _dataset_bytes(original)  # not re-encoded
+    events = [e["event"] for e in _audit(tmp_path / "root")]
+    for expected in ("association.accepted", "association.released", "series.complete",
+                     "job.ready", "job.running", "job.synthesised", "job.sending", "job.done",
+                     "instance.sent"):
+        assert expected in events
+    released = [e for e in _audit(tmp_path / "root") if e["event"] == "association.released"
+                and e["calling_ae"] == "MR_SCANNER"]
+    assert released[0]["count"] == 16
+    assert config.verify_audit(tmp_path / "root" / "audit.jsonl").ok
+
+
+def test_resent_series_is_idempotent(cohort, tmp_path):
+    with StoreSCP(tmp_path / "tps") as tps:
+        cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors",
+                           destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
+                                                 "port": tps.port}})
+        node = start_node(cfg)
+        try:
+            t1, t2 = _series(cohort)
+            assert storescu(t1 + t2, node.scp.port, called_ae="VCEMRI").ok
+            wait_for(lambda: finished_jobs(tmp_path / "root"), 90, "the job")
+            delivered = len(tps.received())
+            assert storescu(t1, node.scp.port, called_ae="VCEMRI").ok  # the scanner resends
+            time.sleep(2.5)  # longer than the series idle time: it completes again
+        finally:
+            node.stop()
+        assert len(jobs(tmp_path / "root")) == 1
+        assert len(query(tmp_path / "root", "SELECT * FROM instances")) == 16
+        assert len(tps.received()) == delivered
+
+
+# -- a hospital router and a PACS -------------------------------------------------------------
+
+
+def test_orthanc_forwards_a_study_and_receives_the_results(cohort, tmp_path, orthanc):
+    cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors",
+                       destinations={"pacs": {"ae_title": orthanc.ae_title, "host": "127.0.0.1",
+                                              "port": orthanc.dicom_port}},
+                       dicom={"allowed_calling_aes": ["ORTHANC"]})
+    node = start_node(cfg)
+    try:
+        for f in _interleaved(cohort):
+            orthanc.upload(f)
+        study = orthanc.get("/studies")[0]
+        orthanc._request("PUT", "/modalities/vcemri", json.dumps(
+            {"AET": "VCEMRI", "Host": "127.0.0.1", "Port": node.scp.port}).encode())
+        orthanc.post("/modalities/vcemri/store", {"Resources": [study], "Synchronous": True})
+        job = wait_for(lambda: finished_jobs(tmp_path / "root"), 90, "the job")[0]
+    finally:
+        node.stop()
+    assert job["state"] == "done", job["reason"]
+    series = orthanc.get(f"/studies/{study}/series")
+    descriptions = sorted(s["MainDicomTags"].get("Modality", "") for s in series)
+    assert len(orthanc.get("/studies")) == 1  # results joined the T1w's study
+    assert descriptions.count("MR") == 3 and "RTSTRUCT" in descriptions
+    synthetic = [s for s in series if s["MainDicomTags"].get("Modality") == "MR"
+                 and "SYNTHETIC" in s["MainDicomTags"].get("SeriesDescription", "")]
+    assert len(synthetic) == 1 and len(synthetic[0]["Instances"]) == 8
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+def test_unknown_calling_ae_and_wrong_called_ae_are_rejected_with_a_reason(cohort, tmp_path):
+    cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors",
+                       dicom={"allowed_calling_aes": ["MR_SCANNER"]})
+    node = start_node(cfg)
+    try:
+        t1, _ = _series(cohort)
+        intruder = storescu(t1[:1], node.scp.port, called_ae="VCEMRI", calling_ae="INTRUDER")
+        misdirected = storescu(t1[:1], node.scp.port, called_ae="OTHER", calling_ae="MR_SCANNER")
+        allowed = storescu(t1[:1], node.scp.port, called_ae="VCEMRI", calling_ae="MR_SCANNER")
+    finally:
+        node.stop()
+    assert not intruder.ok and not misdirected.ok and allowed.ok
+    rejected = [e for e in _audit(tmp_path / "root") if e["event"] == "association.rejected"]
+    reasons = {e["calling_ae"]: e["reason"] for e in rejected}
+    assert "'INTRUDER' is not in dicom.allowed_calling_aes" in reasons["INTRUDER"]
+    assert "called AE title 'OTHER' is not ours" in reasons["MR_SCANNER"]
+    assert len(query(tmp_path / "root", "SELECT * FROM instances")) == 1
+
+
+def test_garbage_and_bad_uids_are_refused_and_truncated_pixels_fail_the_job(cohort, tmp_path):
+    from pynetdicom import AE
+
+    cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors")
+    node = start_node(cfg)
+    try:
+        t1, t2 = _series(cohort, 2)
+        # a path-traversal attempt in a UID: refused before it names a file
+        evil = pydicom.dcmread(t1[0])
+        evil.SeriesInstanceUID = "../../../etc"
+        ae = AE(ae_title="MR_SCANNER")
+        ae.add_requested_context(evil.SOPClassUID, evil.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="VCEMRI")
+        assert assoc.is_established
+        status = assoc.send_c_store(evil)
+        assoc.release()
+        assert status.Status == 0xC000
+        # garbage straight into the spool: refused with the reason
+        refused = node.spool.store(b"this is not DICOM" * 10, "MR_SCANNER")
+        assert refused.status == 0xC000 and "cannot be decoded" in refused.reason
+        # pixel data shorter than the header says: stored, then the job fails with a reason
+        cut = tmp_path / "cut"
+        cut.mkdir()
+        for f in t1 + t2:
+            ds = pydicom.dcmread(f)
+            if f == t1[3]:
+                ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+            ds.save_as(cut / f"{f.parent.name}-{f.name}")
+        assert storescu(sorted(cut.iterdir()), node.scp.port, called_ae="VCEMRI").ok
+        job = wait_for(lambda: finished_jobs(tmp_path / "root"), 90, "the job")[0]
+    finally:
+        node.stop()
+    assert job["state"] == "failed"
+    assert "pixel" in job["reason"].lower()
+    assert not list((tmp_path / "root" / "spool").rglob("*.tmp"))
+    assert not list((tmp_path / "root" / "spool").rglob("etc*"))
+    refusals = [e for e in _audit(tmp_path / "root") if e["event"] == "instance.refused"]
+    assert refusals and "SeriesInstanceUID" in refusals[0]["reason"]
+    assert refusals[0]["status"] == "0xC000"
+
+
+def test_a_study_missing_its_t2w_fails_with_the_reason_and_a_late_t2w_restarts_it(
+        cohort, tmp_path):
+    root = tmp_path / "root"
+    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                       assembly={"series_idle_s": 0.5, "study_timeout_s": 2.0})
+    settings = config.load_settings(cfg)
+    spool = dicom_node.Spool(settings)
+    queue = dicom_node.JobQueue(root)
+    assembler = dicom_node.Assembler(settings, queue)
+    t1, t2 = _series(cohort)
+    for f in t1:
+        assert spool.store(f.read_bytes(), "MR").status == 0
+    now = time.time() + 1.0  # past the series idle time
+    assembler.tick(now)
+    assert [(j.state, j.reason) for j in queue.list()] == [("waiting", "T2w series not received")]
+    assembler.tick(now + 5)
+    failed = queue.list()[0]
+    assert failed.state == "failed" and failed.reason == "T2w series not received within 2 s"
+    for f in t2:
+        spool.store(f.read_bytes(), "MR")
+    assembler.tick(time.time() + 1)
+    newest = queue.list()[0]
+    assert newest.id != failed.id and newest.state == "ready" and newest.route == "default"
+
+
+def test_a_study_no_route_matches_is_kept_and_not_processed(cohort, tmp_path):
+    root = tmp_path / "root"
+    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                       routes=[{"name": "scanner-only", "match": {"calling_ae": "^MR1$"},
+                                "model": "default", "destinations": ["tps"]}])
+    settings = config.load_settings(cfg)
+    spool = dicom_node.Spool(settings)
+    queue = dicom_node.JobQueue(root)
+    t1, t2 = _series(cohort)
+    for f in t1 + t2:
+        spool.store(f.read_bytes(), "ROUTER")
+    dicom_node.Assembler(settings, queue).tick(time.time() + 5)
+    job = queue.list()[0]
+    assert job.state == "rejected" and "no route matches" in job.reason
+    assert "calling AE ROUTER" in job.reason
+    assert len(spool.series_files(job.t1w_series_uid)) == 8  # kept
+
+
+# -- outages and crashes ----------------------------------------------------------------------
+
+
+def test_destination_down_then_back_is_delivered(cohort, tmp_path):
+    tps_port = free_port()
+    root = tmp_path / "root"
+    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                       destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
+                                             "port": tps_port}})
+    node = start_node(cfg)
+    try:
+        assert storescu(_interleaved(cohort), node.scp.port, called_ae="VCEMRI").ok
+        wait_for(lambda: [t for t in query(root, "SELECT * FROM transitions WHERE state = "
+                                               "'sending' AND reason LIKE '%retrying%'")],
+                 90, "a failed delivery")
+        sending = jobs(root)[0]
+        assert sending["state"] == "sending" and "cannot reach destination tps" in \
+            sending["reason"] or "unreachable" in sending["reason"]
+        with StoreSCP(tmp_path / "tps", port=tps_port) as tps:
+            job = wait_for(lambda: finished_jobs(root), 30, "delivery after the TPS is back")[0]
+            received = tps.received()
+    finally:
+        node.stop()
+    assert job["state"] == "done"
+    outputs = query(root, "SELECT sop_instance_uid FROM outputs")
+    assert _sop_uids(received) == {o["sop_instance_uid"] for o in outputs}
+
+
+def test_destination_down_too_long_fails_the_job_with_the_reason(cohort, tmp_path):
+    root = tmp_path / "root"
+    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                       jobs={"send_max_age_s": 1.0})
+    node = start_node(cfg)
+    try:
+        assert storescu(_interleaved(cohort), node.scp.port, called_ae="VCEMRI").ok
+        job = wait_for(lambda: finished_jobs(root), 90, "the job to give up")[0]
+    finally:
+        node.stop()
+    assert job["state"] == "failed"
+    assert "tps" in job["reason"] and "gave up after" in job["reason"]
+
+
+def test_kill_9_while_receiving_and_while_running_loses_and_duplicates_nothing(
+        cohort, tmp_path):
+    root = tmp_path / "root"
+    with StoreSCP(tmp_path / "tps") as tps:
+        cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                           destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
+                                                 "port": tps.port}})
+        files = _interleaved(cohort) + _interleaved(cohort, 2)
+        node = NodeProcess(cfg, tmp_path / "node-1.log")
+        result: dict[str, object] = {}
+        sender = threading.Thread(target=lambda: result.update(
+            first=storescu(files, node.port, called_ae="VCEMRI")))
+        sender.start()
+        wait_for(lambda: len(query(root, "SELECT * FROM instances")) >= 4, 60, "4 instances")
+        node.kill()  # while receiving
+        sender.join()
+        stored = len(query(root, "SELECT * FROM instances"))
+        assert 4 <= stored < len(files) and not result["first"].ok  # type: ignore[union-attr]
+        node = NodeProcess(cfg, tmp_path / "node-2.log")
+        assert storescu(files, node.port, called_ae="VCEMRI").ok  # the scanner resends
+        wait_for(lambda: any(j["state"] == "running" for j in jobs(root)), 60, "a running job",
+                 interval=0.01)
+        node.kill()  # while a job runs
+        assert any(j["state"] in ("running", "sending") for j in jobs(root))
+        node = NodeProcess(cfg, tmp_path / "node-3.log")
+        try:
+            wait_for(lambda: len(finished_jobs(root)) == 2, 120, "both jobs")
+        finally:
+            assert node.stop() == 0  # SIGTERM: a clean exit
+        received = tps.received()
+    assert [j["state"] for j in jobs(root)] == ["done", "done"]
+    assert len(query(root, "SELECT * FROM instances")) == len(files)
+    outputs = {o["sop_instance_uid"] for o in query(root, "SELECT * FROM outputs")}
+    assert _sop_uids(received) == outputs  # every object arrived; UIDs are deterministic
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in received]
+    synthetic = {str(h.SeriesInstanceUID) for h in headers if h.Modality == "MR"}
+    assert len(synthetic) == 2  # one synthetic series per study, never a duplicate series
+    recovered = [t for t in query(root, "SELECT * FROM transitions")
+                 if t["reason"] == "resumed after the node restarted"]
+    assert recovered
+    assert not list((root / "spool").rglob("*.tmp"))
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    folder.mkdir()
+
+    def run(*argv: str) -> None:
+        subprocess.run([openssl, *argv], cwd=folder, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=vcemri test CA")
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"),
+                            ("client", "extendedKeyUsage=clientAuth")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", f"/CN={name}")
+        (folder / f"{name}.ext").write_text(extension + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {p.stem + p.suffix: p for p in folder.iterdir()}
+
+
+def test_tls_association_needs_a_trusted_client_certificate(cohort, tmp_path):
+    certs = _certificates(tmp_path / "pki")
+    cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors",
+                       dicom={"tls": {"certificate": str(certs["server.pem"]),
+                                      "private_key": str(certs["server.key"]),
+                                      "ca_certificates": str(certs["ca.pem"]),
+                                      "require_client_certificate": True}})
+    node = start_node(cfg)
+    t1, _ = _series(cohort)
+    pairs = [(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), f)
+             for f in t1[:2]]
+    trusted = config.Destination(ae_title="VCEMRI", host="127.0.0.1", port=node.scp.port,
+                                 tls={"ca_certificates": certs["ca.pem"],
+                                      "certificate": certs["client.pem"],
+                                      "private_key": certs["client.key"]})
+    anonymous = config.Destination(ae_title="VCEMRI", host="127.0.0.1", port=node.scp.port,
+                                   tls={"ca_certificates": certs["ca.pem"]})
+    plain = config.Destination(ae_title="VCEMRI", host="127.0.0.1", port=node.scp.port)
+    timeouts = node.settings.dicom.timeouts
+    try:
+        assert dicom_node.send(pairs, trusted, "node", calling_ae="MR",
+                               timeouts=timeouts) == 2
+        for peer in (anonymous, plain):
+            with pytest.raises(config.PeerError):
+                dicom_node.send(pairs, peer, "node", calling_ae="MR", timeouts=timeouts)
+    finally:
+        node.stop()
+    assert len(query(tmp_path / "root", "SELECT * FROM instances")) == 2
+
+
+# -- a full disk --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (needs the privilege to mount)."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_full_disk_refuses_instances_with_out_of_resources(cohort, tmp_path, small_disk):
+    root = small_disk / "root"
+    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                       storage={"root": str(root), "min_free_mib": 0,
+                                "audit_log": str(tmp_path / "audit.jsonl")})
+    node = start_node(cfg)
+    big = tmp_path / "big"
+    big.mkdir()
+    t1, _ = _series(cohort)
+    for i in range(12):  # 12 instances of ~256 KiB: more than 2 MiB
+        ds = pydicom.dcmread(t1[0])
+        ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(i), "full-disk"])
+        ds.Rows, ds.Columns = 256, 512
+        ds.PixelData = os.urandom(256 * 512 * 2)
+        ds.save_as(big / f"{i:02d}.dcm")
+    try:
+        storescu(sorted(big.iterdir()), node.scp.port, called_ae="VCEMRI",
+                 extra_args=["--no-halt"])  # exits 0 whatever the statuses: see the audit
+    finally:
+        node.stop()
+    refusals = [e for e in config.read_audit(tmp_path / "audit.jsonl")
+                if e["event"] == "instance.refused"]
+    assert refusals and all(e["status"] == "0xA700" for e in refusals)
+    assert any("disk is full" in e["reason"] or "MiB free" in e["reason"] for e in refusals)
+    assert not list((root / "spool").rglob(".*.tmp"))
+    indexed = {r["path"] for r in query(root, "SELECT path FROM instances")}
+    on_disk = {str(p) for p in (root / "spool").rglob("*.dcm")}
+    assert indexed <= on_disk and len(indexed) + len(refusals) == 12
