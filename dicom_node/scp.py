@@ -79,7 +79,9 @@ class StorageSCP:
         ae.network_timeout = node.timeouts.network_s
         ae.require_called_aet = node.check_called_ae
         ae.require_calling_aet = list(node.allowed_calling_aes)
-        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs from peers that allow it
+        # 1 MiB PDUs: a 256x256 16-bit slice in one PDU; measured 2x faster than pynetdicom's
+        # 16 KiB default with dcmtk storescu (benchmarks/ingest.py). 0 ("no limit") is slower.
+        ae.maximum_pdu_size = 1_048_576
         ae.add_supported_context("1.2.840.10008.1.1")  # Verification
         for sop_class in PROCESSED:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))

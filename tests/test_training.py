@@ -161,3 +161,65 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(cohort, tmp_
     with pytest.raises(InputError, match="other training options"):
         train(cohort / "manifest.csv", tmp_path / "parts",
               TrainOptions(**{**options.__dict__, "width": 0.25}), resume=True)
+
+
+def test_ddp_with_two_cpu_processes_matches_one_process(cohort, tmp_path):
+    """torchrun, gloo, 2 processes x 2 slices against 1 process x 4 slices (the same global
+    batch): both ranks end with identical weights, and those differ from the single-process
+    weights by a small fraction of the training update (BatchNorm statistics are per rank on
+    CPU, where SyncBatchNorm does not exist)."""
+    import shutil
+
+    import torch
+
+    from synthesis import build_model
+
+    torchrun = shutil.which("torchrun")
+    assert torchrun is not None, "torchrun comes with torch"
+    common = ["--manifest", str(cohort / "manifest.csv"), "--institutions", "inst2,inst3",
+              "--epochs", "1", "--batch-size", "4", "--width", "0.125", "--device", "cpu",
+              "--max-steps", "4", "--quiet"]
+    single = train(cohort / "manifest.csv", tmp_path / "single", TrainOptions(
+        institutions=("inst2", "inst3"), epochs=1, batch_size=4, width=0.125, device="cpu",
+        max_steps=4))
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("VCEMRI_")}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "vcemri",
+                           "train", "--out", str(tmp_path / "ddp"), *common],
+                          capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ddp = load_checkpoint(tmp_path / "ddp" / "model.safetensors")
+    assert ddp.meta.training["processes"] == 2 and ddp.meta.training["steps"] == 4
+    torch.manual_seed(0)
+    initial = build_model("mmgsn", width_multiplier=0.125, output="linear").state_dict()
+    one = load_checkpoint(single.checkpoint).generator.state_dict()
+    two = ddp.generator.state_dict()
+    update = sum(float((one[k] - initial[k]).float().norm()) for k in one
+                 if one[k].is_floating_point() and "running" not in k)
+    apart = sum(float((one[k] - two[k]).float().norm()) for k in one
+                if one[k].is_floating_point() and "running" not in k)
+    assert update > 0 and apart < 0.25 * update, (apart, update)
+    log = list(csv.DictReader(open(tmp_path / "ddp" / "training_log.csv")))
+    assert [int(r["step"]) for r in log] == [1, 2, 3, 4]
+    assert list((tmp_path / "ddp" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_the_same_command_trains_baselines_and_ablations(cohort, tmp_path):
+    from synthesis import Synthesizer
+
+    for name, extra in (("unet", {"inputs": ("t1w",)}), ("hinet", {}),
+                        ("pix2pix", {"inputs": ("t1w", "t2w")}),
+                        ("mmgsn", {"fusion": "concat", "multi_level": False,
+                                   "attention": False})):
+        result = train(cohort / "manifest.csv", tmp_path / name, TrainOptions(
+            institutions=("inst2", "inst3"), epochs=1, batch_size=4, width=0.125,
+            device="cpu", max_steps=2, architecture=name, **extra))
+        checkpoint = load_checkpoint(result.checkpoint)
+        assert checkpoint.meta.architecture.name == name
+        for key, value in extra.items():
+            stored = checkpoint.meta.architecture.config[key]
+            assert (tuple(stored) if isinstance(stored, list) else stored) == value
+        assert Synthesizer(checkpoint).inputs == tuple(extra.get("inputs", ("t1w", "t2w")))
+    with pytest.raises(InputError, match="CycleGAN"):
+        train(cohort / "manifest.csv", tmp_path / "cyclegan", TrainOptions(
+            institutions=("inst2", "inst3"), architecture="cyclegan"))

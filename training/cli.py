@@ -68,6 +68,14 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _modalities(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip().lower() for v in text.split(",") if v.strip())
+    if not values or any(v not in ("t1w", "t2w") for v in values) or len(set(values)) < len(
+            values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give t1w, t2w or t1w,t2w")
+    return values
+
+
 def _crop(text: str) -> tuple[int, int]:
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
@@ -88,8 +96,12 @@ def _train(args: argparse.Namespace) -> int:
     options = TrainOptions(
         institutions=args.institutions, epochs=args.epochs, batch_size=args.batch_size,
         width=args.width, seed=args.seed, device=args.device, max_steps=args.max_steps,
-        checkpoint_every=args.checkpoint_every, crop=args.crop)
-    bar = tqdm(unit="step", desc="training", file=sys.stderr, disable=args.quiet)
+        checkpoint_every=args.checkpoint_every, crop=args.crop, architecture=args.architecture,
+        inputs=args.inputs, fusion=args.fusion, multi_level=not args.no_multi_level,
+        attention=not args.no_attention, amp=not args.no_amp, l1_weight=args.l1_weight,
+        adversarial_weight=args.adversarial_weight)
+    bar = tqdm(unit="step", desc="training", file=sys.stderr,
+               disable=args.quiet or int(os.environ.get("RANK", "0")) != 0)
 
     def progress(stage: str, values: dict[str, Any]) -> None:
         if stage == "prepare":
@@ -102,6 +114,8 @@ def _train(args: argparse.Namespace) -> int:
     with bar:
         result = train(Path(args.manifest), Path(args.out), options, progress,
                        resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun rank 0 reports
     print(f"model: {result.checkpoint} ({result.steps} steps, {result.seconds:.0f} s)")
     print(f"split: {len(result.split['train'])} training, {len(result.split['internal'])} "
           f"internal, {len(result.split['external'])} external patients "
@@ -173,7 +187,9 @@ def add_commands(commands: Any) -> None:
         description="Train MMgSN-Net (L1 + least-squares adversarial loss, Adam 2e-4) on the "
         "training institutions of a manifest (equal patients per institution, 70/30 patient "
         "split), then store institution profiles, EDM statistics and the OOD calibration in "
-        "OUT/model.safetensors.",
+        "OUT/model.safetensors. Also trains the baselines (--architecture) and MMgSN-Net "
+        "ablations. Logs: OUT/training_log.csv and OUT/tensorboard. Distributed: torchrun "
+        "--nproc-per-node N -m vcemri train ... (--batch-size is the global batch).",
     )
     trainer.add_argument("--manifest", required=True, metavar="CSV",
                          help="patient,institution,role,path (e.g. the simulator's)")
@@ -185,6 +201,24 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--batch-size", type=int, default=4)
     trainer.add_argument("--width", type=float, default=0.25,
                          help="MMgSN-Net width multiplier (1 = the seed's; default 0.25)")
+    trainer.add_argument("--architecture", default="mmgsn",
+                         choices=("mmgsn", "unet", "hinet", "pix2pix"),
+                         help="generator: mmgsn (default) or a baseline of seed 000")
+    trainer.add_argument("--inputs", type=_modalities, default=("t1w", "t2w"), metavar="LIST",
+                         help="input modalities of unet/pix2pix: t1w, t2w or t1w,t2w "
+                         "(default both)")
+    trainer.add_argument("--fusion", choices=("sgs", "concat"), default="sgs",
+                         help="MMgSN-Net ablation: concat replaces synergistic guidance (SGS)")
+    trainer.add_argument("--no-multi-level", action="store_true",
+                         help="MMgSN-Net ablation: fuse at the bottleneck only")
+    trainer.add_argument("--no-attention", action="store_true",
+                         help="MMgSN-Net ablation: no self-attention")
+    trainer.add_argument("--l1-weight", type=float, default=100.0, help="default 100")
+    trainer.add_argument("--adversarial-weight", type=float, default=1.0,
+                         help="least-squares GAN loss weight (0 trains without the "
+                         "discriminator's influence; default 1)")
+    trainer.add_argument("--no-amp", action="store_true",
+                         help="full precision on CUDA (default: bf16/fp16 mixed precision)")
     trainer.add_argument("--crop", type=_crop, default=None, metavar="ROWSxCOLS",
                          help="train on random crops of the 256x224 model grid, e.g. 128x112 "
                          "(~4x faster per step; default: whole slices)")

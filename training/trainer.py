@@ -62,6 +62,17 @@ class TrainOptions:
     #: the network is fully convolutional, so a crop trains the same weights ~4x faster at
     #: 128 x 112 (the pix2pix practice of training on crops)
     crop: tuple[int, int] | None = None
+    #: generator: mmgsn (the seed's), or a baseline: unet, hinet, pix2pix (registry names)
+    architecture: str = "mmgsn"
+    #: input modalities of single-/multi-input baselines (unet, pix2pix); mmgsn/hinet use both
+    inputs: tuple[str, ...] = ("t1w", "t2w")
+    #: MMgSN-Net ablations (seed 000 Table 3): fusion "concat" drops SGS
+    fusion: str = "sgs"
+    multi_level: bool = True
+    attention: bool = True
+    #: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); no effect
+    #: on CPU
+    amp: bool = True
 
 
 @dataclass
@@ -159,9 +170,71 @@ def _crop_window(shape: tuple[int, int], crop: tuple[int, int] | None, seed: int
 def _resumable(options: TrainOptions) -> dict[str, Any]:
     """The options that must not change between an interrupted run and its resumption."""
     kept = asdict(options)
-    for free in ("epochs", "max_steps", "checkpoint_every", "device"):
+    for free in ("epochs", "max_steps", "checkpoint_every", "device", "amp"):
         kept.pop(free)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in kept.items()}
+
+
+ARCHITECTURES = ("mmgsn", "unet", "hinet", "pix2pix")
+
+
+def build_generator(options: TrainOptions) -> torch.nn.Module:
+    """The generator ``options`` name, with a linear output (targets are z-scores)."""
+    name = options.architecture
+    if name not in ARCHITECTURES:
+        raise InputError(f"vcemri train cannot train {name!r} (it trains "
+                         f"{', '.join(ARCHITECTURES)}); CycleGAN's unpaired cycle training is "
+                         "not implemented")
+    config: dict[str, Any] = {"width_multiplier": options.width, "output": "linear"}
+    if name == "mmgsn":
+        config.update(fusion=options.fusion, multi_level=options.multi_level,
+                      attention=options.attention)
+    elif name in ("unet", "pix2pix"):
+        config["inputs"] = tuple(options.inputs)
+    if name == "pix2pix" and options.crop and any(c % 32 for c in options.crop):
+        raise InputError(f"pix2pix halves the image five times: crop {options.crop[0]}x"
+                         f"{options.crop[1]} must be multiples of 32 (e.g. 128x96)")
+    return synthesis.build_model(name, **config)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_option: str) -> tuple[Distributed, torch.device]:
+    """Join the process group ``torchrun`` describes in the environment (NCCL on CUDA, gloo on
+    CPU) and pick this rank's device; a plain run is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(), synthesis.inference_device(device_option)
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    wanted = synthesis.inference_device(device_option)
+    if wanted.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def _autocast(device: torch.device, enabled: bool) -> tuple[Any, torch.dtype | None]:
+    if not enabled or device.type != "cuda":
+        return None, None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), dtype
 
 
 def _save_state(path: Path, modules: dict[str, Any], step: int, epoch: int, batch: int,
@@ -186,7 +259,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _l1(generator: torch.nn.Module, cache: SliceCache, rows: np.ndarray,
-        device: torch.device) -> tuple[float, float]:
+        device: torch.device, channels: list[int]) -> tuple[float, float]:
     """Mean absolute error (normalised units) of the model and of 'VCE = T1w'."""
     if len(rows) == 0:
         return float("nan"), float("nan")
@@ -197,7 +270,7 @@ def _l1(generator: torch.nn.Module, cache: SliceCache, rows: np.ndarray,
             part = rows[start:start + 8]
             x = torch.from_numpy(np.asarray(cache.inputs[part], np.float32)).to(device)
             y = torch.from_numpy(np.asarray(cache.targets[part], np.float32)).to(device)
-            model += float((generator(x)[:, 0] - y).abs().sum())
+            model += float((generator(x[:, channels])[:, 0] - y).abs().sum())
             copy += float((x[:, 0] - y).abs().sum())
             count += y.numel()
     generator.train()
@@ -209,33 +282,59 @@ def train(manifest: Path, out: Path, options: TrainOptions,
           resume: bool = False) -> TrainResult:
     """Train, evaluate internally, calibrate, and save ``out/model.safetensors``.
 
-    With ``resume``, continue from ``out/training_state.pt`` (models, optimisers, position in
-    the epoch) exactly where the interrupted run stopped."""
+    With ``resume``, continue from ``out/training_state.pt`` (models, optimisers, loss scalers,
+    position in the epoch) exactly where the interrupted run stopped. Under ``torchrun`` every
+    rank trains on its share of each global batch (``batch_size`` is the global batch) with
+    DistributedDataParallel; rank 0 prepares the cache, logs, saves and calibrates."""
+    import contextlib
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
     started = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    place, device = setup_distributed(options.device)
+    if place.main:
+        out.mkdir(parents=True, exist_ok=True)
     entries = read_manifest(Path(manifest))
     split = design([(e.patient, e.institution) for e in entries], options)
-    (out / "split.json").write_text(json.dumps(split, indent=1))
     used = set(split["train"]) | set(split["internal"])
     normalization = synthesis.Normalization("zscore", "patient")
-    cache = prepare([e for e in entries if e.patient in used], out / "cache", normalization,
-                    progress=(lambda p: progress("prepare", {"patient": p})) if progress else None)
+    if place.main:
+        (out / "split.json").write_text(json.dumps(split, indent=1))
+        cache = prepare([e for e in entries if e.patient in used], out / "cache", normalization,
+                        progress=(lambda p: progress("prepare", {"patient": p}))
+                        if progress else None)
+    if place.world > 1:
+        dist.barrier()  # the other ranks read the cache rank 0 wrote
+    if not place.main:
+        cache = prepare([e for e in entries if e.patient in used], out / "cache", normalization)
 
     torch.manual_seed(options.seed)
-    device = synthesis.inference_device(options.device)
-    generator = synthesis.build_model("mmgsn", width_multiplier=options.width,
-                                      output="linear").to(device)
+    generator = build_generator(options).to(device)
     discriminator = synthesis.build_model("patchgan", width_multiplier=options.width).to(device)
+    channels = [("t1w", "t2w").index(m) for m in getattr(generator, "inputs", ("t1w", "t2w"))]
     opt_g = torch.optim.Adam(generator.parameters(), options.learning_rate, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), options.learning_rate,
                              betas=(0.5, 0.999))
+    autocast, amp_dtype = _autocast(device, options.amp)
+    scaling = amp_dtype == torch.float16
+    scaler_g = torch.amp.GradScaler("cuda", enabled=scaling)
+    scaler_d = torch.amp.GradScaler("cuda", enabled=scaling)
+    g_train, d_train = generator, discriminator
+    if place.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        g_train = DistributedDataParallel(generator, device_ids=ids, broadcast_buffers=False)
+        d_train = DistributedDataParallel(discriminator, device_ids=ids,
+                                          broadcast_buffers=False)
     train_rows = cache.rows(set(split["train"]))
     internal_rows = cache.rows(set(split["internal"]))
     log_path = out / "training_log.csv"
     state_path = out / STATE
-    modules = {"generator": generator, "discriminator": discriminator, "opt_g": opt_g,
-               "opt_d": opt_d}
+    modules: dict[str, Any] = {"generator": generator, "discriminator": discriminator,
+                               "opt_g": opt_g, "opt_d": opt_d}
+    if scaling:
+        modules.update(scaler_g=scaler_g, scaler_d=scaler_d)
     step, start_epoch, start_batch = 0, 1, 0
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=True)
@@ -243,52 +342,72 @@ def train(manifest: Path, out: Path, options: TrainOptions,
             raise InputError(f"{state_path} was written with other training options; "
                              "resume with the same options or start a new run")
         for name, module in modules.items():
-            module.load_state_dict(state[name])
+            if name in state:
+                module.load_state_dict(state[name])
         step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
-        _truncate_log(log_path, step)
-    elif log_path.exists():
+        if place.main:
+            _truncate_log(log_path, step)
+    elif place.main and log_path.exists():
         log_path.unlink()
     fresh = not log_path.exists()
-    with open(log_path, "a", newline="") as handle:
-        log = csv.writer(handle)
-        if fresh:
+    writer = _tensorboard(out / "tensorboard", purge_step=step + 1) if place.main else None
+    handle = open(log_path, "a", newline="") if place.main else None  # noqa: SIM115
+    try:
+        log = csv.writer(handle) if handle is not None else None
+        if log is not None and fresh:
             log.writerow(["step", "epoch", "loss_g", "loss_l1", "loss_adv", "loss_d", "seconds"])
         for epoch in range(start_epoch, options.epochs + 1):
             batches = _epoch_batches(train_rows, options.batch_size, options.seed, epoch)
+            batches = [b for b in batches if len(b) >= place.world]
             first = start_batch if epoch == start_epoch else 0
             for index in range(first, len(batches)):
-                rows = batches[index]
+                rows = batches[index][place.rank::place.world]
                 top, left = _crop_window(cache.targets.shape[1:], options.crop, options.seed,
                                          epoch, index)
                 x = torch.from_numpy(np.asarray(cache.inputs[rows][..., top, left],
                                                 np.float32)).to(device)
                 y = torch.from_numpy(np.asarray(cache.targets[rows][:, top, left],
                                                 np.float32))[:, None].to(device)
-                fake = generator(x)
-                real_score = discriminator(y, x)
-                fake_score = discriminator(fake.detach(), x)
-                loss_d = 0.5 * (F.mse_loss(real_score, torch.ones_like(real_score))
-                                + F.mse_loss(fake_score, torch.zeros_like(fake_score)))
+                x_g = x[:, channels]
+                with autocast or contextlib.nullcontext():
+                    fake = g_train(x_g)
+                    real_score = d_train(y, x)
+                    fake_score = d_train(fake.detach(), x)
+                    loss_d = 0.5 * (F.mse_loss(real_score, torch.ones_like(real_score))
+                                    + F.mse_loss(fake_score, torch.zeros_like(fake_score)))
                 opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
-                judged = discriminator(fake, x)
-                loss_adv = F.mse_loss(judged, torch.ones_like(judged))
-                loss_l1 = F.l1_loss(fake, y)
-                loss_g = options.adversarial_weight * loss_adv + options.l1_weight * loss_l1
+                scaler_d.scale(loss_d).backward()
+                scaler_d.step(opt_d)
+                scaler_d.update()
+                with autocast or contextlib.nullcontext():
+                    judged = d_train(fake, x)
+                    loss_adv = F.mse_loss(judged, torch.ones_like(judged))
+                    loss_l1 = F.l1_loss(fake.float(), y)
+                    loss_g = options.adversarial_weight * loss_adv + options.l1_weight * loss_l1
                 opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
-                opt_g.step()
+                scaler_g.scale(loss_g).backward()
+                scaler_g.step(opt_g)
+                scaler_g.update()
                 step += 1
-                values = {"loss_g": loss_g.item(), "loss_l1": loss_l1.item(),
-                          "loss_adv": loss_adv.item(), "loss_d": loss_d.item()}
-                log.writerow([step, epoch, *(round(v, 6) for v in values.values()),
-                              round(time.perf_counter() - started, 2)])
-                if progress is not None:
+                losses = torch.stack([loss_g.detach().float(), loss_l1.detach().float(),
+                                      loss_adv.detach().float(), loss_d.detach().float()])
+                if place.world > 1:
+                    dist.all_reduce(losses)
+                    losses /= place.world
+                values = dict(zip(("loss_g", "loss_l1", "loss_adv", "loss_d"),
+                                  (float(v) for v in losses)))
+                if log is not None:
+                    log.writerow([step, epoch, *(round(v, 6) for v in values.values()),
+                                  round(time.perf_counter() - started, 2)])
+                if writer is not None:
+                    for name, value in values.items():
+                        writer.add_scalar(f"train/{name}", value, step)
+                if progress is not None and place.main:
                     progress("step", {"epoch": epoch, **values})
                 stop = options.max_steps is not None and step >= options.max_steps
                 due = options.checkpoint_every and step % options.checkpoint_every == 0
-                if due or stop:
+                if (due or stop) and place.main:
+                    assert handle is not None
                     handle.flush()
                     nxt = (epoch, index + 1) if index + 1 < len(batches) else (epoch + 1, 0)
                     _save_state(state_path, modules, step, *nxt, _resumable(options))
@@ -296,18 +415,32 @@ def train(manifest: Path, out: Path, options: TrainOptions,
                     break
             if options.max_steps is not None and step >= options.max_steps:
                 break
+    finally:
+        if handle is not None:
+            handle.close()
+    if place.world > 1:
+        dist.barrier()
+        if not place.main:
+            dist.destroy_process_group()
+            return TrainResult(out / "model.safetensors", split, {}, step,
+                               time.perf_counter() - started)
 
-    model_l1, copy_l1 = _l1(generator, cache, internal_rows, device)
+    model_l1, copy_l1 = _l1(generator, cache, internal_rows, device, channels)
+    if writer is not None:
+        writer.add_scalar("internal/l1_normalised", model_l1, step)
+        writer.add_scalar("internal/l1_t1w_copy_normalised", copy_l1, step)
+        writer.close()
     generator.eval()
     vectors = []
-    for patient in split["train"]:
+    probe_layer = DECODER_PROBE if options.architecture == "mmgsn" else None
+    for patient in split["train"] if probe_layer else []:
         rows = cache.rows({patient})
-        probe = synthesis.FeatureProbe(generator, DECODER_PROBE)
+        probe = synthesis.FeatureProbe(generator, probe_layer)
         try:
             with torch.inference_mode():
                 for start in range(0, len(rows), 8):
-                    generator(torch.from_numpy(np.asarray(cache.inputs[rows[start:start + 8]],
-                                                          np.float32)).to(device))
+                    batch = np.asarray(cache.inputs[rows[start:start + 8]], np.float32)
+                    generator(torch.from_numpy(batch[:, channels]).to(device))
             vectors.append(probe.study_vector())
         finally:
             probe.close()
@@ -316,18 +449,31 @@ def train(manifest: Path, out: Path, options: TrainOptions,
     metrics = {"internal_l1_normalised": round(model_l1, 5),
                "internal_l1_t1w_copy_normalised": round(copy_l1, 5)}
     meta = synthesis.CheckpointMeta(
-        architecture=synthesis.Architecture(name="mmgsn", config=generator.config),
+        architecture=synthesis.Architecture(name=options.architecture, config=generator.config),
         discriminator=synthesis.Architecture(name="patchgan", config=discriminator.config),
         normalization=synthesis.NormalizationMeta(method="zscore", level="patient"),
         institutions=_profiles(cache, set(split["train"])),
-        ood=synthesis.calibrate_ood(vectors, DECODER_PROBE),
+        ood=(synthesis.calibrate_ood(vectors, probe_layer) if probe_layer
+             else synthesis.OODCalibration()),
         training={"manifest": str(manifest), "options": asdict(options), "steps": step,
                   "seconds": round(seconds, 1), "training_institutions": sites,
+                  "processes": place.world, "device": str(device),
+                  "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
                   "patients": {k: len(v) for k, v in split.items()}},
         metrics=metrics,
-        description=f"MMgSN-Net width {options.width} trained by vcemri train on "
+        description=f"{options.architecture} width {options.width} trained by vcemri train on "
                     f"{', '.join(sites)}",
     )
     checkpoint = synthesis.save_checkpoint(out / "model.safetensors", generator.cpu(), meta,
                                            discriminator.cpu())
+    if place.world > 1:
+        dist.destroy_process_group()
     return TrainResult(checkpoint, split, metrics, step, seconds)
+
+
+def _tensorboard(folder: Path, purge_step: int) -> Any:
+    """A TensorBoard writer (``tensorboard --logdir RUN/tensorboard``); events after
+    ``purge_step`` from an interrupted run are dropped on resume."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder), purge_step=purge_step)

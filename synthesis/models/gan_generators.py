@@ -11,6 +11,8 @@ al. 2017), in their published configurations, for one input modality or several 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -19,11 +21,11 @@ from .blocks import width
 
 class Pix2PixUNet(nn.Module):
     def __init__(self, inputs: tuple[str, ...] = ("t1w", "t2w"), width_multiplier: float = 1.0,
-                 levels: int = 5) -> None:
+                 levels: int = 5, output: Literal["tanh", "linear"] = "tanh") -> None:
         super().__init__()
         self.inputs = tuple(inputs)
         self.config = {"inputs": list(inputs), "width_multiplier": width_multiplier,
-                       "levels": levels}
+                       "levels": levels, "output": output}
         sizes = [width(min(64 * 2**i, 512), width_multiplier) for i in range(levels)]
         self.down = nn.ModuleList()
         previous = len(self.inputs)
@@ -39,8 +41,9 @@ class Pix2PixUNet(nn.Module):
             in_channels = sizes[i] if i == levels - 1 else sizes[i] * 2
             out = sizes[i - 1] if i else 1
             if i == 0:
-                self.up.append(nn.Sequential(nn.ConvTranspose2d(in_channels, out, 4, 2, 1),
-                                             nn.Tanh()))
+                self.up.append(nn.Sequential(
+                    nn.ConvTranspose2d(in_channels, out, 4, 2, 1),
+                    nn.Tanh() if output == "tanh" else nn.Identity()))
                 continue
             layers = [nn.ConvTranspose2d(in_channels, out, 4, 2, 1, bias=False),
                       nn.BatchNorm2d(out)]
@@ -75,11 +78,11 @@ class _Residual(nn.Module):
 
 class ResnetGenerator(nn.Module):
     def __init__(self, inputs: tuple[str, ...] = ("t1w",), width_multiplier: float = 1.0,
-                 blocks: int = 9) -> None:
+                 blocks: int = 9, output: Literal["tanh", "linear"] = "tanh") -> None:
         super().__init__()
         self.inputs = tuple(inputs)
         self.config = {"inputs": list(inputs), "width_multiplier": width_multiplier,
-                       "blocks": blocks}
+                       "blocks": blocks, "output": output}
         c = width(64, width_multiplier)
         layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(len(self.inputs), c, 7),
                                    nn.InstanceNorm2d(c), nn.ReLU(True)]
@@ -90,7 +93,8 @@ class ResnetGenerator(nn.Module):
         for k in (4, 2):
             layers += [nn.ConvTranspose2d(c * k, c * k // 2, 3, 2, 1, output_padding=1),
                        nn.InstanceNorm2d(c * k // 2), nn.ReLU(True)]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(c, 1, 7), nn.Tanh()]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(c, 1, 7),
+                   nn.Tanh() if output == "tanh" else nn.Identity()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

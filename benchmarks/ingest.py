@@ -1,0 +1,107 @@
+"""Ingest speed: a 300-instance MR series (256 x 256, 16-bit) sent by dcmtk storescu
+(TCP_NODELAY=1) into the vcemri node (``vcemri serve``: every instance fsynced and indexed
+before its response) and into dcmtk storescp, in the same run; medians of several rounds and
+the ratio node / storescp.
+
+    python benchmarks/ingest.py [--instances 300] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
+from pydicom.data import get_testdata_file  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+from support.dcmtk import StoreSCP, storescu  # noqa: E402
+from support.processes import ManagedProcess, free_port, port_open  # noqa: E402
+
+from benchmarks.machine import describe  # noqa: E402
+
+
+def make_series(folder: Path, count: int) -> list[Path]:
+    """``count`` MR instances of one series, 256 x 256 x 16 bit (128 KiB of pixels each)."""
+    template = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    series, study = generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    files = []
+    for i in range(count):
+        ds = template.copy()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesDescription = "T1 AX BENCHMARK"
+        ds.InstanceNumber = i + 1
+        ds.Rows = ds.Columns = 256
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = rng.integers(0, 4096, (256, 256), dtype=np.uint16).tobytes()
+        path = folder / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def timed_send(files: list[Path], port: int, called_ae: str) -> float:
+    started = time.perf_counter()
+    result = storescu(files, port, called_ae=called_ae, timeout=600)
+    seconds = time.perf_counter() - started
+    if not result.ok:
+        raise SystemExit(f"storescu failed:\n{result.output[-2000:]}")
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(describe(("pydicom", "pynetdicom")))
+    with tempfile.TemporaryDirectory(prefix="vcemri-ingest-") as tmp:
+        work = Path(tmp)
+        files = make_series(work / "series", args.instances)
+        size_mib = sum(f.stat().st_size for f in files) / 2**20
+        print(f"series: {args.instances} instances, {size_mib:.1f} MiB, storescu with "
+              "TCP_NODELAY=1, one association")
+        node_times, dcmtk_times = [], []
+        for round_ in range(args.rounds):
+            root = work / f"node-{round_}"
+            port = free_port()
+            config_file = work / f"node-{round_}.yaml"
+            config_file.write_text(
+                f"dicom: {{port: {port}}}\nstorage: {{root: {root}, min_free_mib: 0}}\n"
+                "assembly: {series_idle_s: 3600}\n")
+            node = ManagedProcess([sys.executable, "-m", "vcemri", "--config", str(config_file),
+                                   "--log-level", "WARNING", "serve"], work / f"node-{round_}.log")
+            node.wait_until(lambda port=port: port_open(port), 60, "vcemri serve")
+            try:
+                node_times.append(timed_send(files, port, "VCEMRI"))
+            finally:
+                node.stop(grace=30)
+            with sqlite3.connect(root / "node.sqlite") as db:
+                stored = db.execute("SELECT count(*) FROM instances").fetchone()[0]
+            with StoreSCP(work / f"storescp-{round_}") as scp:
+                dcmtk_times.append(timed_send(files, scp.port, "TPS"))
+                received = len(scp.received())
+            print(f"round {round_ + 1}: node {node_times[-1]:.2f} s ({stored} indexed), "
+                  f"storescp {dcmtk_times[-1]:.2f} s ({received} files)")
+        node_s, dcmtk_s = statistics.median(node_times), statistics.median(dcmtk_times)
+        print(f"median wall time: node {node_s:.2f} s ({args.instances / node_s:.0f} "
+              f"instances/s, fsync per instance), storescp {dcmtk_s:.2f} s "
+              f"({args.instances / dcmtk_s:.0f} instances/s, no fsync)")
+        print(f"ratio node / storescp: {node_s / dcmtk_s:.2f} (goal: at most 1.5)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
