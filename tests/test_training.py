@@ -136,9 +136,37 @@ def test_evaluate_tabulates_internal_and_external_against_the_baseline(run, coho
     for row in evaluation.rows:
         assert np.isfinite(row["seed000_whole_mae"]) and 0 < row["seed000_whole_ssim"] <= 1
         assert np.isfinite(row["seed000_tumour_mae"])  # the simulator's masks are used
-    table, markdown = write(evaluation, tmp_path)
-    assert "| external | inst5 | model |" in markdown.read_text()
-    assert len(list(csv.DictReader(open(table)))) == len(evaluation.rows)
+    written = write(evaluation, tmp_path)
+    assert "| external | inst5 | model |" in written["markdown"].read_text()
+    assert len(list(csv.DictReader(open(written["csv"])))) == len(evaluation.rows)
+    page = written["html"].read_text()
+    for name in ("example-inst2.png", "example-inst5.png", "training-curves.png"):
+        assert (tmp_path / name).stat().st_size > 10_000 and name in page
+    tests = list(csv.DictReader(open(written["significance"])))
+    assert {(t["group"], t["method"], t["versus"]) for t in tests} >= {
+        ("external", "model", "VCE = T1w"), ("internal", "model", "VCE = T1w")}
+
+
+def test_paired_tests_match_scipy_and_compare_models_pairwise():
+    from scipy.stats import wilcoxon
+
+    from training.report import paired_tests
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for patient in range(8):
+        base = rng.normal(10, 2)
+        for method, shift in (("a", -1.0), ("b", -0.2), ("VCE = T1w", 0.0)):
+            rows.append({"patient": f"p{patient}", "group": "external", "method": method,
+                         "mae": base + shift + rng.normal(0, 0.3)})
+    tests = paired_tests(rows, (("mae", "MAE"),))
+    assert {(t["method"], t["versus"]) for t in tests} == {("a", "VCE = T1w"),
+                                                          ("b", "VCE = T1w"), ("a", "b")}
+    a_vs_base = next(t for t in tests if (t["method"], t["versus"]) == ("a", "VCE = T1w"))
+    x = [r["mae"] for r in rows if r["method"] == "a"]
+    y = [r["mae"] for r in rows if r["method"] == "VCE = T1w"]
+    assert a_vs_base["p_value"] == pytest.approx(wilcoxon(x, y).pvalue)
+    assert a_vs_base["p_value"] < 0.01 and a_vs_base["mean_difference"] < -0.5
 
 
 def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(cohort, tmp_path):

@@ -131,17 +131,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, write
 
     with tqdm(unit="patient", desc="evaluating", file=sys.stderr, disable=args.quiet) as bar:
-        evaluation = evaluate(Path(args.model), Path(args.manifest),
+        models = dict(_model_argument(m) for m in args.model)
+        if len(models) == 1 and not any("=" in m for m in args.model):
+            models = {"model": next(iter(models.values()))}
+        evaluation = evaluate(models, Path(args.manifest),
                               tuple(args.groups.split(",")), args.device,
                               progress=lambda patient: bar.update(1))
     if not evaluation.rows:
         from config import InputError
 
         raise InputError(f"no patients of the groups {args.groups} in {args.manifest}")
-    table, markdown = write(evaluation, Path(args.out))
+    written = write(evaluation, Path(args.out))
     print(evaluation.markdown, end="")
-    print(f"written: {table} and {markdown}")
+    print(f"written: {written['csv']}, {written['markdown']}, {written['significance']} and "
+          f"{written['html']} (with {len(written) - 4} figures)")
     return 0
+
+
+def _model_argument(text: str) -> tuple[str, Path]:
+    label, _, path = text.rpartition("=")
+    return (label or Path(path).parent.name or Path(path).stem), Path(path)
 
 
 def _default_workers() -> int:
@@ -238,9 +247,13 @@ def add_commands(commands: Any) -> None:
         help="evaluate a model on a manifest: MAE, MSE, SSIM, PSNR per institution",
         description="Run each patient through the synthesis pipeline and compare with the "
         "acquired CE-T1w (seed 000 and seed 001 conventions, whole image and tumour), next to "
-        "'VCE = T1w'; per institution, internal and external (from the model's split.json).",
+        "'VCE = T1w'; per institution, internal and external (from the model's split.json). "
+        "Writes evaluation.csv/.md, significance.csv (paired Wilcoxon tests) and report.html "
+        "with example figures and training curves.",
     )
-    evaluator.add_argument("--model", required=True, metavar="CKPT")
+    evaluator.add_argument("--model", required=True, metavar="[LABEL=]CKPT", action="append",
+                           help="checkpoint to evaluate; repeat to compare models (paired "
+                           "tests between them; the first model's split.json is used)")
     evaluator.add_argument("--manifest", required=True, metavar="CSV")
     evaluator.add_argument("--out", required=True, metavar="DIR")
     evaluator.add_argument("--groups", default="internal,external",

@@ -10,7 +10,7 @@ import csv
 import json
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,8 @@ import synthesis
 
 from .dataset import read_manifest
 from .metrics import study_metrics
+from .report import BASELINE, Example, example_figure, paired_tests, tests_markdown
+from .report import training_curves, write_html
 
 #: Columns of the summary table: (metric key, header).
 TABLE = (
@@ -31,8 +33,13 @@ TABLE = (
 
 @dataclass
 class Evaluation:
+    """Per-patient rows, the mean +- SD table, paired tests, example slices, the models."""
+
     rows: list[dict[str, object]]
     markdown: str
+    tests: list[dict[str, object]] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)
+    models: dict[str, Path] = field(default_factory=dict)
 
 
 def _group(patient: str, split: dict[str, list[str]]) -> str:
@@ -50,16 +57,43 @@ def _tumour(path: Path | None, reference: sitk.Image) -> np.ndarray | None:
     return sitk.GetArrayFromImage(mask) > 0
 
 
-def evaluate(model: Path, manifest: Path, groups: tuple[str, ...] = ("internal", "external"),
-             device: str = "auto",
+def _labels(models: Path | list[Path] | dict[str, Path]) -> dict[str, Path]:
+    if isinstance(models, dict):
+        return {k: Path(v) for k, v in models.items()}
+    if isinstance(models, (str, Path)):
+        return {"model": Path(models)}
+    if len(models) == 1:
+        return {"model": Path(models[0])}
+    labels: dict[str, Path] = {}
+    for path in map(Path, models):
+        label = path.parent.name or path.stem
+        while label in labels or label == BASELINE:
+            label += "'"
+        labels[label] = path
+    return labels
+
+
+def _example_slice(tumour: np.ndarray | None, depth: int) -> int:
+    if tumour is not None and tumour.any():
+        return int(np.argmax(tumour.reshape(depth, -1).sum(axis=1)))
+    return depth // 2
+
+
+def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
+             groups: tuple[str, ...] = ("internal", "external"), device: str = "auto",
              progress: Callable[[str], None] | None = None) -> Evaluation:
-    """Metrics for the manifest's patients in ``groups`` (all patients when the model has no
-    split.json beside it)."""
-    split_path = Path(model).with_name("split.json")
+    """Metrics for the manifest's patients in ``groups`` (all patients when the first model
+    has no split.json beside it), for each model (label -> checkpoint; one model is labelled
+    'model') and 'VCE = T1w'; with paired tests and one example slice per institution."""
+    labelled = _labels(models)
+    first = next(iter(labelled.values()))
+    split_path = first.with_name("split.json")
     split = json.loads(split_path.read_text()) if split_path.is_file() else {}
-    synthesizer = synthesis.Synthesizer(
-        model, synthesis.PipelineOptions(device=device, screen=False, confidence=False))
+    synthesizers = {label: synthesis.Synthesizer(
+        path, synthesis.PipelineOptions(device=device, screen=False, confidence=False))
+        for label, path in labelled.items()}
     rows: list[dict[str, object]] = []
+    examples: list[Example] = []
     for entry in read_manifest(manifest):
         group = _group(entry.patient, split) if split else "all"
         if split and group not in groups:
@@ -67,18 +101,31 @@ def evaluate(model: Path, manifest: Path, groups: tuple[str, ...] = ("internal",
         t1 = synthesis.read_series(entry.paths["t1w"])
         t2 = synthesis.read_series(entry.paths["t2w"])
         ce = synthesis.resample_onto(synthesis.read_series(entry.paths["ce"]), t1)
-        result = synthesizer.run(t1, t2)
         tumour = _tumour(entry.paths.get("mask"), t1.image)
-        head = sitk.GetArrayFromImage(result.foreground) > 0
+        predictions = {}
+        head = None
+        for label, synthesizer in synthesizers.items():
+            result = synthesizer.run(t1, t2)
+            if head is None:
+                head = sitk.GetArrayFromImage(result.foreground) > 0
+            predictions[label] = result.vce.array
+        assert head is not None
         truth = np.where(head, ce.array, 0.0)
-        for name, prediction in (("model", result.vce.array),
-                                 ("VCE = T1w", np.where(head, t1.array, 0.0))):
+        predictions[BASELINE] = np.where(head, t1.array, 0.0)
+        for name, prediction in predictions.items():
             rows.append({"patient": entry.patient, "institution": entry.institution,
                          "group": group, "method": name,
                          **study_metrics(truth, prediction, tumour)})
+        if not any(e.institution == entry.institution for e in examples):
+            k = _example_slice(tumour, truth.shape[0])
+            t2_on_t1 = synthesis.resample_onto(t2, t1).array
+            examples.append(Example(entry.patient, entry.institution, group,
+                                    np.where(head, t1.array, 0.0)[k], t2_on_t1[k], truth[k],
+                                    predictions[next(iter(labelled))][k]))
         if progress is not None:
             progress(entry.patient)
-    return Evaluation(rows, summary_markdown(rows))
+    tests = paired_tests(rows, TABLE) if rows else []
+    return Evaluation(rows, summary_markdown(rows), tests, examples, labelled)
 
 
 def summary_markdown(rows: list[dict[str, object]]) -> str:
@@ -99,14 +146,44 @@ def summary_markdown(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(evaluation: Evaluation, out: Path) -> tuple[Path, Path]:
-    """``evaluation.csv`` (every patient and method) and ``evaluation.md`` (the table)."""
+def write(evaluation: Evaluation, out: Path) -> dict[str, Path]:
+    """``evaluation.csv`` (every patient and method), ``evaluation.md`` (the table and the
+    paired tests), ``significance.csv``, figures (``example-<institution>.png``,
+    ``training-curves.png``) and ``report.html`` showing them all."""
     out.mkdir(parents=True, exist_ok=True)
-    table = out / "evaluation.csv"
-    with open(table, "w", newline="") as handle:
+    written = {"csv": out / "evaluation.csv", "markdown": out / "evaluation.md",
+               "significance": out / "significance.csv", "html": out / "report.html"}
+    with open(written["csv"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, list(evaluation.rows[0]))
         writer.writeheader()
         writer.writerows(evaluation.rows)
-    markdown = out / "evaluation.md"
-    markdown.write_text(evaluation.markdown)
-    return table, markdown
+    tests = tests_markdown(evaluation.tests) if evaluation.tests else ""
+    written["markdown"].write_text(
+        evaluation.markdown + ("\nPaired tests (Wilcoxon signed-rank, two-sided):\n\n" + tests
+                               if tests else ""))
+    with open(written["significance"], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["group", "method", "versus", "metric", "n",
+                                         "mean_difference", "p_value"])
+        writer.writeheader()
+        writer.writerows(evaluation.tests)
+    images = []
+    for example in evaluation.examples:
+        path = example_figure(example, out / f"example-{example.institution}.png")
+        images.append((f"{example.institution} ({example.group}): T1w, T2w, real CE-T1w, VCE "
+                       "and |VCE - CE| in [0, 0.2] (seed 000 FIG. 3/9)", path))
+    for label, model in evaluation.models.items():
+        suffix = "" if len(evaluation.models) == 1 else f"-{label}"
+        curves = training_curves(model.with_name("training_log.csv"),
+                                 out / f"training-curves{suffix}.png")
+        if curves is not None:
+            images.append((f"training curves of {label} ({model})", curves))
+    sections = [("Mean +- SD per institution (seed 000: L = 4095; seed 001: [0, 1])",
+                 evaluation.markdown)]
+    if tests:
+        sections.append(("Paired tests (Wilcoxon signed-rank, two-sided)", tests))
+    models = "\n".join(f"| {k} | {v} |" for k, v in evaluation.models.items())
+    sections.insert(0, ("Models", "| label | checkpoint |\n|---|---|\n" + models))
+    write_html(written["html"], "vcemri evaluation", sections, images)
+    for _, path in images:
+        written[path.stem] = path
+    return written
