@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.machine import describe  # noqa: E402
-from synthesis.inference import Predictor, resolve_device  # noqa: E402
-from synthesis.models import build, parameter_count  # noqa: E402
+from benchmarks.machine import describe
+from synthesis.inference import Predictor, resolve_device
+from synthesis.models import build, parameter_count
 
 VARIANTS = {"small": 0.25, "full": 1.0}  # small first: CPU peak RSS only grows
 

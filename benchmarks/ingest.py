@@ -9,8 +9,8 @@ the ratio node / storescp.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import numpy as np  # noqa: E402
-import pydicom  # noqa: E402
-from pydicom.data import get_testdata_file  # noqa: E402
-from pydicom.uid import generate_uid  # noqa: E402
-from support.dcmtk import StoreSCP, storescu  # noqa: E402
-from support.processes import ManagedProcess, free_port, port_open  # noqa: E402
+import numpy as np
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from support.dcmtk import StoreSCP, storescu
+from support.processes import ManagedProcess, free_port, port_open
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe
 
 
 def make_series(folder: Path, count: int) -> list[Path]:

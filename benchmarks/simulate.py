@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import describe  # noqa: E402
-from training import INSTITUTIONS, SimulationOptions  # noqa: E402
-from training.acquisition import default_slices  # noqa: E402
-from training.simulate import simulate_patient  # noqa: E402
+from benchmarks.machine import describe
+from training import INSTITUTIONS, SimulationOptions
+from training.acquisition import default_slices
+from training.simulate import simulate_patient
 
 
 def main() -> None:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from benchmarks.machine import describe  # noqa: E402
-from synthesis.inference import resolve_device  # noqa: E402
-from synthesis.models import build, parameter_count  # noqa: E402
+from benchmarks.machine import describe
+from synthesis.inference import resolve_device
+from synthesis.models import build, parameter_count
 
 
 def step_time(width: float, batch: int, steps: int, device: torch.device) -> float:

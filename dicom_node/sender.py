@@ -40,8 +40,8 @@ def send(files: list[tuple[str, Path]], destination: config.Destination, name: s
 
     ``on_sent`` is called after each success status (to record the delivery)."""
     import pydicom
-    from pynetdicom import AE
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
 
     if not files:
         return 0

@@ -97,9 +97,8 @@ def resolve_checkpoint(name: str | Path) -> Path:
         return Path(name)
     if not BUILTIN_CHECKPOINT.is_file():
         raise ModelError(
-            "the built-in model is not part of this version yet (it ships with the training "
-            "issue's default weights)",
-            hint="pass --model CKPT or set models.default.checkpoint to a checkpoint file",
+            f"the built-in model {BUILTIN_CHECKPOINT} is missing from this installation",
+            hint="reinstall vcemri, or pass --model CKPT / set models.default.checkpoint",
         )
     return BUILTIN_CHECKPOINT
 

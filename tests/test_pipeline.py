@@ -205,10 +205,20 @@ def test_process_without_a_t2w_names_what_it_looked_for(cohort, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_process_with_the_builtin_model_says_it_is_not_shipped_yet(cohort, tmp_path):
+def test_process_uses_the_shipped_model_by_default(cohort, tmp_path):
+    from synthesis.pipeline import BUILTIN_CHECKPOINT
+
+    shipped = load_checkpoint(BUILTIN_CHECKPOINT)
+    assert BUILTIN_CHECKPOINT.stat().st_size < 5 * 2**20  # a few MB, committed
+    assert shipped.meta.architecture.name == "mmgsn"
+    assert shipped.meta.architecture.config["width_multiplier"] == 0.25
+    assert len(shipped.meta.institutions) == 5 and shipped.meta.ood.threshold is not None
+    metrics = shipped.meta.metrics
+    assert metrics["internal_l1_normalised"] < 0.8 * metrics["internal_l1_t1w_copy_normalised"]
     done = run_cli("process", str(cohort / "inst2" / "inst2-001"), "--out", str(tmp_path / "o"))
-    assert done.returncode == 1
-    assert "built-in model is not part of this version yet" in done.stderr
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert result["model"]["weights_sha256"] == shipped.weights_sha256
 
 
 def test_process_rejection_is_recorded(cohort, tmp_path):

@@ -99,7 +99,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, crop=args.crop, architecture=args.architecture,
         inputs=args.inputs, fusion=args.fusion, multi_level=not args.no_multi_level,
         attention=not args.no_attention, amp=not args.no_amp, l1_weight=args.l1_weight,
-        adversarial_weight=args.adversarial_weight)
+        adversarial_weight=args.adversarial_weight, decay_epochs=args.decay_epochs)
     bar = tqdm(unit="step", desc="training", file=sys.stderr,
                disable=args.quiet or int(os.environ.get("RANK", "0")) != 0)
 
@@ -226,6 +226,9 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--adversarial-weight", type=float, default=1.0,
                          help="least-squares GAN loss weight (0 trains without the "
                          "discriminator's influence; default 1)")
+    trainer.add_argument("--decay-epochs", type=int, default=0, metavar="N",
+                         help="decay the learning rate linearly over the last N epochs "
+                         "(default 0: constant)")
     trainer.add_argument("--no-amp", action="store_true",
                          help="full precision on CUDA (default: bf16/fp16 mixed precision)")
     trainer.add_argument("--crop", type=_crop, default=None, metavar="ROWSxCOLS",

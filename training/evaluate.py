@@ -20,8 +20,15 @@ import synthesis
 
 from .dataset import read_manifest
 from .metrics import study_metrics
-from .report import BASELINE, Example, example_figure, paired_tests, tests_markdown
-from .report import training_curves, write_html
+from .report import (
+    BASELINE,
+    Example,
+    example_figure,
+    paired_tests,
+    tests_markdown,
+    training_curves,
+    write_html,
+)
 
 #: Columns of the summary table: (metric key, header).
 TABLE = (

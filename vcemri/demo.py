@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -136,7 +135,7 @@ def _demo(args: argparse.Namespace) -> int:
              f"external (closest {decision['closest']})")
     timings = result.get("timings_s", {})
     print("4/4 done")
-    print(f"  simulated patient:  {time.perf_counter() - started:.0f} s in all; simulation "
+    print(f"  time:               {time.perf_counter() - started:.0f} s in all; simulation "
           f"{simulated - started:.1f} s, sending {sent_at - simulated:.1f} s, assembly + "
           f"synthesis + delivery {finished - sent_at:.1f} s (series idle time "
           f"{SERIES_IDLE_S:.0f} s; synthesis {timings.get('total', 0):.1f} s on "
@@ -144,7 +143,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  institution:        {where}, confidence {decision['confidence']:.2f}")
     print(f"  EDM factors:        T1w {result['edm']['t1w']:.3f}, T2w {result['edm']['t2w']:.3f}"
           f" ({'applied' if result['edm']['applied'] else 'identity'})")
-    print(f"  arrived at the TPS: " + ", ".join(f"{n} {m}" for m, n in sorted(modalities.items()))
+    print("  arrived at the TPS: " + ", ".join(f"{n} {m}" for m, n in sorted(modalities.items()))
           + f" in {tps.folder}")
     print(f"  review image:       {result['outputs']['review_png']}")
     print(f"  job:                {job.id} ({job.state}); audit log {settings.storage.audit_log_path}")
