@@ -17,7 +17,7 @@ from typing import Any
 
 import config
 
-from .spool import Spool
+from .spool import OUT_OF_RESOURCES, Received, Spool
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,10 @@ class StorageSCP:
     """The listening AE; :meth:`start` returns once the port is bound."""
 
     def __init__(self, settings: config.Settings, spool: Spool,
-                 audit: config.AuditLog | None = None,
-                 on_stored: Any = None) -> None:
+                 audit: config.AuditLog | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.audit = audit
-        self.on_stored = on_stored
         self.server: Any = None
         self._counts: dict[int, Counter[str]] = {}
         self._lock = threading.Lock()
@@ -118,6 +116,16 @@ class StorageSCP:
     def port(self) -> int:
         return int(self.server.server_address[1]) if self.server is not None else 0
 
+    def _audit(self, event: str, **fields: Any) -> None:
+        """Audit without ever breaking a DICOM exchange: a failing audit log (a full disk)
+        is logged as an error and the answer to the peer still goes out."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.record(event, **fields)
+        except config.StorageError as exc:
+            log.error("audit record %s not written: %s", event, exc.reason)
+
     # -- handlers -----------------------------------------------------------------------------
 
     def _peer(self, event: Any) -> dict[str, Any]:
@@ -131,9 +139,8 @@ class StorageSCP:
     def _established(self, event: Any) -> None:
         with self._lock:
             self._counts[id(event.assoc)] = Counter()
-        if self.audit is not None:
-            self.audit.record("association.accepted", **self._peer(event),
-                              called_ae=self.settings.dicom.ae_title)
+        self._audit("association.accepted", **self._peer(event),
+                    called_ae=self.settings.dicom.ae_title)
 
     def _rejected(self, event: Any) -> None:
         node = self.settings.dicom
@@ -148,20 +155,18 @@ class StorageSCP:
             reason = f"too many associations (dicom.max_associations is {node.max_associations})"
         log.warning("association from %s (%s) rejected: %s", peer["calling_ae"],
                     peer["peer_host"], reason)
-        if self.audit is not None:
-            self.audit.record("association.rejected", outcome="failure", reason=reason, **peer,
-                              called_ae=called or "-")
+        self._audit("association.rejected", outcome="failure", reason=reason, **peer,
+                    called_ae=called or "-")
 
     def _ended(self, event: Any) -> None:
         with self._lock:
             counts = self._counts.pop(id(event.assoc), Counter())
         aborted = event.event.name == "EVT_ABORTED"
-        if self.audit is not None:
-            self.audit.record("association.aborted" if aborted else "association.released",
-                              outcome="failure" if aborted else "success", **self._peer(event),
-                              count=counts["stored"],
-                              reason=(f"{counts['ignored']} ignored, {counts['failed']} refused"
-                                      if counts["ignored"] or counts["failed"] else None))
+        self._audit("association.aborted" if aborted else "association.released",
+                    outcome="failure" if aborted else "success", **self._peer(event),
+                    count=counts["stored"],
+                    reason=(f"{counts['ignored']} ignored, {counts['failed']} refused"
+                            if counts["ignored"] or counts["failed"] else None))
         if counts:
             log.info("association from %s %s: %d stored, %d ignored, %d failed",
                      self._peer(event)["calling_ae"], "aborted" if aborted else "released",
@@ -176,16 +181,13 @@ class StorageSCP:
         peer = self._peer(event)
         if sop_class not in PROCESSED:
             self._count(event, "ignored")
-            if self.audit is not None:
-                self.audit.record("instance.ignored", sop_class_uid=sop_class,
-                                  calling_ae=peer["calling_ae"],
-                                  reason="not MR or Enhanced MR (dicom.other_storage: ignore)")
+            self._audit("instance.ignored", sop_class_uid=sop_class, calling_ae=peer["calling_ae"],
+                        reason="not MR or Enhanced MR (dicom.other_storage: ignore)")
             return 0x0000
         try:
             received = self.spool.store(event.encoded_dataset(), peer["calling_ae"])
         except Exception as exc:  # a response must always go back; the reason is audited
             log.exception("storing an instance failed")
-            from .spool import OUT_OF_RESOURCES, Received
             received = Received(OUT_OF_RESOURCES, f"internal error while storing: {exc}")
         if received.status != 0:
             self._count(event, "failed")
@@ -194,12 +196,9 @@ class StorageSCP:
                                      ("study_uid", received.study_uid)) if v}
             log.warning("instance from %s refused (0x%04X): %s", peer["calling_ae"],
                         received.status, received.reason)
-            if self.audit is not None:
-                self.audit.record("instance.refused", outcome="failure", reason=received.reason,
-                                  status=f"0x{received.status:04X}", sop_class_uid=sop_class,
-                                  calling_ae=peer["calling_ae"], **ids)
+            self._audit("instance.refused", outcome="failure", reason=received.reason,
+                        status=f"0x{received.status:04X}", sop_class_uid=sop_class,
+                        calling_ae=peer["calling_ae"], **ids)
             return received.status
         self._count(event, "stored")
-        if received.new and self.on_stored is not None:
-            self.on_stored(received)
         return 0x0000

@@ -451,3 +451,40 @@ def test_a_full_disk_refuses_instances_with_out_of_resources(cohort, tmp_path, s
     indexed = {r["path"] for r in query(root, "SELECT path FROM instances")}
     on_disk = {str(p) for p in (root / "spool").rglob("*.dcm")}
     assert indexed <= on_disk and len(indexed) + len(refusals) == 12
+
+
+def test_jobs_command_lists_shows_retries_and_cancels(cohort, tmp_path):
+    import sys as _sys
+
+    root = tmp_path / "root"
+    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                       assembly={"series_idle_s": 0.5, "study_timeout_s": 2.0})
+    settings = config.load_settings(cfg)
+    spool = dicom_node.Spool(settings)
+    queue = dicom_node.JobQueue(root)
+    assembler = dicom_node.Assembler(settings, queue)
+    (t1, t2), (other_t1, _) = _series(cohort), _series(cohort, 2)
+    for f in t1 + t2 + other_t1:
+        spool.store(f.read_bytes(), "MR")
+    assembler.tick(time.time() + 1)
+    assembler.tick(time.time() + 5)
+    ready = next(j for j in queue.list() if j.state == "ready")
+    failed = next(j for j in queue.list() if j.state == "failed")
+
+    def vcemri(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([_sys.executable, "-m", "vcemri", "--config", str(cfg), *argv],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    listing = vcemri("jobs", "list")
+    assert listing.returncode == 0
+    assert "T2w series not received within 2 s" in listing.stdout and "ready" in listing.stdout
+    shown = json.loads(vcemri("jobs", "show", str(ready.id), "--json").stdout)
+    assert shown["state"] == "ready" and shown["t2w_series_uid"]
+    assert [t["state"] for t in shown["transitions"]] == ["ready"]
+    refused = vcemri("jobs", "retry", str(failed.id))
+    assert refused.returncode == 1 and "never had both a T1w and a T2w" in refused.stderr
+    assert vcemri("jobs", "cancel", str(ready.id)).returncode == 0
+    assert queue.get(ready.id).state == "cancelled"
+    again = vcemri("jobs", "retry", str(ready.id))
+    assert again.returncode == 0 and queue.get(ready.id).state == "ready"
+    assert vcemri("jobs", "show", "999").returncode == 1
