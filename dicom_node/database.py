@@ -1,8 +1,11 @@
 """The node's SQLite database: one file under ``storage.root``, WAL journal, full sync.
 
 Every thread opens its own connection (``sqlite3`` connections are not shared between
-threads); WAL lets the SCP's writers, the assembler and the workers proceed concurrently, and
-``synchronous=FULL`` makes a committed row durable before the C-STORE response is sent.
+threads); WAL lets the SCP's writers, the assembler and the workers proceed concurrently. Job
+state commits with ``synchronous=FULL`` (durable at once). The spool's index commits with
+``NORMAL`` (consistent, but the last commits may roll back after a power cut): the fsynced
+spool file is the durable record of an acknowledged instance, and :meth:`Spool.reconcile`
+re-indexes any file whose row was lost when the node starts.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def database_path(root: Path) -> Path:
     return Path(root) / "node.sqlite"
 
 
-def connect(root: Path) -> sqlite3.Connection:
+def connect(root: Path, synchronous: str = "FULL") -> sqlite3.Connection:
     """A new connection to the node's database (created with its schema when missing)."""
     path = database_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +98,9 @@ def connect(root: Path) -> sqlite3.Connection:
                                  check_same_thread=False)
     connection.row_factory = sqlite3.Row
     connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=FULL")
+    if synchronous not in ("FULL", "NORMAL"):
+        raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+    connection.execute(f"PRAGMA synchronous={synchronous}")
     connection.execute("PRAGMA busy_timeout=30000")
     connection.executescript(SCHEMA)
     return connection

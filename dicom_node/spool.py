@@ -2,10 +2,11 @@
 
 An instance is written exactly as received (file meta + the dataset bytes the peer sent, never
 decoded and re-encoded) to a temporary file beside its final name, fsynced, renamed atomically
-and the directory fsynced; only then is it indexed in SQLite (WAL, synchronous FULL) and only
-then does the SCP answer success. A crash at any point leaves either nothing visible or a
-complete file: temporary files are removed at start-up, and a file without an index row is
-simply received again (the peer got no success status for it).
+and the directory fsynced; only then is it indexed in SQLite (WAL) and only then does the SCP
+answer success. A crash at any point leaves either nothing visible or a complete file:
+temporary files are removed at start-up, and a complete file without an index row (a crash
+between rename and commit, or a commit a power cut rolled back) is indexed again at start-up
+(:meth:`Spool.reconcile`).
 
 UIDs come from the network and are checked before they name a path. A resent SOP Instance UID
 with the same bytes changes nothing; with different bytes it replaces the old file and counts
@@ -102,12 +103,39 @@ class Spool:
         self._local = threading.local()
         self._index_lock = threading.Lock()
         self._remove_temporary_files()
+        self.reconcile()
 
     def _db(self) -> sqlite3.Connection:
         connection = getattr(self._local, "db", None)
         if connection is None:
-            connection = self._local.db = connect(self.root)
+            connection = self._local.db = connect(self.root, synchronous="NORMAL")
         return connection
+
+    def reconcile(self) -> int:
+        """Index every complete spool file the index lacks; returns how many."""
+        import pydicom
+
+        with self._index_lock:
+            known = {r["path"] for r in self._db().execute("SELECT path FROM instances")}
+        added = 0
+        for path in sorted(self.directory.glob("*/*/*.dcm")):
+            if str(path) in known:
+                continue
+            encoded = path.read_bytes()
+            try:
+                dataset = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - a file we wrote and cannot read is set aside
+                path.rename(path.with_suffix(".unreadable"))
+                log.error("spool file %s cannot be read; renamed to .unreadable", path.name)
+                continue
+            uids = {k: str(dataset.get(k, "")) for k in ("SOPInstanceUID", "SeriesInstanceUID",
+                                                         "StudyInstanceUID", "SOPClassUID")}
+            self._index(dataset, uids, str(dataset.file_meta.TransferSyntaxUID), path,
+                        hashlib.sha256(encoded).hexdigest(), len(encoded), "-")
+            added += 1
+        if added:
+            log.warning("re-indexed %d spool file(s) whose index rows were lost", added)
+        return added
 
     def _remove_temporary_files(self) -> None:
         for leftover in self.directory.rglob(".*.tmp"):

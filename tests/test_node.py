@@ -488,3 +488,21 @@ def test_jobs_command_lists_shows_retries_and_cancels(cohort, tmp_path):
     again = vcemri("jobs", "retry", str(ready.id))
     assert again.returncode == 0 and queue.get(ready.id).state == "ready"
     assert vcemri("jobs", "show", "999").returncode == 1
+
+
+def test_spooled_files_whose_index_rows_were_lost_are_reindexed_at_start(cohort, tmp_path):
+    root = tmp_path / "root"
+    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors")
+    settings = config.load_settings(cfg)
+    t1, t2 = _series(cohort)
+    spool = dicom_node.Spool(settings)
+    for f in t1 + t2:
+        assert spool.store(f.read_bytes(), "MR").status == 0
+    lost = query(root, "SELECT sop_instance_uid FROM instances LIMIT 3")
+    import sqlite3
+    with sqlite3.connect(root / "node.sqlite") as db:  # as a power cut could leave it
+        db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?",
+                       [(r["sop_instance_uid"],) for r in lost])
+    assert len(query(root, "SELECT * FROM instances")) == 13
+    assert dicom_node.Spool(settings).reconcile() == 0  # the constructor did it already
+    assert len(query(root, "SELECT * FROM instances")) == 16
