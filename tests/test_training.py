@@ -251,3 +251,20 @@ def test_the_same_command_trains_baselines_and_ablations(cohort, tmp_path):
     with pytest.raises(InputError, match="CycleGAN"):
         train(cohort / "manifest.csv", tmp_path / "cyclegan", TrainOptions(
             institutions=("inst2", "inst3"), architecture="cyclegan"))
+
+
+def test_fine_tuning_starts_from_the_given_checkpoint(run, cohort, tmp_path):
+    import torch
+
+    _, result = run
+    options = dict(institutions=("inst2", "inst3"), epochs=1, batch_size=4, width=0.125,
+                   device="cpu", max_steps=1, learning_rate=0.0, init=str(result.checkpoint))
+    tuned = train(cohort / "manifest.csv", tmp_path / "tuned", TrainOptions(**options))
+    before = load_checkpoint(result.checkpoint).generator.state_dict()
+    after = load_checkpoint(tuned.checkpoint).generator.state_dict()
+    for name, value in before.items():
+        if value.is_floating_point() and "running" not in name:
+            torch.testing.assert_close(after[name], value, msg=name)  # learning rate 0
+    with pytest.raises(InputError, match="differs from the one asked for"):
+        train(cohort / "manifest.csv", tmp_path / "wider",
+              TrainOptions(**{**options, "width": 0.25}))

@@ -99,7 +99,8 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, crop=args.crop, architecture=args.architecture,
         inputs=args.inputs, fusion=args.fusion, multi_level=not args.no_multi_level,
         attention=not args.no_attention, amp=not args.no_amp, l1_weight=args.l1_weight,
-        adversarial_weight=args.adversarial_weight, decay_epochs=args.decay_epochs)
+        adversarial_weight=args.adversarial_weight, decay_epochs=args.decay_epochs,
+        learning_rate=args.learning_rate, init=args.init)
     bar = tqdm(unit="step", desc="training", file=sys.stderr,
                disable=args.quiet or int(os.environ.get("RANK", "0")) != 0)
 
@@ -226,6 +227,10 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--adversarial-weight", type=float, default=1.0,
                          help="least-squares GAN loss weight (0 trains without the "
                          "discriminator's influence; default 1)")
+    trainer.add_argument("--learning-rate", type=float, default=2e-4,
+                         help="Adam learning rate (default 2e-4, seed 000)")
+    trainer.add_argument("--init", metavar="CKPT", default=None,
+                         help="start from a checkpoint's weights (fine-tuning)")
     trainer.add_argument("--decay-epochs", type=int, default=0, metavar="N",
                          help="decay the learning rate linearly over the last N epochs "
                          "(default 0: constant)")

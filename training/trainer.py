@@ -73,6 +73,9 @@ class TrainOptions:
     #: the last N epochs decay the learning rate linearly towards 0 (pix2pix's n_epochs_decay;
     #: 0: constant, the seed's setting)
     decay_epochs: int = 0
+    #: start from this checkpoint's generator and discriminator (fine-tuning, e.g. on a new
+    #: institution, seed 001); the architecture must match
+    init: str | None = None
     #: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); no effect
     #: on CPU
     amp: bool = True
@@ -319,6 +322,8 @@ def train(manifest: Path, out: Path, options: TrainOptions,
     torch.manual_seed(options.seed)
     generator = build_generator(options).to(device)
     discriminator = synthesis.build_model("patchgan", width_multiplier=options.width).to(device)
+    if options.init is not None:
+        _initialise(generator, discriminator, Path(options.init))
     channels = [("t1w", "t2w").index(m) for m in getattr(generator, "inputs", ("t1w", "t2w"))]
     opt_g = torch.optim.Adam(generator.parameters(), options.learning_rate, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(discriminator.parameters(), options.learning_rate,
@@ -480,6 +485,18 @@ def train(manifest: Path, out: Path, options: TrainOptions,
     if place.world > 1:
         dist.destroy_process_group()
     return TrainResult(checkpoint, split, metrics, step, seconds)
+
+
+def _initialise(generator: torch.nn.Module, discriminator: torch.nn.Module, path: Path) -> None:
+    """Copy a checkpoint's weights into freshly built models of the same architecture."""
+    start = synthesis.load_checkpoint(path)
+    if start.generator.config != generator.config:
+        raise InputError(f"--init {path}: its generator ({start.meta.architecture.name} "
+                         f"{start.generator.config}) differs from the one asked for "
+                         f"({generator.config}); use the same architecture options")
+    generator.load_state_dict(start.generator.state_dict())
+    if start.discriminator is not None:
+        discriminator.load_state_dict(start.discriminator.state_dict())
 
 
 def learning_rate_factor(options: TrainOptions, epoch: int) -> float:
