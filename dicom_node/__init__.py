@@ -5,7 +5,7 @@ sender, and the ``serve`` and ``jobs`` commands. Imports ``config``, ``synthesis
 
 from .assembly import Assembler, choose_route
 from .cli import add_commands
-from .jobs import ACTIVE, STATES, TERMINAL, Job, JobQueue, backoff_s
+from .jobs import ACTIVE, STATES, TERMINAL, Job, JobChanged, JobQueue, backoff_s
 from .node import Node
 from .processing import ProcessedStudy, Processor
 from .scp import StorageSCP
@@ -19,6 +19,7 @@ __all__ = [
     "TERMINAL",
     "Assembler",
     "Job",
+    "JobChanged",
     "JobQueue",
     "Node",
     "ProcessedStudy",

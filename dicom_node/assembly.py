@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 ROLE_NAMES = {"t1w": "T1w", "t2w": "T2w"}
 
+#: How far back (seconds) studies are re-examined for content newer than their last job.
+REVISIT_S = 86400.0
+
 
 def choose_route(settings: config.Settings, header: dict[str, Any]) -> config.Route | None:
     """The first route whose conditions the study's T1w header (plus calling AE) meets."""
@@ -85,10 +88,16 @@ class Assembler:
                                   study_uid=row["study_uid"], count=row["instances"])
         studies = {r["study_uid"] for r in completed}
         studies |= {j.study_uid for j in self.queue.list(states=(states.WAITING,))}
-        fresh = db.execute(
-            "SELECT DISTINCT s.study_uid FROM series s WHERE NOT EXISTS "
-            "(SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid)").fetchall()
-        studies |= {r["study_uid"] for r in fresh}
+        # studies never seen, and studies with content newer than their newest job's inputs
+        # (it arrived while a job was in flight, or before a crash between marking a series
+        # complete and creating its job); a day back at most
+        revisit = db.execute(
+            "SELECT s.study_uid FROM series s GROUP BY s.study_uid HAVING "
+            "max(s.last_received) > ? AND max(s.last_received) > coalesce("
+            "(SELECT max(j.keyed_at) FROM jobs j WHERE j.study_uid = s.study_uid), 0) "
+            "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid AND j.state "
+            "IN ('ready', 'running', 'sending'))", (now - REVISIT_S,)).fetchall()
+        studies |= {r["study_uid"] for r in revisit}
         changed = []
         for study in sorted(studies):
             job = self._study(study, now)
@@ -116,7 +125,7 @@ class Assembler:
             if any(j.input_key == key for j in jobs):
                 return None  # this content was handled already (a resend)
             values = {"input_key": key, "t1w_series_uid": t1w["series_uid"],
-                      "t2w_series_uid": t2w["series_uid"]}
+                      "t2w_series_uid": t2w["series_uid"], "keyed_at": now}
             if route is None:
                 reason = ("no route matches the study (calling AE "
                           f"{header.get('CallingAETitle') or '-'}, modality "

@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     sending_since REAL,
+    keyed_at REAL,
     result TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);

@@ -20,6 +20,7 @@ Interface: :meth:`JobQueue.enqueue`, :meth:`claim`, :meth:`complete` (advance), 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sqlite3
 import threading
@@ -31,6 +32,8 @@ from typing import Any
 import config
 
 from .database import connect
+
+log = logging.getLogger(__name__)
 
 WAITING, READY, RUNNING, SENDING = "waiting", "ready", "running", "sending"
 DONE, FAILED, REJECTED, CANCELLED = "done", "failed", "rejected", "cancelled"
@@ -58,6 +61,7 @@ class Job:
     created_at: float
     updated_at: float
     sending_since: float | None
+    keyed_at: float | None = None
     result: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -66,6 +70,14 @@ class Job:
         values["destinations"] = json.loads(values["destinations"] or "[]")
         values["result"] = json.loads(values["result"] or "{}")
         return cls(**values)
+
+
+#: How long a claimed job stays invisible to other workers (longer than any synthesis).
+CLAIM_S = 3600.0
+
+
+class JobChanged(config.VcemriError):
+    """The job is no longer in the state the caller expected (e.g. cancelled meanwhile)."""
 
 
 def backoff_s(attempt: int, initial_s: float, maximum_s: float,
@@ -113,7 +125,8 @@ class JobQueue:
                            (job_id, now, state, reason))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
         self._audit(job_id, study_uid, state, None, reason)
         return self.get(job_id)
@@ -126,42 +139,49 @@ class JobQueue:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")
             try:
+                # a running job past its claim deadline lost its worker: run it again
                 row = db.execute(
-                    f"SELECT * FROM jobs WHERE state IN ({', '.join('?' for _ in states)}) "
+                    f"SELECT * FROM jobs WHERE state IN ({', '.join('?' for _ in states)}, ?) "
                     "AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1",
-                    (*states, now)).fetchone()
+                    (*states, RUNNING, now)).fetchone()
                 if row is None:
                     db.execute("COMMIT")
                     return None
-                new_state = RUNNING if row["state"] == READY else row["state"]
+                new_state = RUNNING if row["state"] in (READY, RUNNING) else row["state"]
                 # a claimed job is invisible to other workers until this deadline
                 db.execute("UPDATE jobs SET state = ?, updated_at = ?, next_attempt_at = ?, "
                            "attempts = attempts + ? WHERE id = ?",
-                           (new_state, now, now + 3600.0, 1 if new_state == RUNNING else 0,
+                           (new_state, now, now + CLAIM_S, 1 if new_state == RUNNING else 0,
                             row["id"]))
                 if new_state != row["state"]:
                     db.execute("INSERT INTO transitions VALUES (?, ?, ?, NULL)",
                                (row["id"], now, new_state))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
         if new_state != row["state"]:
             self._audit(row["id"], row["study_uid"], new_state, row["state"], None)
         return self.get(row["id"])
 
-    def complete(self, job_id: int, state: str, reason: str | None = None,
-                 **values: Any) -> Job:
-        """Advance a job to ``state`` (``ready``, ``sending``, ``done`` ...), storing ``values``."""
-        return self._transition(job_id, state, reason, **values)
+    def complete(self, job_id: int, state: str, reason: str | None = None, *,
+                 expected: tuple[str, ...] = ACTIVE, **values: Any) -> Job:
+        """Advance a job to ``state`` (``ready``, ``sending``, ``done`` ...), storing ``values``.
+        Raises :class:`JobChanged` unless the job is in one of the ``expected`` states (an
+        administrator may have cancelled it meanwhile)."""
+        return self._transition(job_id, state, reason, expected=expected, **values)
 
-    def fail(self, job_id: int, reason: str, *, state: str = FAILED) -> Job:
+    def fail(self, job_id: int, reason: str, *, state: str = FAILED,
+             expected: tuple[str, ...] = ACTIVE) -> Job:
         """End a job as ``failed`` (or ``rejected``) with the reason a person can act on."""
-        return self._transition(job_id, state, reason)
+        return self._transition(job_id, state, reason, expected=expected)
 
-    def retry(self, job_id: int, state: str, reason: str, delay_s: float) -> Job:
+    def retry(self, job_id: int, state: str, reason: str, delay_s: float, *,
+              expected: tuple[str, ...] = ACTIVE) -> Job:
         """Put a job back in ``state`` to be attempted again after ``delay_s`` seconds."""
-        return self._transition(job_id, state, reason, next_attempt_at=time.time() + delay_s)
+        return self._transition(job_id, state, reason, expected=expected,
+                                next_attempt_at=time.time() + delay_s)
 
     # -- administration -----------------------------------------------------------------------
 
@@ -170,7 +190,7 @@ class JobQueue:
         job = self.get(job_id)
         if job.state in TERMINAL:
             raise config.InputError(f"job {job_id} is already {job.state}; nothing to cancel")
-        return self._transition(job_id, CANCELLED, reason)
+        return self._transition(job_id, CANCELLED, reason, expected=ACTIVE)
 
     def requeue(self, job_id: int, reason: str = "retried by an administrator") -> Job:
         """Process a failed, rejected or cancelled job again from the start."""
@@ -183,8 +203,12 @@ class JobQueue:
             raise config.InputError(
                 f"job {job_id} never had both a T1w and a T2w series; send the missing series "
                 "and a new job starts by itself")
-        return self._transition(job_id, READY, reason, attempts=0, next_attempt_at=0.0,
-                                sending_since=None)
+        if job.route is None:
+            raise config.InputError(
+                f"job {job_id} matched no route ({job.reason}); add a route that matches it, "
+                "then send the study again")
+        return self._transition(job_id, READY, reason, expected=(FAILED, REJECTED, CANCELLED),
+                                attempts=0, next_attempt_at=0.0, sending_since=None)
 
     def recover(self) -> list[int]:
         """After a restart: jobs left ``running`` by a dead process become ``ready`` again and
@@ -236,10 +260,15 @@ class JobQueue:
         with self._lock:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")
-            db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
-            db.executemany("INSERT INTO outputs VALUES (?, ?, ?)",
-                           [(job_id, uid, str(p)) for uid, p in outputs.items()])
-            db.execute("COMMIT")
+            try:
+                db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
+                db.executemany("INSERT INTO outputs VALUES (?, ?, ?)",
+                               [(job_id, uid, str(p)) for uid, p in outputs.items()])
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     def outputs(self, job_id: int) -> dict[str, Path]:
         with self._lock:
@@ -262,7 +291,8 @@ class JobQueue:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _transition(self, job_id: int, state: str, reason: str | None, **values: Any) -> Job:
+    def _transition(self, job_id: int, state: str, reason: str | None, *,
+                    expected: tuple[str, ...] | None = None, **values: Any) -> Job:
         if state not in STATES:
             raise ValueError(f"unknown job state {state!r}")
         now = time.time()
@@ -282,8 +312,10 @@ class JobQueue:
                 before = db.execute("SELECT state, study_uid, sending_since FROM jobs "
                                     "WHERE id = ?", (job_id,)).fetchone()
                 if before is None:
-                    db.execute("ROLLBACK")
                     raise config.InputError(f"there is no job {job_id}")
+                if expected is not None and before["state"] not in expected:
+                    raise JobChanged(f"job {job_id} is {before['state']} now; not moving it to "
+                                     f"{state}")
                 if before["state"] == SENDING and state == SENDING:
                     values.pop("sending_since", None)
                     sets = ", ".join(f"{k} = ?" for k in values)
@@ -293,8 +325,9 @@ class JobQueue:
                 db.execute("INSERT INTO transitions VALUES (?, ?, ?, ?)",
                            (job_id, now, state, reason))
                 db.execute("COMMIT")
-            except sqlite3.Error:
-                db.execute("ROLLBACK")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
         self._audit(job_id, before["study_uid"], state, before["state"], reason)
         return self.get(job_id)
@@ -307,4 +340,7 @@ class JobQueue:
         fields: dict[str, Any] = {"job_id": job_id, "study_uid": study_uid, "state": state}
         if previous is not None:
             fields["previous_state"] = previous
-        self.audit.record(f"job.{state}", outcome=outcome, reason=reason, **fields)
+        try:  # the transition is committed; a failing audit log must not undo the node's work
+            self.audit.record(f"job.{state}", outcome=outcome, reason=reason, **fields)
+        except config.StorageError as exc:
+            log.error("job %d: audit record job.%s not written: %s", job_id, state, exc.reason)

@@ -125,6 +125,8 @@ class StorageSCP:
             self.audit.record(event, **fields)
         except config.StorageError as exc:
             log.error("audit record %s not written: %s", event, exc.reason)
+        except ValueError as exc:  # a field the peer sent that the PHI policy refuses
+            log.error("audit record %s not written: %s", event, exc)
 
     # -- handlers -----------------------------------------------------------------------------
 
@@ -177,7 +179,8 @@ class StorageSCP:
             self._counts.setdefault(id(event.assoc), Counter())[what] += 1
 
     def _store(self, event: Any) -> int:
-        sop_class = str(event.request.AffectedSOPClassUID)
+        # the negotiated context, not the command's (unchecked) AffectedSOPClassUID
+        sop_class = str(event.context.abstract_syntax)
         peer = self._peer(event)
         if sop_class not in PROCESSED:
             self._count(event, "ignored")
@@ -185,7 +188,9 @@ class StorageSCP:
                         reason="not MR or Enhanced MR (dicom.other_storage: ignore)")
             return 0x0000
         try:
-            received = self.spool.store(event.encoded_dataset(), peer["calling_ae"])
+            received = self.spool.store(
+                event.encoded_dataset(), peer["calling_ae"],
+                announced=str(event.request.AffectedSOPInstanceUID or "").rstrip("\0 "))
         except Exception as exc:  # a response must always go back; the reason is audited
             log.exception("storing an instance failed")
             received = Received(OUT_OF_RESOURCES, f"internal error while storing: {exc}")

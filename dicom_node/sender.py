@@ -73,7 +73,11 @@ def send(files: list[tuple[str, Path]], destination: config.Destination, name: s
                 if not assoc.is_established:
                     raise config.PeerError(f"destination {where} dropped the association after "
                                            f"{sent} of {len(files)} instances")
-                status = assoc.send_c_store(dataset)
+                try:
+                    status = assoc.send_c_store(dataset)
+                except ValueError as exc:  # e.g. the peer accepted no context for this class
+                    raise config.PeerError(f"destination {where} cannot take instance {uid}: "
+                                           f"{exc}") from exc
                 code = getattr(status, "Status", None)
                 if code is not None and (code == 0 or code in (0xB000, 0xB007, 0xB006)):
                     break

@@ -80,6 +80,22 @@ def _value(dataset: Any, keyword: str) -> Any:
     return str(value)
 
 
+def _describe(dataset: Any, calling_ae: str) -> dict[str, Any]:
+    """What the index keeps of an instance; raises ValueError for unreadable values."""
+    header = {k: _value(dataset, k) for k in SERIES_KEYWORDS}
+    header["CallingAETitle"] = calling_ae
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    announced = header.get("ImagesInAcquisition")
+    expected = int(announced) if announced is not None and float(announced).is_integer() \
+        and 0 < float(announced) < 100_000 else None  # a nonsense count is ignored
+    if frames > 1:  # an enhanced multi-frame series is usually one instance
+        expected = 1
+    json.dumps(header, allow_nan=False)
+    return {"header": header, "expected": expected,
+            "patient_id": str(dataset.get("PatientID", "") or ""),
+            "frame_of_reference_uid": str(dataset.get("FrameOfReferenceUID", "") or "")}
+
+
 def _role(rules: Any, header: dict[str, Any]) -> str:
     if header.get("Modality") != "MR":
         return "other"
@@ -116,22 +132,24 @@ class Spool:
         import pydicom
 
         with self._index_lock:
-            known = {r["path"] for r in self._db().execute("SELECT path FROM instances")}
+            known = {r["sop_instance_uid"]
+                     for r in self._db().execute("SELECT sop_instance_uid FROM instances")}
         added = 0
         for path in sorted(self.directory.glob("*/*/*.dcm")):
-            if str(path) in known:
+            if path.stem in known:  # file names are the validated SOP Instance UIDs
                 continue
             encoded = path.read_bytes()
             try:
                 dataset = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
-            except Exception:  # noqa: BLE001 - a file we wrote and cannot read is set aside
+                uids = {k: str(dataset.get(k, "")) for k in (
+                    "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")}
+                self._index(_describe(dataset, "-"), uids,
+                            str(dataset.file_meta.TransferSyntaxUID), path,
+                            hashlib.sha256(encoded).hexdigest(), len(encoded), "-")
+            except Exception:  # noqa: BLE001 - a file that cannot be indexed is set aside
                 path.rename(path.with_suffix(".unreadable"))
-                log.error("spool file %s cannot be read; renamed to .unreadable", path.name)
+                log.error("spool file %s cannot be indexed; renamed to .unreadable", path.name)
                 continue
-            uids = {k: str(dataset.get(k, "")) for k in ("SOPInstanceUID", "SeriesInstanceUID",
-                                                         "StudyInstanceUID", "SOPClassUID")}
-            self._index(dataset, uids, str(dataset.file_meta.TransferSyntaxUID), path,
-                        hashlib.sha256(encoded).hexdigest(), len(encoded), "-")
             added += 1
         if added:
             log.warning("re-indexed %d spool file(s) whose index rows were lost", added)
@@ -145,8 +163,10 @@ class Spool:
         """Free space on the spool's file system, MiB."""
         return shutil.disk_usage(self.directory).free / 2**20
 
-    def store(self, encoded: bytes, calling_ae: str) -> Received:
-        """Make one received instance (file meta + dataset bytes) durable and index it."""
+    def store(self, encoded: bytes, calling_ae: str, announced: str | None = None) -> Received:
+        """Make one received instance (file meta + dataset bytes) durable and index it.
+        ``announced``: the C-STORE request's Affected SOP Instance UID, which must be the
+        data set's."""
         import pydicom
         from pydicom.errors import InvalidDicomError
 
@@ -167,6 +187,13 @@ class Spool:
         sop, series, study = (uids["SOPInstanceUID"], uids["SeriesInstanceUID"],
                               uids["StudyInstanceUID"])
         ids = {"sop_instance_uid": sop, "series_uid": series, "study_uid": study}
+        if announced and announced != sop:
+            return Received(DATA_SET_MISMATCH, "the request's Affected SOP Instance UID is not "
+                            "the data set's SOP Instance UID", **ids)
+        try:
+            described = _describe(dataset, calling_ae)
+        except (ValueError, TypeError, OverflowError) as exc:
+            return Received(CANNOT_UNDERSTAND, f"a header value cannot be read: {exc}", **ids)
         free = self.free_mib()
         if free < self.settings.storage.min_free_mib:
             return Received(OUT_OF_RESOURCES,
@@ -177,7 +204,18 @@ class Spool:
         path = folder / f"{sop}.dcm"
         with self._index_lock:
             known = self._db().execute(
-                "SELECT sha256 FROM instances WHERE sop_instance_uid = ?", (sop,)).fetchone()
+                "SELECT sha256, series_uid, study_uid FROM instances WHERE sop_instance_uid = ?",
+                (sop,)).fetchone()
+            owner = self._db().execute("SELECT study_uid FROM series WHERE series_uid = ?",
+                                       (series,)).fetchone()
+        if known is not None and (known["series_uid"], known["study_uid"]) != (series, study):
+            return Received(DATA_SET_MISMATCH,
+                            f"SOP Instance UID {sop} was received before in series "
+                            f"{known['series_uid']}; a UID cannot move between series", **ids)
+        if owner is not None and owner["study_uid"] != study:
+            return Received(DATA_SET_MISMATCH,
+                            f"series {series} was received before in study {owner['study_uid']}",
+                            **ids)
         if known is not None and known["sha256"] == digest and path.is_file():
             return Received(0x0000, **ids)
         temporary = folder / f".{sop}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -194,21 +232,16 @@ class Spool:
             what = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
             return Received(OUT_OF_RESOURCES, f"cannot write to the spool: {what}", **ids)
         try:
-            self._index(dataset, uids, transfer_syntax, path, digest, len(encoded), calling_ae)
+            self._index(described, uids, transfer_syntax, path, digest, len(encoded), calling_ae)
         except sqlite3.Error as exc:
             # the file is complete but unindexed: the peer sees a failure and resends it
             return Received(OUT_OF_RESOURCES, f"cannot index the instance: {exc}", **ids)
         return Received(0x0000, new=True, **ids)
 
-    def _index(self, dataset: Any, uids: dict[str, str], transfer_syntax: str, path: Path,
-               digest: str, size: int, calling_ae: str) -> None:
+    def _index(self, described: dict[str, Any], uids: dict[str, str], transfer_syntax: str,
+               path: Path, digest: str, size: int, calling_ae: str) -> None:
         now = time.time()
-        header = {k: _value(dataset, k) for k in SERIES_KEYWORDS}
-        header["CallingAETitle"] = calling_ae
-        frames = int(dataset.get("NumberOfFrames", 1) or 1)
-        expected = header.get("ImagesInAcquisition")
-        if frames > 1:  # an enhanced multi-frame series is usually one instance
-            expected = 1
+        header, expected = described["header"], described["expected"]
         with self._index_lock:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")
@@ -227,10 +260,9 @@ class Spool:
                     db.execute(
                         "INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1, 1, ?, ?, NULL)",
                         (uids["SeriesInstanceUID"], uids["StudyInstanceUID"],
-                         str(dataset.get("PatientID", "") or ""),
-                         str(dataset.get("FrameOfReferenceUID", "") or ""),
+                         described["patient_id"], described["frame_of_reference_uid"],
                          _role(self.settings.series_rules, header), json.dumps(header),
-                         None if expected is None else int(expected), now, now))
+                         expected, now, now))
                 else:
                     grew = 0 if previous is not None else 1
                     db.execute(
@@ -239,7 +271,8 @@ class Spool:
                         (grew, now, uids["SeriesInstanceUID"]))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
 
     def series_files(self, series_uid: str) -> list[Path]:

@@ -66,7 +66,12 @@ class Worker:
 
     def run(self) -> None:
         while not self._stop.is_set():
-            if not self.work_once():
+            try:
+                busy = self.work_once()
+            except Exception:  # never let a worker thread die (e.g. the database is locked)
+                log.exception("%s: could not claim or update a job; retrying", self.name)
+                busy = False
+            if not busy:
                 self._stop.wait(0.2)
 
     def work_once(self) -> bool:
@@ -79,7 +84,9 @@ class Worker:
                 job = self.synthesise(job)
             if job.state == states.SENDING:
                 self.deliver(job)
-        except Exception as exc:  # never let a worker thread die; the job carries the reason
+        except states.JobChanged as changed:
+            log.info("job %d: %s", job.id, changed.reason)
+        except Exception as exc:  # the job carries the reason
             log.exception("job %d: unexpected error", job.id)
             self._retry_or_fail(job, f"internal error: {type(exc).__name__}: {exc}")
         return True
@@ -99,10 +106,11 @@ class Worker:
             done = self.processor.process(t1w, t2w, out, model=job.model or "default")
         except synthesis.RejectedStudy as rejected:
             log.warning("job %d rejected: %s", job.id, rejected.reason)
-            return self.queue.fail(job.id, rejected.reason, state=states.REJECTED)
+            return self.queue.fail(job.id, rejected.reason, state=states.REJECTED,
+                                   expected=(states.RUNNING,))
         except (config.InputError, config.ModelError, config.ConfigError) as exc:
-            log.error("job %d failed: %s", job.id, exc.reason if hasattr(exc, "reason") else exc)
-            return self.queue.fail(job.id, str(exc))
+            log.error("job %d failed: %s", job.id, exc)
+            return self.queue.fail(job.id, str(exc), expected=(states.RUNNING,))
         import pydicom
 
         outputs = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
@@ -120,7 +128,7 @@ class Worker:
         destinations = ", ".join(job.destinations) or "no destination"
         return self.queue.complete(job.id, states.SENDING,
                                    f"{len(outputs)} objects written; sending to {destinations}",
-                                   result=summary)
+                                   expected=(states.RUNNING,), result=summary)
 
     # -- delivery -----------------------------------------------------------------------------
 
@@ -130,7 +138,8 @@ class Worker:
         for name in job.destinations:
             destination = self.settings.destinations.get(name)
             if destination is None:
-                return self.queue.fail(job.id, f"destination {name!r} is no longer configured")
+                return self.queue.fail(job.id, f"destination {name!r} is no longer configured",
+                                       expected=(states.SENDING,))
             delivered = self.queue.delivered(job.id, name)
             pending = [(uid, path) for uid, path in outputs.items() if uid not in delivered]
             if not pending:
@@ -148,32 +157,40 @@ class Worker:
                 log.info("job %d: %d objects sent to %s", job.id, count, name)
             except config.PeerError as exc:
                 problems.append(exc.reason)
+            except Exception as exc:  # a missing output file, a refused context: retried too
+                log.exception("job %d: sending to %s failed", job.id, name)
+                problems.append(f"sending to {name} failed: {type(exc).__name__}: {exc}")
         if not problems:
             result = dict(job.result)
             result["delivered_at"] = time.time()
             return self.queue.complete(job.id, states.DONE,
                                        f"{len(outputs)} objects delivered to "
                                        f"{', '.join(job.destinations) or 'no destination'}",
-                                       result=result)
+                                       expected=(states.SENDING,), result=result)
         reason = "; ".join(problems)
         age = time.time() - (job.sending_since or time.time())
         limit = self.settings.jobs.send_max_age_s
         if age >= limit:
             return self.queue.fail(job.id, f"{reason}; gave up after {age:.0f} s "
-                                           f"(jobs.send_max_age_s is {limit:.0f})")
+                                           f"(jobs.send_max_age_s is {limit:.0f})",
+                                   expected=(states.SENDING,))
         attempt = len([t for t in self.queue.transitions(job.id) if t["state"] == states.SENDING])
         delay = states.backoff_s(attempt, self.settings.jobs.retry_initial_s,
                                  self.settings.jobs.retry_max_s)
         log.warning("job %d: %s; retrying in %.0f s", job.id, reason, delay)
         return self.queue.retry(job.id, states.SENDING, f"{reason}; retrying in {delay:.0f} s",
-                                delay)
+                                delay, expected=(states.SENDING,))
 
     def _retry_or_fail(self, job: Job, reason: str) -> None:
         current = self.queue.get(job.id)
+        if current.state not in (states.RUNNING, states.SENDING):
+            return  # it ended (or was cancelled) before the error: leave it as it is
         if current.attempts >= self.settings.jobs.max_attempts:
-            self.queue.fail(job.id, f"{reason} (after {current.attempts} attempts)")
+            self.queue.fail(job.id, f"{reason} (after {current.attempts} attempts)",
+                            expected=(current.state,))
             return
         delay = states.backoff_s(current.attempts, self.settings.jobs.retry_initial_s,
                                  self.settings.jobs.retry_max_s)
         state = states.SENDING if current.state == states.SENDING else states.READY
-        self.queue.retry(job.id, state, f"{reason}; retrying in {delay:.0f} s", delay)
+        self.queue.retry(job.id, state, f"{reason}; retrying in {delay:.0f} s", delay,
+                         expected=(current.state,))

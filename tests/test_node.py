@@ -506,3 +506,65 @@ def test_spooled_files_whose_index_rows_were_lost_are_reindexed_at_start(cohort,
     assert len(query(root, "SELECT * FROM instances")) == 13
     assert dicom_node.Spool(settings).reconcile() == 0  # the constructor did it already
     assert len(query(root, "SELECT * FROM instances")) == 16
+
+
+def test_review_regressions_content_in_flight_bad_headers_moved_uids_and_cancel(
+        cohort, tmp_path):
+    """Content completing while a job is in flight gets its own job afterwards; unreadable
+    header values and UIDs moving between series are refused before anything is written; a
+    job cancelled while running is not revived by its worker."""
+    import numpy as np
+
+    root = tmp_path / "root"
+    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                       assembly={"series_idle_s": 0.5, "study_timeout_s": 60.0})
+    settings = config.load_settings(cfg)
+    spool = dicom_node.Spool(settings)
+    queue = dicom_node.JobQueue(root)
+    assembler = dicom_node.Assembler(settings, queue)
+    t1, t2 = _series(cohort)
+    for f in t1 + t2:
+        spool.store(f.read_bytes(), "MR")
+    time.sleep(0.6)  # the series idle time: real time, as the node's own clock runs
+    assembler.tick()
+    first = queue.claim()
+    assert first is not None and first.state == "running"
+    changed = pydicom.dcmread(t1[0])
+    pixels = changed.pixel_array.copy()
+    pixels[0, 0] = np.uint16(pixels[0, 0]) + 1
+    changed.PixelData = pixels.tobytes()
+    buffer = tmp_path / "changed.dcm"
+    changed.save_as(buffer)
+    assert spool.store(buffer.read_bytes(), "MR").new
+    time.sleep(0.6)
+    assembler.tick()
+    assert len(queue.list()) == 1  # in flight: no second job yet
+    queue.complete(first.id, "sending", "written", expected=("running",))
+    queue.complete(first.id, "done", "delivered", expected=("sending",))
+    assembler.tick()
+    newest = queue.list()[0]
+    assert newest.id != first.id and newest.state == "ready"
+    assert newest.input_key != first.input_key
+
+    bad = pydicom.dcmread(_series(cohort, 2)[0][0])
+    bad.NumberOfFrames = 7
+    bad.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    element = b"\x28\x00\x08\x00IS\x02\x007 "  # (0028,0008) IS "7 ", explicit VR LE
+    encoded = (tmp_path / "bad.dcm").read_bytes()
+    assert encoded.count(element) == 1
+    refused = spool.store(encoded.replace(element, element[:-2] + b"ab"), "MR")
+    assert refused.status == 0xC000 and "header value" in refused.reason
+    assert not (root / "spool" / str(bad.StudyInstanceUID)).exists()
+
+    moved = pydicom.dcmread(t2[0])
+    moved.SeriesInstanceUID = pydicom.uid.generate_uid()
+    moved.save_as(tmp_path / "moved.dcm")
+    refused = spool.store((tmp_path / "moved.dcm").read_bytes(), "MR")
+    assert refused.status == 0xA900 and "cannot move between series" in refused.reason
+
+    running = queue.claim()
+    assert running is not None and running.id == newest.id
+    queue.cancel(running.id)
+    with pytest.raises(dicom_node.JobChanged):
+        queue.complete(running.id, "sending", "written", expected=("running",))
+    assert queue.get(running.id).state == "cancelled"

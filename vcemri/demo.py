@@ -77,17 +77,21 @@ def _demo(args: argparse.Namespace) -> int:
                                  hint="choose another or pass --overwrite")
     base = config.load_settings(args.config)
     node_port, tps_port = _free_port(), _free_port()
-    destination = base.destinations[base.routes[0].destinations[0]]
+    # One route to the stand-in only: a site configuration's real destinations never see
+    # the demo's simulated patient.
+    destination = config.Destination(ae_title="TPS", host="127.0.0.1", port=tps_port)
+    route = config.Route(name="demo", model="default", destinations=["tps"])
     settings = base.model_copy(update={
         "dicom": base.dicom.model_copy(update={"port": node_port, "bind_address": "127.0.0.1",
                                                "allowed_calling_aes": [], "tls": None}),
         "storage": base.storage.model_copy(update={"root": out / "node", "min_free_mib": 64,
                                                    "audit_log": None}),
         "assembly": base.assembly.model_copy(update={"series_idle_s": SERIES_IDLE_S}),
-        "destinations": {**base.destinations,
-                         base.routes[0].destinations[0]: destination.model_copy(
-                             update={"host": "127.0.0.1", "port": tps_port, "tls": None})},
+        "destinations": {"tps": destination},
+        "routes": [route],
     })
+    if "default" not in settings.models:
+        raise config.ConfigError("configuration", ["models: the demo uses models.default"])
     print(f"demo folder: {out}")
     print("1/4 simulating one head-and-neck patient (T1w, T2w) ...", flush=True)
     options = training.SimulationOptions(institutions=(DEMO_INSTITUTION,),
