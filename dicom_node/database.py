@@ -11,6 +11,8 @@ re-indexes any file whose row was lost when the node starts.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SCHEMA = """
@@ -105,3 +107,17 @@ def connect(root: Path, synchronous: str = "FULL") -> sqlite3.Connection:
     connection.execute("PRAGMA busy_timeout=30000")
     connection.executescript(SCHEMA)
     return connection
+
+
+@contextmanager
+def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` (the write lock at once), ``COMMIT`` at the end of the block, and
+    ``ROLLBACK`` when it raises, so that no error leaves the connection inside a transaction."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise

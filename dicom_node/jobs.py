@@ -31,7 +31,7 @@ from typing import Any
 
 import config
 
-from .database import connect
+from .database import connect, transaction
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ class JobQueue:
         columns = ["study_uid", "state", "reason", "created_at", "updated_at", *values]
         with self._lock:
             db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(db):
                 cursor = db.execute(
                     f"INSERT INTO jobs ({', '.join(columns)}) "
                     f"VALUES ({', '.join('?' for _ in columns)})",
@@ -123,11 +122,6 @@ class JobQueue:
                 job_id = int(cursor.lastrowid or 0)
                 db.execute("INSERT INTO transitions VALUES (?, ?, ?, ?)",
                            (job_id, now, state, reason))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         self._audit(job_id, study_uid, state, None, reason)
         return self.get(job_id)
 
@@ -137,15 +131,13 @@ class JobQueue:
         now = time.time()
         with self._lock:
             db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(db):
                 # a running job past its claim deadline lost its worker: run it again
                 row = db.execute(
                     f"SELECT * FROM jobs WHERE state IN ({', '.join('?' for _ in states)}, ?) "
                     "AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1",
                     (*states, RUNNING, now)).fetchone()
                 if row is None:
-                    db.execute("COMMIT")
                     return None
                 new_state = RUNNING if row["state"] in (READY, RUNNING) else row["state"]
                 # a claimed job is invisible to other workers until this deadline
@@ -156,11 +148,6 @@ class JobQueue:
                 if new_state != row["state"]:
                     db.execute("INSERT INTO transitions VALUES (?, ?, ?, NULL)",
                                (row["id"], now, new_state))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         if new_state != row["state"]:
             self._audit(row["id"], row["study_uid"], new_state, row["state"], None)
         return self.get(row["id"])
@@ -259,16 +246,10 @@ class JobQueue:
         """Remember the files a job wrote (SOP Instance UID -> path), replacing earlier ones."""
         with self._lock:
             db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(db):
                 db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
                 db.executemany("INSERT INTO outputs VALUES (?, ?, ?)",
                                [(job_id, uid, str(p)) for uid, p in outputs.items()])
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
 
     def outputs(self, job_id: int) -> dict[str, Path]:
         with self._lock:
@@ -307,8 +288,7 @@ class JobQueue:
         sets = ", ".join(f"{k} = ?" for k in values)
         with self._lock:
             db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(db):
                 before = db.execute("SELECT state, study_uid, sending_since FROM jobs "
                                     "WHERE id = ?", (job_id,)).fetchone()
                 if before is None:
@@ -324,11 +304,6 @@ class JobQueue:
                            (state, reason, now, *values.values(), job_id))
                 db.execute("INSERT INTO transitions VALUES (?, ?, ?, ?)",
                            (job_id, now, state, reason))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         self._audit(job_id, before["study_uid"], state, before["state"], reason)
         return self.get(job_id)
 

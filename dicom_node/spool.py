@@ -31,7 +31,7 @@ from typing import Any
 
 import config
 
-from .database import connect
+from .database import connect, transaction
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +244,7 @@ class Spool:
         header, expected = described["header"], described["expected"]
         with self._index_lock:
             db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(db):
                 previous = db.execute(
                     "SELECT series_uid FROM instances WHERE sop_instance_uid = ?",
                     (uids["SOPInstanceUID"],)).fetchone()
@@ -269,11 +268,6 @@ class Spool:
                         "UPDATE series SET instances = instances + ?, "
                         "generation = generation + 1, last_received = ? WHERE series_uid = ?",
                         (grew, now, uids["SeriesInstanceUID"]))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
 
     def series_files(self, series_uid: str) -> list[Path]:
         """The spooled files of a series."""
