@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydicom
 import pytest
@@ -58,6 +59,18 @@ def _dataset_bytes(path: Path) -> bytes:
     raw = path.read_bytes()
     assert raw[128:132] == b"DICM" and raw[132:136] == b"\x02\x00\x00\x00"
     return raw[144 + int.from_bytes(raw[140:144], "little"):]
+
+
+def _offline(cohort: Path, tmp_path: Path, **sections: object) -> SimpleNamespace:
+    """The node's parts without the network (configuration, spool, queue, assembler), for
+    tests that drive series assembly with their own clock."""
+    root = tmp_path / "root"
+    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors", **sections)
+    settings = config.load_settings(cfg)
+    queue = dicom_node.JobQueue(root)
+    return SimpleNamespace(root=root, cfg=cfg, settings=settings, queue=queue,
+                           spool=dicom_node.Spool(settings),
+                           assembler=dicom_node.Assembler(settings, queue))
 
 
 def _audit(root: Path) -> list[dict]:
@@ -224,13 +237,8 @@ def test_garbage_and_bad_uids_are_refused_and_truncated_pixels_fail_the_job(coho
 
 def test_a_study_missing_its_t2w_fails_with_the_reason_and_a_late_t2w_restarts_it(
         cohort, tmp_path):
-    root = tmp_path / "root"
-    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
-                       assembly={"series_idle_s": 0.5, "study_timeout_s": 2.0})
-    settings = config.load_settings(cfg)
-    spool = dicom_node.Spool(settings)
-    queue = dicom_node.JobQueue(root)
-    assembler = dicom_node.Assembler(settings, queue)
+    node = _offline(cohort, tmp_path, assembly={"series_idle_s": 0.5, "study_timeout_s": 2.0})
+    spool, queue, assembler = node.spool, node.queue, node.assembler
     t1, t2 = _series(cohort)
     for f in t1:
         assert spool.store(f.read_bytes(), "MR").status == 0
@@ -248,13 +256,10 @@ def test_a_study_missing_its_t2w_fails_with_the_reason_and_a_late_t2w_restarts_i
 
 
 def test_a_study_no_route_matches_is_kept_and_not_processed(cohort, tmp_path):
-    root = tmp_path / "root"
-    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
-                       routes=[{"name": "scanner-only", "match": {"calling_ae": "^MR1$"},
-                                "model": "default", "destinations": ["tps"]}])
-    settings = config.load_settings(cfg)
-    spool = dicom_node.Spool(settings)
-    queue = dicom_node.JobQueue(root)
+    node = _offline(cohort, tmp_path, routes=[{"name": "scanner-only",
+                                               "match": {"calling_ae": "^MR1$"},
+                                               "model": "default", "destinations": ["tps"]}])
+    settings, spool, queue = node.settings, node.spool, node.queue
     t1, t2 = _series(cohort)
     for f in t1 + t2:
         spool.store(f.read_bytes(), "ROUTER")
@@ -456,13 +461,8 @@ def test_a_full_disk_refuses_instances_with_out_of_resources(cohort, tmp_path, s
 def test_jobs_command_lists_shows_retries_and_cancels(cohort, tmp_path):
     import sys as _sys
 
-    root = tmp_path / "root"
-    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
-                       assembly={"series_idle_s": 0.5, "study_timeout_s": 2.0})
-    settings = config.load_settings(cfg)
-    spool = dicom_node.Spool(settings)
-    queue = dicom_node.JobQueue(root)
-    assembler = dicom_node.Assembler(settings, queue)
+    node = _offline(cohort, tmp_path, assembly={"series_idle_s": 0.5, "study_timeout_s": 2.0})
+    cfg, spool, queue, assembler = node.cfg, node.spool, node.queue, node.assembler
     (t1, t2), (other_t1, _) = _series(cohort), _series(cohort, 2)
     for f in t1 + t2 + other_t1:
         spool.store(f.read_bytes(), "MR")
@@ -515,13 +515,8 @@ def test_review_regressions_content_in_flight_bad_headers_moved_uids_and_cancel(
     job cancelled while running is not revived by its worker."""
     import numpy as np
 
-    root = tmp_path / "root"
-    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
-                       assembly={"series_idle_s": 0.5, "study_timeout_s": 60.0})
-    settings = config.load_settings(cfg)
-    spool = dicom_node.Spool(settings)
-    queue = dicom_node.JobQueue(root)
-    assembler = dicom_node.Assembler(settings, queue)
+    node = _offline(cohort, tmp_path, assembly={"series_idle_s": 0.5, "study_timeout_s": 60.0})
+    root, spool, queue, assembler = node.root, node.spool, node.queue, node.assembler
     t1, t2 = _series(cohort)
     for f in t1 + t2:
         spool.store(f.read_bytes(), "MR")

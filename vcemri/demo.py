@@ -174,7 +174,9 @@ def add_commands(commands: Any) -> None:
         description="Simulate one patient, start a node and a TPS stand-in on loopback, send "
         "the T1w and T2w series with a C-STORE SCU, wait for the synthetic series, RTSTRUCT and "
         "review image to arrive at the TPS, and print a summary. Uses the configuration's "
-        "model (default: the shipped weights), series rules, routes and planning settings.")
+        "model (default: the shipped weights), series rules and planning settings; its routes "
+        "and destinations are replaced by one route to the stand-in, so nothing simulated "
+        "reaches a real system.")
     parser.add_argument("--out", metavar="DIR", help="where to keep everything (default: a new "
                         "temporary folder)")
     parser.add_argument("--seed", type=int, default=7, help="simulated patient's seed")
