@@ -74,6 +74,9 @@ class SynthesisResult:
     #: the head on the T1w grid (uint8 image, 1 inside; triangle threshold, holes filled)
     foreground: sitk.Image | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: the VCE on the model's 256 x 224 grid before the way back (scanner units, (slices,
+    #: rows, columns), 0 outside the head): where the seeds compute their metrics
+    model_grid: np.ndarray | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-able record (UIDs only: no patient identity)."""
@@ -207,9 +210,15 @@ class Synthesizer:
         if not screening.accepted:
             raise RejectedStudy(screening)
 
-        on_grid = from_model_grid(output, rows, columns).numpy()
-        vce = self.normalization.restore_volume(on_grid, stats["t1w"]) / np.float32(factors.t1w)
-        vce = np.where(masks["t1w"], np.maximum(vce, 0.0), 0.0).astype(np.float32)
+        def scanner_units(values: np.ndarray, head: np.ndarray) -> np.ndarray:
+            restored = (self.normalization.restore_volume(values, stats["t1w"])
+                        / np.float32(factors.t1w))
+            return np.where(head, np.maximum(restored, 0.0), 0.0).astype(np.float32)
+
+        vce = scanner_units(from_model_grid(output, rows, columns).numpy(), masks["t1w"])
+        model_grid = scanner_units(
+            np.asarray(output, np.float32),
+            to_model_grid(masks["t1w"].astype(np.float32)).numpy() >= 0.5)
         vce_image = sitk.GetImageFromArray(vce)
         vce_image.CopyInformation(t1w.image)
         confidence_image = None
@@ -224,4 +233,4 @@ class Synthesizer:
         timings["total"] = sum(timings.values())
         return SynthesisResult(Volume(vce_image, t1w.info, t1w.sources), confidence_image, t1w,
                                t2w_on_grid, decision, factors, screening, alignment,
-                               self.model_info, head, timings)
+                               self.model_info, head, timings, model_grid)

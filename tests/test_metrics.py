@@ -18,6 +18,11 @@ def test_ssim_matches_scikit_image_away_from_the_border():
                                          use_sample_covariance=False, full=True)
     ours = ssim_map(truth, prediction, L_SEED000)
     np.testing.assert_allclose(ours[5:-5, 5:-5], reference[5:-5, 5:-5], atol=1e-10)
+    stack = ssim_map(np.stack([truth, truth[::-1]]), np.stack([prediction, prediction[::-1]]),
+                     L_SEED000)
+    np.testing.assert_allclose(stack[0], ours, atol=1e-12)  # slices are kept apart
+    np.testing.assert_allclose(stack[1], ssim_map(truth[::-1], prediction[::-1], L_SEED000),
+                               atol=1e-12)
 
 
 def test_hand_computed_cases():

@@ -19,6 +19,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 from support.models import make_checkpoint
 
 from config import ModelError
@@ -26,7 +27,7 @@ from synthesis.checkpoint import load_checkpoint
 from synthesis.inference import Predictor, resolve_device
 from synthesis.institutions import classify
 from synthesis.pipeline import PipelineOptions, RejectedStudy, Synthesizer
-from synthesis.preprocess import foreground
+from synthesis.preprocess import foreground, from_model_grid
 from synthesis.series import read_series
 from training import SimulationOptions, simulate_cohort
 
@@ -72,6 +73,12 @@ def test_vce_is_in_the_t1w_geometry_and_scanner_units(cohort, synthesizer):
     assert 0.1 < vce[vce > 0].mean() / np.asarray(t1.array)[head].mean() < 10
     assert result.institution.known and result.institution.institution == "inst2"
     assert set(result.timings) >= {"align", "model", "total"}
+    # The network's own output (where the seeds measure) is what the way back starts from.
+    grid = result.model_grid
+    assert grid is not None and grid.shape == (vce.shape[0], 256, 224) and grid.min() >= 0
+    back = from_model_grid(grid, *vce.shape[1:]).numpy()
+    inner = ndimage.binary_erosion(head, iterations=3)
+    assert np.median(np.abs(back - vce)[inner]) < 0.02 * vce[inner].mean()
 
 
 def test_external_study_gets_edm_and_edm_is_an_identity_under_patient_zscore(cohort):

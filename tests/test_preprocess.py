@@ -35,6 +35,33 @@ def test_resample_to_model_grid_and_back_keeps_geometry(rows, cols):
     np.testing.assert_allclose(fraction / [256, 224], (before + 0.5) / [rows, cols], atol=0.01)
 
 
+def _pattern(rows: int, cols: int, cycles: float) -> np.ndarray:
+    """A smooth pattern of ``cycles`` periods across the field of view, sampled at the pixel
+    centres of a rows x cols grid."""
+    y = (np.arange(rows) + 0.5) / rows
+    x = (np.arange(cols) + 0.5) / cols
+    return (np.sin(2 * np.pi * cycles * x)[None] * np.cos(2 * np.pi * cycles * y)[:, None])
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(320, 320), (288, 260), (256, 256)])
+def test_the_way_back_restores_smooth_detail_much_better_than_bilinear(rows, cols):
+    model = _pattern(256, 224, 10)[None].astype(np.float32)
+    truth = _pattern(rows, cols, 10)
+    back = from_model_grid(model, rows, cols).numpy()[0]
+    bilinear = to_model_grid(model, rows, cols).numpy()[0]
+    inner = (slice(4, -4), slice(4, -4))
+    error = np.abs(back - truth)[inner].max()
+    assert error < 0.004
+    assert error < np.abs(bilinear - truth)[inner].max() / 3
+
+
+def test_the_way_back_keeps_channels_and_slices_apart():
+    slices = np.stack([np.full((256, 224), k, np.float32) for k in range(6)]).reshape(3, 2, 256, 224)
+    back = from_model_grid(slices, 300, 200).numpy()
+    assert back.shape == (3, 2, 300, 200)
+    np.testing.assert_allclose(back, slices[..., :1, :1] * np.ones((300, 200)), atol=1e-4)
+
+
 def test_triangle_threshold_removes_background_noise_only():
     rng = np.random.default_rng(0)
     head = np.stack([_blob(96, 80, (48, 40), 30)] * 4)

@@ -134,8 +134,10 @@ def test_evaluate_tabulates_internal_and_external_against_the_baseline(run, coho
     assert ("external", "inst5") in groups and ("internal", "inst2") in groups
     assert {r["method"] for r in evaluation.rows} == {"model", "VCE = T1w"}
     for row in evaluation.rows:
-        assert np.isfinite(row["seed000_whole_mae"]) and 0 < row["seed000_whole_ssim"] <= 1
-        assert np.isfinite(row["seed000_tumour_mae"])  # the simulator's masks are used
+        for grid in ("", "acquired_"):
+            assert np.isfinite(row[f"{grid}seed000_whole_mae"])
+            assert 0 < row[f"{grid}seed000_whole_ssim"] <= 1
+            assert np.isfinite(row[f"{grid}seed000_tumour_mae"])  # the simulator's masks
     written = write(evaluation, tmp_path)
     assert "| external | inst5 | model |" in written["markdown"].read_text()
     assert len(list(csv.DictReader(open(written["csv"])))) == len(evaluation.rows)
@@ -248,9 +250,52 @@ def test_the_same_command_trains_baselines_and_ablations(cohort, tmp_path):
             stored = checkpoint.meta.architecture.config[key]
             assert (tuple(stored) if isinstance(stored, list) else stored) == value
         assert Synthesizer(checkpoint).inputs == tuple(extra.get("inputs", ("t1w", "t2w")))
-    with pytest.raises(InputError, match="CycleGAN"):
-        train(cohort / "manifest.csv", tmp_path / "cyclegan", TrainOptions(
+
+
+def test_cyclegan_trains_unpaired_from_one_modality(cohort, tmp_path):
+    import torch
+
+    from synthesis import Synthesizer
+
+    with pytest.raises(InputError, match="give --inputs t1w or --inputs t2w"):
+        train(cohort / "manifest.csv", tmp_path / "two", TrainOptions(
             institutions=("inst2", "inst3"), architecture="cyclegan"))
+    options = TrainOptions(institutions=("inst2", "inst3"), epochs=1, batch_size=2, width=0.125,
+                           device="cpu", max_steps=2, architecture="cyclegan",
+                           inputs=("t2w",), crop=(64, 56))
+    result = train(cohort / "manifest.csv", tmp_path / "cyclegan", options)
+    checkpoint = load_checkpoint(result.checkpoint)
+    assert checkpoint.meta.architecture.name == "cyclegan"
+    assert checkpoint.meta.discriminator.config["conditional"] is False
+    assert Synthesizer(checkpoint).inputs == ("t2w",)
+    log = list(csv.DictReader(open(tmp_path / "cyclegan" / "training_log.csv")))
+    assert [int(r["step"]) for r in log] == [1, 2]
+    assert all(float(r["loss_cycle"]) > 0 for r in log)
+    state = torch.load(tmp_path / "cyclegan" / "training_state.pt", weights_only=True)
+    assert {"generator", "backward", "discriminator", "input_discriminator"} <= set(state)
+
+
+def test_cyclegan_steps_never_see_the_paired_target_and_learn_to_cycle():
+    import torch
+
+    from synthesis import build_model
+    from training.objectives import CycleObjective
+
+    torch.manual_seed(0)
+    generator = build_model("cyclegan", inputs=("t1w",), width_multiplier=0.125, blocks=2,
+                            output="linear")
+    discriminator = build_model("patchgan", conditional=False, width_multiplier=0.125)
+    objective = CycleObjective(generator, discriminator, [0], cycle_weight=10.0,
+                               adversarial_weight=1.0, learning_rate=2e-3, autocast=None,
+                               scaling=False, world=1, device=torch.device("cpu"))
+    r, c = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    blobs = torch.stack([((r - 8 - k) ** 2 + (c - 20 + k) ** 2 < 40).float() for k in range(8)])
+    x = torch.stack([blobs, blobs], 1)  # "T1w" and "T2w"
+    paired = torch.full((8, 1, 32, 32), float("nan"))  # a CycleGAN must not look at these
+    unpaired = 2.0 * blobs.flip(0)[:, None]
+    cycle = [float(objective.step(x, paired, unpaired)[1]) for _ in range(30)]
+    assert all(np.isfinite(cycle))
+    assert np.mean(cycle[-5:]) < 0.5 * np.mean(cycle[:5])
 
 
 def test_fine_tuning_starts_from_the_given_checkpoint(run, cohort, tmp_path):

@@ -99,7 +99,8 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, crop=args.crop, architecture=args.architecture,
         inputs=args.inputs, fusion=args.fusion, multi_level=not args.no_multi_level,
         attention=not args.no_attention, amp=not args.no_amp, l1_weight=args.l1_weight,
-        adversarial_weight=args.adversarial_weight, decay_epochs=args.decay_epochs,
+        adversarial_weight=args.adversarial_weight, cycle_weight=args.cycle_weight,
+        decay_epochs=args.decay_epochs,
         learning_rate=args.learning_rate, init=args.init)
     bar = tqdm(unit="step", desc="training", file=sys.stderr,
                disable=args.quiet or int(os.environ.get("RANK", "0")) != 0)
@@ -212,11 +213,12 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--width", type=float, default=0.25,
                          help="MMgSN-Net width multiplier (1 = the seed's; default 0.25)")
     trainer.add_argument("--architecture", default="mmgsn",
-                         choices=("mmgsn", "unet", "hinet", "pix2pix"),
-                         help="generator: mmgsn (default) or a baseline of seed 000")
+                         choices=("mmgsn", "unet", "hinet", "pix2pix", "cyclegan"),
+                         help="generator: mmgsn (default) or a baseline of seed 000 (cyclegan "
+                         "trains unpaired, with cycle-consistency, from one modality)")
     trainer.add_argument("--inputs", type=_modalities, default=("t1w", "t2w"), metavar="LIST",
                          help="input modalities of unet/pix2pix: t1w, t2w or t1w,t2w "
-                         "(default both)")
+                         "(default both); cyclegan: t1w or t2w")
     trainer.add_argument("--fusion", choices=("sgs", "concat"), default="sgs",
                          help="MMgSN-Net ablation: concat replaces synergistic guidance (SGS)")
     trainer.add_argument("--no-multi-level", action="store_true",
@@ -227,6 +229,9 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--adversarial-weight", type=float, default=1.0,
                          help="least-squares GAN loss weight (0 trains without the "
                          "discriminator's influence; default 1)")
+    trainer.add_argument("--cycle-weight", type=float, default=10.0,
+                         help="cyclegan: cycle-consistency weight (default 10; identity loss "
+                         "half of it)")
     trainer.add_argument("--learning-rate", type=float, default=2e-4,
                          help="Adam learning rate (default 2e-4, seed 000)")
     trainer.add_argument("--init", metavar="CKPT", default=None,

@@ -109,7 +109,8 @@ def example_figure(example: Example, path: Path) -> Path:
 
 
 def training_curves(log: Path, path: Path) -> Path | None:
-    """L1 and adversarial losses against the step (running mean over 25 steps)."""
+    """L1 (CycleGAN: cycle-consistency L1) and adversarial losses against the step (running
+    mean over 25 steps)."""
     if not log.is_file():
         return None
     import matplotlib
@@ -123,7 +124,8 @@ def training_curves(log: Path, path: Path) -> Path | None:
         return None
     steps = np.array([int(r["step"]) for r in rows])
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-    for axis, keys in zip(axes, (("loss_l1",), ("loss_adv", "loss_d"))):
+    reconstruction = "loss_cycle" if "loss_cycle" in rows[0] else "loss_l1"
+    for axis, keys in zip(axes, ((reconstruction,), ("loss_adv", "loss_d"))):
         for key in keys:
             values = np.array([float(r[key]) for r in rows])
             window = min(25, len(values))
@@ -132,7 +134,8 @@ def training_curves(log: Path, path: Path) -> Path | None:
             axis.plot(steps[window - 1:], smooth, label=key)
         axis.set_xlabel("step")
         axis.legend()
-    axes[0].set_title("L1 (normalised units)")
+    axes[0].set_title("cycle L1 (normalised units)" if reconstruction == "loss_cycle"
+                      else "L1 (normalised units)")
     axes[1].set_title("least-squares GAN losses")
     figure.tight_layout()
     figure.savefig(path, dpi=90)

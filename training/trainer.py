@@ -5,9 +5,10 @@ smallest count, others dropped at random: mixture modelling), split per institut
 patient level 70 % training / 30 % internal evaluation; every other institution is external.
 The split is written next to the model.
 
-Losses: L1 (weight 100, as pix2pix; the seed gives none) plus least-squares adversarial loss
-against the conditional PatchGAN; Adam, learning rate 2e-4, betas (0.5, 0.999) (the seed names
-Adam and the rate). Targets are z-scored with the T1w's statistics per patient, so the
+Losses (training/objectives.py): L1 (weight 100, as pix2pix; the seed gives none) plus
+least-squares adversarial loss against the conditional PatchGAN, or CycleGAN's unpaired cycle
+objective for the CycleGAN baseline; Adam, learning rate 2e-4, betas (0.5, 0.999) (the seed
+names Adam and the rate). Targets are z-scored with the T1w's statistics per patient, so the
 generator's output is linear.
 
 At the end the checkpoint stores what inference needs: the institution profiles (names,
@@ -30,12 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import synthesis
 from config import InputError
 
 from .dataset import SliceCache, prepare, read_manifest
+from .objectives import CycleObjective, PairedObjective
 
 DECODER_PROBE = "decode1"
 STATE = "training_state.pt"
@@ -51,6 +52,8 @@ class TrainOptions:
     width: float = 0.25
     l1_weight: float = 100.0
     adversarial_weight: float = 1.0
+    #: CycleGAN's cycle-consistency weight (Zhu et al. 2017: 10)
+    cycle_weight: float = 10.0
     learning_rate: float = 2e-4
     internal_fraction: float = 0.3
     seed: int = 0
@@ -62,9 +65,11 @@ class TrainOptions:
     #: the network is fully convolutional, so a crop trains the same weights ~4x faster at
     #: 128 x 112 (the pix2pix practice of training on crops)
     crop: tuple[int, int] | None = None
-    #: generator: mmgsn (the seed's), or a baseline: unet, hinet, pix2pix (registry names)
+    #: generator: mmgsn (the seed's), or a baseline: unet, hinet, pix2pix, cyclegan (registry
+    #: names)
     architecture: str = "mmgsn"
-    #: input modalities of single-/multi-input baselines (unet, pix2pix); mmgsn/hinet use both
+    #: input modalities of single-/multi-input baselines (unet, pix2pix; cyclegan takes one);
+    #: mmgsn/hinet use both
     inputs: tuple[str, ...] = ("t1w", "t2w")
     #: MMgSN-Net ablations (seed 000 Table 3): fusion "concat" drops SGS
     fusion: str = "sgs"
@@ -181,7 +186,7 @@ def _resumable(options: TrainOptions) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in kept.items()}
 
 
-ARCHITECTURES = ("mmgsn", "unet", "hinet", "pix2pix")
+ARCHITECTURES = ("mmgsn", "unet", "hinet", "pix2pix", "cyclegan")
 
 
 def build_generator(options: TrainOptions) -> torch.nn.Module:
@@ -189,18 +194,36 @@ def build_generator(options: TrainOptions) -> torch.nn.Module:
     name = options.architecture
     if name not in ARCHITECTURES:
         raise InputError(f"vcemri train cannot train {name!r} (it trains "
-                         f"{', '.join(ARCHITECTURES)}); CycleGAN's unpaired cycle training is "
-                         "not implemented")
+                         f"{', '.join(ARCHITECTURES)})")
     config: dict[str, Any] = {"width_multiplier": options.width, "output": "linear"}
     if name == "mmgsn":
         config.update(fusion=options.fusion, multi_level=options.multi_level,
                       attention=options.attention)
-    elif name in ("unet", "pix2pix"):
+    elif name in ("unet", "pix2pix", "cyclegan"):
         config["inputs"] = tuple(options.inputs)
+    if name == "cyclegan" and len(options.inputs) != 1:
+        raise InputError("CycleGAN translates one modality into CE-T1w (seed 000 trains "
+                         "CycleGAN (T1w) and CycleGAN (T2w)): give --inputs t1w or --inputs t2w")
     if name == "pix2pix" and options.crop and any(c % 32 for c in options.crop):
         raise InputError(f"pix2pix halves the image five times: crop {options.crop[0]}x"
                          f"{options.crop[1]} must be multiples of 32 (e.g. 128x96)")
+    if name == "cyclegan" and options.crop and any(c % 4 for c in options.crop):
+        raise InputError(f"CycleGAN's generator halves the image twice: crop {options.crop[0]}x"
+                         f"{options.crop[1]} must be multiples of 4")
     return synthesis.build_model(name, **config)
+
+
+def build_objective(options: TrainOptions, generator: torch.nn.Module,
+                    discriminator: torch.nn.Module, channels: list[int], device: torch.device,
+                    world: int, autocast: Any, scaling: bool) -> PairedObjective | CycleObjective:
+    """The training objective of ``options.architecture`` (see training/objectives.py)."""
+    common = {"learning_rate": options.learning_rate, "autocast": autocast,
+              "scaling": scaling, "world": world, "device": device}
+    if options.architecture == "cyclegan":
+        return CycleObjective(generator, discriminator, channels, options.cycle_weight,
+                              options.adversarial_weight, **common)
+    return PairedObjective(generator, discriminator, channels, options.l1_weight,
+                           options.adversarial_weight, **common)
 
 
 @dataclass(frozen=True)
@@ -295,10 +318,7 @@ def train(manifest: Path, out: Path, options: TrainOptions,
     position in the epoch) exactly where the interrupted run stopped. Under ``torchrun`` every
     rank trains on its share of each global batch (``batch_size`` is the global batch) with
     DistributedDataParallel; rank 0 prepares the cache, logs, saves and calibrates."""
-    import contextlib
-
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     started = time.perf_counter()
     out = Path(out)
@@ -321,31 +341,21 @@ def train(manifest: Path, out: Path, options: TrainOptions,
 
     torch.manual_seed(options.seed)
     generator = build_generator(options).to(device)
-    discriminator = synthesis.build_model("patchgan", width_multiplier=options.width).to(device)
+    # CycleGAN's discriminators judge one domain's slices alone (unconditional, as its paper)
+    discriminator = synthesis.build_model(
+        "patchgan", width_multiplier=options.width,
+        conditional=options.architecture != "cyclegan").to(device)
     if options.init is not None:
         _initialise(generator, discriminator, Path(options.init))
     channels = [("t1w", "t2w").index(m) for m in getattr(generator, "inputs", ("t1w", "t2w"))]
-    opt_g = torch.optim.Adam(generator.parameters(), options.learning_rate, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(discriminator.parameters(), options.learning_rate,
-                             betas=(0.5, 0.999))
     autocast, amp_dtype = _autocast(device, options.amp)
-    scaling = amp_dtype == torch.float16
-    scaler_g = torch.amp.GradScaler("cuda", enabled=scaling)
-    scaler_d = torch.amp.GradScaler("cuda", enabled=scaling)
-    g_train, d_train = generator, discriminator
-    if place.world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        g_train = DistributedDataParallel(generator, device_ids=ids, broadcast_buffers=False)
-        d_train = DistributedDataParallel(discriminator, device_ids=ids,
-                                          broadcast_buffers=False)
+    objective = build_objective(options, generator, discriminator, channels, device,
+                                place.world, autocast, amp_dtype == torch.float16)
     train_rows = cache.rows(set(split["train"]))
     internal_rows = cache.rows(set(split["internal"]))
     log_path = out / "training_log.csv"
     state_path = out / STATE
-    modules: dict[str, Any] = {"generator": generator, "discriminator": discriminator,
-                               "opt_g": opt_g, "opt_d": opt_d}
-    if scaling:
-        modules.update(scaler_g=scaler_g, scaler_d=scaler_d)
+    modules = objective.modules
     step, start_epoch, start_batch = 0, 1, 0
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=True)
@@ -366,13 +376,15 @@ def train(manifest: Path, out: Path, options: TrainOptions,
     try:
         log = csv.writer(handle) if handle is not None else None
         if log is not None and fresh:
-            log.writerow(["step", "epoch", "loss_g", "loss_l1", "loss_adv", "loss_d", "seconds"])
+            log.writerow(["step", "epoch", *objective.losses, "seconds"])
         for epoch in range(start_epoch, options.epochs + 1):
-            for optimiser in (opt_g, opt_d):
-                for group in optimiser.param_groups:
-                    group["lr"] = options.learning_rate * learning_rate_factor(options, epoch)
+            objective.set_learning_rate(
+                options.learning_rate * learning_rate_factor(options, epoch))
             batches = _epoch_batches(train_rows, options.batch_size, options.seed, epoch)
-            batches = [b for b in batches if len(b) >= place.world]
+            # CycleGAN's CE slices: another permutation, independent of the input slices
+            others = _epoch_batches(train_rows, options.batch_size, options.seed + 1, epoch)
+            kept = [k for k, b in enumerate(batches) if len(b) >= place.world]
+            batches, others = [batches[k] for k in kept], [others[k] for k in kept]
             first = start_batch if epoch == start_epoch else 0
             for index in range(first, len(batches)):
                 rows = batches[index][place.rank::place.world]
@@ -382,34 +394,17 @@ def train(manifest: Path, out: Path, options: TrainOptions,
                                                 np.float32)).to(device)
                 y = torch.from_numpy(np.asarray(cache.targets[rows][:, top, left],
                                                 np.float32))[:, None].to(device)
-                x_g = x[:, channels]
-                with autocast or contextlib.nullcontext():
-                    fake = g_train(x_g)
-                    real_score = d_train(y, x)
-                    fake_score = d_train(fake.detach(), x)
-                    loss_d = 0.5 * (F.mse_loss(real_score, torch.ones_like(real_score))
-                                    + F.mse_loss(fake_score, torch.zeros_like(fake_score)))
-                opt_d.zero_grad(set_to_none=True)
-                scaler_d.scale(loss_d).backward()
-                scaler_d.step(opt_d)
-                scaler_d.update()
-                with autocast or contextlib.nullcontext():
-                    judged = d_train(fake, x)
-                    loss_adv = F.mse_loss(judged, torch.ones_like(judged))
-                    loss_l1 = F.l1_loss(fake.float(), y)
-                    loss_g = options.adversarial_weight * loss_adv + options.l1_weight * loss_l1
-                opt_g.zero_grad(set_to_none=True)
-                scaler_g.scale(loss_g).backward()
-                scaler_g.step(opt_g)
-                scaler_g.update()
+                unpaired = None
+                if objective.unpaired:
+                    apart = others[index][place.rank::place.world]
+                    unpaired = torch.from_numpy(np.asarray(
+                        cache.targets[apart][:, top, left], np.float32))[:, None].to(device)
+                losses = objective.step(x, y, unpaired)
                 step += 1
-                losses = torch.stack([loss_g.detach().float(), loss_l1.detach().float(),
-                                      loss_adv.detach().float(), loss_d.detach().float()])
                 if place.world > 1:
                     dist.all_reduce(losses)
                     losses /= place.world
-                values = dict(zip(("loss_g", "loss_l1", "loss_adv", "loss_d"),
-                                  (float(v) for v in losses)))
+                values = dict(zip(objective.losses, (float(v) for v in losses)))
                 if log is not None:
                     log.writerow([step, epoch, *(round(v, 6) for v in values.values()),
                                   round(time.perf_counter() - started, 2)])

@@ -1,0 +1,194 @@
+"""What one training step optimises, for the trainer to call the same way for every model.
+
+- :class:`PairedObjective` (seed 000 "Examples (B)"; also U-Net, Hi-Net and pix2pix): the
+  generator maps T1w/T2w to the CE-T1w of the same slice; L1 (weight 100, as pix2pix; the seed
+  gives none) plus the least-squares adversarial loss against a conditional PatchGAN.
+- :class:`CycleObjective` (CycleGAN, Zhu et al. 2017, a baseline of seed 000 Table 2): one
+  modality and the CE-T1w as two unpaired domains; generators both ways, one unconditional
+  PatchGAN per domain, least-squares adversarial losses, cycle-consistency L1 (weight 10) and
+  identity L1 (half the cycle weight), both as the CycleGAN paper sets them. The CE slices it
+  sees in a step are drawn independently of the input slices, so it never uses the pairing.
+
+Both run under mixed precision on CUDA (loss scaling for fp16) and DistributedDataParallel
+when ``torchrun`` starts several processes; their ``modules`` are what a resumable training
+state must hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import synthesis
+
+#: CycleGAN's identity loss weight relative to its cycle weight (Zhu et al. 2017, sec. 5.2:
+#: 0.5 x lambda).
+IDENTITY_FRACTION = 0.5
+
+
+class _Step:
+    """Optimisers, loss scalers, mixed precision and DDP wrapping shared by the objectives."""
+
+    losses: tuple[str, ...] = ()
+    #: whether a step takes CE slices drawn independently of the input slices
+    unpaired = False
+
+    def __init__(self, learning_rate: float, autocast: Any, scaling: bool, world: int,
+                 device: torch.device) -> None:
+        self.learning_rate = learning_rate
+        self.autocast = autocast
+        self.scaling = scaling
+        self.world = world
+        self.device = device
+        self.optimisers: dict[str, torch.optim.Optimizer] = {}
+        self.scalers: dict[str, torch.amp.GradScaler] = {}
+        self.trained: dict[str, nn.Module] = {}
+
+    def _adam(self, name: str, *models: nn.Module) -> None:
+        parameters = [p for m in models for p in m.parameters()]
+        self.optimisers[name] = torch.optim.Adam(parameters, self.learning_rate,
+                                                 betas=(0.5, 0.999))
+        self.scalers[name] = torch.amp.GradScaler("cuda", enabled=self.scaling)
+
+    def _wrap(self, name: str, model: nn.Module) -> nn.Module:
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        self.trained[name] = model
+        return model
+
+    def _optimise(self, name: str, loss: torch.Tensor) -> None:
+        optimiser, scaler = self.optimisers[name], self.scalers[name]
+        optimiser.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
+
+    def _precision(self) -> Any:
+        return self.autocast or contextlib.nullcontext()
+
+    def set_learning_rate(self, rate: float) -> None:
+        for optimiser in self.optimisers.values():
+            for group in optimiser.param_groups:
+                group["lr"] = rate
+
+    @property
+    def modules(self) -> dict[str, Any]:
+        """Models, optimisers and (with fp16) loss scalers, by the names a state file uses."""
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor, y: torch.Tensor,
+             unpaired: torch.Tensor | None = None) -> torch.Tensor:
+        """One update from inputs ``x`` (B, 2, H, W: T1w, T2w) and targets ``y`` (B, 1, H, W);
+        returns the losses (detached, float32) in the order of ``losses``."""
+        raise NotImplementedError
+
+
+def _lsgan(scores: torch.Tensor, real: bool) -> torch.Tensor:
+    return F.mse_loss(scores.float(), torch.full_like(scores.float(), 1.0 if real else 0.0))
+
+
+class PairedObjective(_Step):
+    """L1 + least-squares adversarial loss against a conditional PatchGAN (see module)."""
+
+    losses = ("loss_g", "loss_l1", "loss_adv", "loss_d")
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, channels: list[int],
+                 l1_weight: float, adversarial_weight: float, **common: Any) -> None:
+        super().__init__(**common)
+        self.generator, self.discriminator = generator, discriminator
+        self.channels = channels
+        self.l1_weight, self.adversarial_weight = l1_weight, adversarial_weight
+        self._adam("opt_g", generator)
+        self._adam("opt_d", discriminator)
+        self.g = self._wrap("generator", generator)
+        self.d = self._wrap("discriminator", discriminator)
+
+    @property
+    def modules(self) -> dict[str, Any]:
+        modules: dict[str, Any] = {"generator": self.generator,
+                                   "discriminator": self.discriminator, **self.optimisers}
+        if self.scaling:
+            modules.update(scaler_g=self.scalers["opt_g"], scaler_d=self.scalers["opt_d"])
+        return modules
+
+    def step(self, x: torch.Tensor, y: torch.Tensor,
+             unpaired: torch.Tensor | None = None) -> torch.Tensor:
+        with self._precision():
+            fake = self.g(x[:, self.channels])
+            loss_d = 0.5 * (_lsgan(self.d(y, x), True) + _lsgan(self.d(fake.detach(), x), False))
+        self._optimise("opt_d", loss_d)
+        with self._precision():
+            loss_adv = _lsgan(self.d(fake, x), True)
+            loss_l1 = F.l1_loss(fake.float(), y)
+            loss_g = self.adversarial_weight * loss_adv + self.l1_weight * loss_l1
+        self._optimise("opt_g", loss_g)
+        return torch.stack([v.detach().float() for v in (loss_g, loss_l1, loss_adv, loss_d)])
+
+
+class CycleObjective(_Step):
+    """CycleGAN between one input modality and the CE-T1w (see module). ``generator`` maps the
+    modality to CE-T1w (the model that is shipped), ``discriminator`` judges CE-T1w slices;
+    the way back and the modality's discriminator are built here and kept in the state."""
+
+    losses = ("loss_g", "loss_cycle", "loss_adv", "loss_d")
+    unpaired = True
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, channels: list[int],
+                 cycle_weight: float, adversarial_weight: float, **common: Any) -> None:
+        super().__init__(**common)
+        if len(channels) != 1:
+            raise ValueError("CycleGAN translates one modality")
+        self.channels = channels
+        self.cycle_weight, self.adversarial_weight = cycle_weight, adversarial_weight
+        config = dict(generator.config)
+        config["inputs"] = ["ce"]
+        self.generator = generator
+        self.backward = synthesis.build_model("cyclegan", **config).to(common["device"])
+        self.discriminator = discriminator
+        self.input_discriminator = synthesis.build_model(
+            "patchgan", **discriminator.config).to(common["device"])
+        self._adam("opt_g", self.generator, self.backward)
+        self._adam("opt_d", self.discriminator, self.input_discriminator)
+        self.g_ab = self._wrap("generator", self.generator)
+        self.g_ba = self._wrap("backward", self.backward)
+        self.d_b = self._wrap("discriminator", self.discriminator)
+        self.d_a = self._wrap("input_discriminator", self.input_discriminator)
+
+    @property
+    def modules(self) -> dict[str, Any]:
+        modules: dict[str, Any] = {"generator": self.generator, "backward": self.backward,
+                                   "discriminator": self.discriminator,
+                                   "input_discriminator": self.input_discriminator,
+                                   **self.optimisers}
+        if self.scaling:
+            modules.update(scaler_g=self.scalers["opt_g"], scaler_d=self.scalers["opt_d"])
+        return modules
+
+    def step(self, x: torch.Tensor, y: torch.Tensor,
+             unpaired: torch.Tensor | None = None) -> torch.Tensor:
+        if unpaired is None:
+            raise ValueError("CycleGAN steps take CE slices drawn apart from the inputs")
+        a, b = x[:, self.channels], unpaired
+        with self._precision():
+            fake_b, fake_a = self.g_ab(a), self.g_ba(b)
+            loss_adv = _lsgan(self.d_b(fake_b), True) + _lsgan(self.d_a(fake_a), True)
+            loss_cycle = (F.l1_loss(self.g_ba(fake_b).float(), a)
+                          + F.l1_loss(self.g_ab(fake_a).float(), b))
+            identity = (F.l1_loss(self.g_ab(b).float(), b)
+                        + F.l1_loss(self.g_ba(a).float(), a))
+            loss_g = (self.adversarial_weight * loss_adv + self.cycle_weight * loss_cycle
+                      + IDENTITY_FRACTION * self.cycle_weight * identity)
+        self._optimise("opt_g", loss_g)
+        with self._precision():
+            loss_d = 0.5 * (_lsgan(self.d_b(b), True) + _lsgan(self.d_b(fake_b.detach()), False)
+                            + _lsgan(self.d_a(a), True)
+                            + _lsgan(self.d_a(fake_a.detach()), False))
+        self._optimise("opt_d", loss_d)
+        return torch.stack([v.detach().float() for v in (loss_g, loss_cycle, loss_adv, loss_d)])
