@@ -260,11 +260,15 @@ def test_cyclegan_trains_unpaired_from_one_modality(cohort, tmp_path):
     with pytest.raises(InputError, match="give --inputs t1w or --inputs t2w"):
         train(cohort / "manifest.csv", tmp_path / "two", TrainOptions(
             institutions=("inst2", "inst3"), architecture="cyclegan"))
-    options = TrainOptions(institutions=("inst2", "inst3"), epochs=1, batch_size=2, width=0.125,
-                           device="cpu", max_steps=2, architecture="cyclegan",
-                           inputs=("t2w",), crop=(64, 56))
-    result = train(cohort / "manifest.csv", tmp_path / "cyclegan", options)
-    checkpoint = load_checkpoint(result.checkpoint)
+    done = subprocess.run(  # the command, progress bar included
+        [sys.executable, "-m", "vcemri", "train", "--manifest", str(cohort / "manifest.csv"),
+         "--out", str(tmp_path / "cyclegan"), "--institutions", "inst2,inst3", "--epochs", "1",
+         "--batch-size", "2", "--width", "0.125", "--device", "cpu", "--max-steps", "2",
+         "--architecture", "cyclegan", "--inputs", "t2w", "--crop", "64x48"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "cycle=" in done.stderr
+    checkpoint = load_checkpoint(tmp_path / "cyclegan" / "model.safetensors")
     assert checkpoint.meta.architecture.name == "cyclegan"
     assert checkpoint.meta.discriminator.config["conditional"] is False
     assert Synthesizer(checkpoint).inputs == ("t2w",)

@@ -110,7 +110,9 @@ def _train(args: argparse.Namespace) -> int:
             bar.set_description(f"preparing {values['patient']}")
             return
         bar.set_description(f"epoch {values['epoch']}/{args.epochs}")
-        bar.set_postfix(l1=f"{values['loss_l1']:.3f}", d=f"{values['loss_d']:.3f}")
+        shown = {k.removeprefix("loss_"): f"{v:.3f}" for k, v in values.items()
+                 if k in ("loss_l1", "loss_cycle", "loss_d")}
+        bar.set_postfix(shown)
         bar.update(1)
 
     with bar:

@@ -259,7 +259,9 @@ def setup_distributed(device_option: str) -> tuple[Distributed, torch.device]:
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 
-def _autocast(device: torch.device, enabled: bool) -> tuple[Any, torch.dtype | None]:
+def autocast_for(device: torch.device, enabled: bool) -> tuple[Any, torch.dtype | None]:
+    """The mixed-precision context for training on ``device`` and its dtype (bf16 where the
+    GPU supports it, else fp16, which needs loss scaling); (None, None) on CPU or disabled."""
     if not enabled or device.type != "cuda":
         return None, None
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -348,7 +350,7 @@ def train(manifest: Path, out: Path, options: TrainOptions,
     if options.init is not None:
         _initialise(generator, discriminator, Path(options.init))
     channels = [("t1w", "t2w").index(m) for m in getattr(generator, "inputs", ("t1w", "t2w"))]
-    autocast, amp_dtype = _autocast(device, options.amp)
+    autocast, amp_dtype = autocast_for(device, options.amp)
     objective = build_objective(options, generator, discriminator, channels, device,
                                 place.world, autocast, amp_dtype == torch.float16)
     train_rows = cache.rows(set(split["train"]))
