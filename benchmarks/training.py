@@ -20,8 +20,7 @@ import torch
 from benchmarks.machine import describe
 from synthesis.inference import resolve_device
 from synthesis.models import build, parameter_count
-from training.objectives import PairedObjective
-from training.trainer import autocast_for
+from training import PairedObjective, autocast_for
 
 
 def step_time(width: float, batch: int, steps: int, device: torch.device,

@@ -149,6 +149,21 @@ def test_evaluate_tabulates_internal_and_external_against_the_baseline(run, coho
         ("external", "model", "VCE = T1w"), ("internal", "model", "VCE = T1w")}
 
 
+def test_evaluate_recomputes_the_split_of_a_checkpoint_without_its_run(run, cohort, tmp_path):
+    import shutil
+
+    from training.evaluate import _split
+
+    out, result = run
+    alone = tmp_path / "copied.safetensors"
+    shutil.copy(result.checkpoint, alone)
+    entries = read_manifest(cohort / "manifest.csv")
+    assert _split(alone, load_checkpoint(alone), entries) == json.loads(
+        (out / "split.json").read_text())
+    elsewhere = [e for e in entries if e.institution == "inst5"]  # no training institution
+    assert _split(alone, load_checkpoint(alone), elsewhere) == {}
+
+
 def test_paired_tests_match_scipy_and_compare_models_pairwise():
     from scipy.stats import wilcoxon
 

@@ -262,13 +262,16 @@ def add_commands(commands: Any) -> None:
         help="evaluate a model on a manifest: MAE, MSE, SSIM, PSNR per institution",
         description="Run each patient through the synthesis pipeline and compare with the "
         "acquired CE-T1w (seed 000 and seed 001 conventions, whole image and tumour), next to "
-        "'VCE = T1w'; per institution, internal and external (from the model's split.json). "
+        "'VCE = T1w', on the model's 256x224 grid as the seeds and on the acquired T1w grid; "
+        "per institution, internal and external (the model's split.json, or the split "
+        "recomputed from the seed and institutions its checkpoint records). "
         "Writes evaluation.csv/.md, significance.csv (paired Wilcoxon tests) and report.html "
         "with example figures and training curves.",
     )
     evaluator.add_argument("--model", required=True, metavar="[LABEL=]CKPT", action="append",
-                           help="checkpoint to evaluate; repeat to compare models (paired "
-                           "tests between them; the first model's split.json is used)")
+                           help="checkpoint to evaluate (builtin: the shipped model); "
+                           "repeat to compare models (paired tests between them; the first "
+                           "model's split is used)")
     evaluator.add_argument("--manifest", required=True, metavar="CSV")
     evaluator.add_argument("--out", required=True, metavar="DIR")
     evaluator.add_argument("--groups", default="internal,external",

@@ -24,8 +24,9 @@ import numpy as np
 import SimpleITK as sitk
 
 import synthesis
+from config import InputError
 
-from .dataset import read_manifest
+from .dataset import PatientEntry, read_manifest
 from .metrics import study_metrics
 from .report import (
     BASELINE,
@@ -36,6 +37,7 @@ from .report import (
     training_curves,
     write_html,
 )
+from .trainer import TrainOptions, design
 
 #: Metric keys of the acquired T1w grid carry this prefix (the others: the model grid).
 ACQUIRED = "acquired_"
@@ -66,6 +68,28 @@ def _group(patient: str, split: dict[str, list[str]]) -> str:
         if patient in split.get(name, []):
             return name
     return "unlisted"
+
+
+def _split(path: Path, checkpoint: synthesis.Checkpoint,
+           entries: list[PatientEntry]) -> dict[str, list[str]]:
+    """The split of the run that trained the model: ``split.json`` beside the checkpoint, else
+    (the built-in model, a copied checkpoint) the same split recomputed from the seed, training
+    institutions and internal fraction the checkpoint records (the study design depends on
+    nothing else), else none: every patient is then in the group 'all'."""
+    beside = path.with_name("split.json")
+    if str(path) != "builtin" and beside.is_file():
+        return dict(json.loads(beside.read_text()))
+    training = checkpoint.meta.training
+    options = training.get("options") or {}
+    if "seed" not in options:
+        return {}
+    sites = options.get("institutions") or training.get("training_institutions")
+    try:
+        return design([(e.patient, e.institution) for e in entries], TrainOptions(
+            institutions=tuple(sites) if sites else None, seed=int(options["seed"]),
+            internal_fraction=float(options.get("internal_fraction", 0.3))))
+    except InputError:  # none of the model's training institutions is in this manifest
+        return {}
 
 
 def _tumour(path: Path | None, reference: sitk.Image) -> np.ndarray | None:
@@ -101,19 +125,19 @@ def _example_slice(tumour: np.ndarray | None, depth: int) -> int:
 def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
              groups: tuple[str, ...] = ("internal", "external"), device: str = "auto",
              progress: Callable[[str], None] | None = None) -> Evaluation:
-    """Metrics for the manifest's patients in ``groups`` (all patients when the first model
-    has no split.json beside it), for each model (label -> checkpoint; one model is labelled
+    """Metrics for the manifest's patients in ``groups`` of the first model's split (all
+    patients when it has none, see :func:`_split`), for each model (label -> checkpoint; one model is labelled
     'model') and 'VCE = T1w'; with paired tests and one example slice per institution."""
     labelled = _labels(models)
-    first = next(iter(labelled.values()))
-    split_path = first.with_name("split.json")
-    split = json.loads(split_path.read_text()) if split_path.is_file() else {}
     synthesizers = {label: synthesis.Synthesizer(
         path, synthesis.PipelineOptions(device=device, screen=False, confidence=False))
         for label, path in labelled.items()}
+    entries = read_manifest(manifest)
+    first = next(iter(labelled))
+    split = _split(labelled[first], synthesizers[first].checkpoint, entries)
     rows: list[dict[str, object]] = []
     examples: list[Example] = []
-    for entry in read_manifest(manifest):
+    for entry in entries:
         group = _group(entry.patient, split) if split else "all"
         if split and group not in groups:
             continue
@@ -204,10 +228,10 @@ def write(evaluation: Evaluation, out: Path) -> dict[str, Path]:
                                  out / f"training-curves{suffix}.png")
         if curves is not None:
             images.append((f"training curves of {label} ({model})", curves))
-    sections = [("Mean +- SD per institution (seed 000: L = 4095; seed 001: [0, 1]; on the "
-                 "model's 256 x 224 grid as the seeds, the last two columns on the acquired "
-                 "T1w grid, as delivered)",
-                 evaluation.markdown)]
+    heading = ("Mean +- SD per institution (seed 000: L = 4095; seed 001: [0, 1]; on the "
+               "model's 256 x 224 grid as the seeds, the last two columns on the acquired "
+               "T1w grid, as delivered)")
+    sections = [(heading, evaluation.markdown)]
     if tests:
         sections.append(("Paired tests (Wilcoxon signed-rank, two-sided)", tests))
     models = "\n".join(f"| {k} | {v} |" for k, v in evaluation.models.items())
