@@ -10,6 +10,7 @@ _LAZY = {
     "save_checkpoint": "checkpoint", "InstitutionProfile": "checkpoint",
     "PipelineOptions": "pipeline", "RejectedStudy": "pipeline", "SynthesisResult": "pipeline",
     "Synthesizer": "pipeline", "Volume": "series", "read_series": "series",
+    "read_volume": "series", "read_image_file": "series", "is_image_file": "series",
     "SeriesInfo": "series", "build_model": "models", "find_pair": "study",
     "check_pair": "series", "resample_onto": "alignment", "foreground": "preprocess",
     "remove_background": "preprocess", "to_model_grid": "preprocess",

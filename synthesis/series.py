@@ -274,6 +274,44 @@ def dicom_files(folder: Path) -> list[Path]:
     return files
 
 
+#: File names SimpleITK reads as one image (research exports, training data): NIfTI, NRRD,
+#: MetaImage.
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` names a NIfTI/NRRD/MetaImage file rather than DICOM."""
+    return Path(path).is_file() and str(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+def read_image_file(path: Path) -> Volume:
+    """A NIfTI (or NRRD, MetaImage) volume as a :class:`Volume`, reoriented to LPS (axial
+    slices, as an axial DICOM series). Such files carry no patient, study, scanner or sequence
+    identity: those header fields are empty, so the pipeline relies on the intensities (e.g.
+    to recognise an institution) and the caller vouches that the files belong together."""
+    path = Path(path)
+    try:
+        image = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    except RuntimeError as exc:
+        raise InputError(f"{path.name} is not a readable image file "
+                         f"({str(exc).strip().splitlines()[-1][:200]})") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path.name} is not one 3D scalar volume ({image.GetDimension()}D, "
+                         f"{image.GetNumberOfComponentsPerPixel()} component(s))")
+    image = sitk.DICOMOrient(image, "LPS")
+    info = SeriesInfo(series_uid="", study_uid="", frame_of_reference_uid="", patient_key="",
+                      modality="MR", description="", manufacturer="", model="",
+                      field_strength_t=None, institution_name="", station_name="",
+                      repetition_time_ms=None, echo_time_ms=None, inversion_time_ms=None,
+                      contrast_agent="", body_part="", image_type=())
+    return Volume(image, info)
+
+
+def read_volume(path: Path) -> Volume:
+    """A DICOM series (folder or files) or an image file (:data:`IMAGE_SUFFIXES`)."""
+    return read_image_file(path) if is_image_file(path) else read_series(path)
+
+
 def read_series(paths: Path | Iterable[Path]) -> Volume:
     """Read one MR series (a folder or its files) into a :class:`Volume`."""
     files = dicom_files(paths) if isinstance(paths, Path) and paths.is_dir() else (

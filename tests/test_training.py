@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from config import InputError
 from synthesis import load_checkpoint
@@ -56,6 +57,57 @@ def test_broken_manifest_lists_every_problem(cohort, tmp_path):
     assert "patient SIM-INST2-001 has no t2w" in message
     assert "patient SIM-X has no t2w, ce" in message
     assert ": no role" in message
+
+
+def test_yaml_and_per_patient_csv_manifests_with_nifti_series_give_the_same_training_data(
+        cohort, tmp_path):
+    import SimpleITK as sitk
+
+    from synthesis import Normalization, read_series
+    from training.dataset import prepare
+
+    entries = [e for e in read_manifest(cohort / "manifest.csv")
+               if e.patient in ("SIM-INST2-001", "SIM-INST3-001")]
+    items = []
+    for entry in entries:
+        item = {"patient": entry.patient, "institution": entry.institution,
+                "mask": str(entry.paths["mask"])}
+        for role in ("t1w", "t2w", "ce"):
+            if entry.patient == "SIM-INST3-001":  # DICOM folders for this one
+                item[role] = str(entry.paths[role])
+                continue
+            # stored right-anterior-superior, as NIfTI tools often write: read back as LPS
+            image = sitk.DICOMOrient(read_series(entry.paths[role]).image, "RAS")
+            item[role] = f"{role}.nii.gz"
+            sitk.WriteImage(image, str(tmp_path / item[role]))
+        items.append(item)
+    (tmp_path / "manifest.yaml").write_text(yaml.safe_dump({"patients": items}))
+    with open(tmp_path / "wide.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["patient", "institution", "t1w", "t2w", "ce", "mask"])
+        writer.writeheader()
+        writer.writerows(items)
+    from_yaml = read_manifest(tmp_path / "manifest.yaml")
+    assert from_yaml == read_manifest(tmp_path / "wide.csv")
+    assert [e.paths["t1w"].name for e in from_yaml] == ["t1w.nii.gz", "t1w"]
+    normalization = Normalization("zscore", "patient")
+    nifti = prepare(from_yaml, tmp_path / "cache-nifti", normalization)
+    dicom = prepare(entries, tmp_path / "cache-dicom", normalization)
+    np.testing.assert_allclose(np.asarray(nifti.inputs, np.float32),
+                               np.asarray(dicom.inputs, np.float32), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(nifti.targets, np.float32),
+                               np.asarray(dicom.targets, np.float32), atol=1e-3)
+    # NIfTI carries no scanner identity: the profile falls back on intensities
+    assert nifti.patients[0].header["manufacturer"] == ""
+
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump([
+        {"patient": "P1", "institution": "x", "t1w": "t1w.nii.gz", "t2w": "t2w.nii.gz",
+         "contrast": "ce.nii.gz"}, "not a patient"]))
+    with pytest.raises(InputError) as caught:
+        read_manifest(tmp_path / "bad.yaml")
+    message = str(caught.value)
+    assert "patient entry 1: unknown key(s) contrast" in message
+    assert "patient entry 1: no path" in message  # its ce
+    assert "patient entry 2: not a mapping" in message
 
 
 def test_study_design_is_a_balanced_mixture_with_a_patient_split():

@@ -2,9 +2,15 @@
 checked as a whole, preprocessed once exactly as the synthesis pipeline preprocesses a study,
 and cached as memory-mapped slices so epochs never decode DICOM again.
 
-Manifest: CSV with ``patient,institution,role,path`` (the simulator's ``manifest.csv``), roles
-``t1w``, ``t2w``, ``ce`` (required) and ``mask`` (NIfTI, optional); paths relative to the
-manifest. A broken manifest is refused with every problem listed.
+Manifests, paths relative to the manifest; each series a DICOM folder or an image file
+(NIfTI ``.nii``/``.nii.gz``, NRRD, MetaImage); ``mask`` (optional) a tumour label image:
+
+- CSV, one row per series: ``patient,institution,role,path`` with roles ``t1w``, ``t2w``,
+  ``ce`` (required) and ``mask`` (the simulator's ``manifest.csv``; other roles are ignored);
+- CSV, one row per patient: ``patient,institution,t1w,t2w,ce[,mask]``;
+- YAML (``.yaml``/``.yml``): a list of mappings with those keys, or ``patients:`` holding one.
+
+A broken manifest is refused with every problem listed.
 """
 
 from __future__ import annotations
@@ -33,6 +39,68 @@ class PatientEntry:
     paths: dict[str, Path]
 
 
+PER_PATIENT = ("t1w", "t2w", "ce", "mask")
+
+
+def _csv_records(path: Path, problems: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """(where, {patient, institution, role, path}) for each series of a CSV manifest."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"manifest {path} is not UTF-8 text ({exc.reason})") from None
+    if not lines:
+        return []
+    reader = csv.DictReader(lines)
+    columns = set(reader.fieldnames or [])
+    per_series = {"patient", "institution", "role", "path"}
+    wide = {"patient", "institution", *REQUIRED_ROLES}
+    if not per_series <= columns and not wide <= columns:
+        raise InputError(f"manifest {path} needs the columns patient,institution,role,path (a "
+                         "row per series) or patient,institution,t1w,t2w,ce[,mask] (a row per "
+                         f"patient); it has {','.join(reader.fieldnames or []) or 'none'}")
+    records = []
+    for number, row in enumerate(reader, start=2):
+        if per_series <= columns:
+            records.append((f"line {number}", {k: row.get(k) or "" for k in per_series}))
+            continue
+        for role in PER_PATIENT:
+            if role in REQUIRED_ROLES or (row.get(role) or "").strip():
+                records.append((f"line {number}", {"patient": row.get("patient") or "",
+                                                   "institution": row.get("institution") or "",
+                                                   "role": role, "path": row.get(role) or ""}))
+    return records
+
+
+def _yaml_records(path: Path, problems: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """The same records from a YAML manifest (a list of patients, or ``patients:``)."""
+    import yaml
+
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputError(f"manifest {path} is not readable YAML ({exc})") from None
+    if isinstance(document, dict) and "patients" in document:
+        document = document["patients"]
+    if not isinstance(document, list):
+        raise InputError(f"manifest {path}: expected a list of patients (or 'patients:' "
+                         "holding one), each with patient, institution, t1w, t2w, ce[, mask]")
+    records = []
+    for number, item in enumerate(document, start=1):
+        where = f"patient entry {number}"
+        if not isinstance(item, dict):
+            problems.append(f"{where}: not a mapping of patient, institution, t1w, t2w, ce")
+            continue
+        unknown = sorted(set(map(str, item)) - {"patient", "institution", *PER_PATIENT})
+        if unknown:
+            problems.append(f"{where}: unknown key(s) {', '.join(unknown)}")
+        for role in PER_PATIENT:
+            if role in REQUIRED_ROLES or item.get(role):
+                records.append((where, {"patient": str(item.get("patient") or ""),
+                                        "institution": str(item.get("institution") or ""),
+                                        "role": role, "path": str(item.get(role) or "")}))
+    return records
+
+
 def read_manifest(path: Path) -> list[PatientEntry]:
     """The patients of a manifest; raises :class:`InputError` listing every problem."""
     path = Path(path)
@@ -41,31 +109,22 @@ def read_manifest(path: Path) -> list[PatientEntry]:
     problems: list[str] = []
     rows: dict[str, dict[str, Path]] = defaultdict(dict)
     institutions: dict[str, str] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise InputError(f"manifest {path} is not UTF-8 text ({exc.reason})") from None
-    if lines:
-        reader = csv.DictReader(lines)
-        missing_columns = {"patient", "institution", "role", "path"} - set(reader.fieldnames or [])
-        if missing_columns:
-            raise InputError(f"manifest {path} lacks the columns {', '.join(sorted(missing_columns))}")
-        for number, row in enumerate(reader, start=2):
-            values = {k: (row.get(k) or "").strip() for k in ("patient", "institution", "role",
-                                                               "path")}
-            empty = [k for k, v in values.items() if not v]
-            if empty:
-                problems.append(f"line {number}: no {', '.join(empty)}")
-                continue
-            patient, role = values["patient"], values["role"]
-            target = (path.parent / values["path"]).resolve()
-            if role in rows[patient]:
-                problems.append(f"line {number}: patient {patient} has a second {role}")
-            if not target.exists():
-                problems.append(f"line {number}: {row['path']} does not exist")
-            rows[patient][role] = target
-            if institutions.setdefault(patient, values["institution"]) != values["institution"]:
-                problems.append(f"line {number}: patient {patient} is listed at two institutions")
+    reader = _yaml_records if path.suffix.lower() in (".yaml", ".yml") else _csv_records
+    for where, record in reader(path, problems):
+        values = {k: record[k].strip() for k in ("patient", "institution", "role", "path")}
+        empty = [k for k, v in values.items() if not v]
+        if empty:
+            problems.append(f"{where}: no {', '.join(empty)}")
+            continue
+        patient, role = values["patient"], values["role"]
+        target = (path.parent / values["path"]).resolve()
+        if role in rows[patient]:
+            problems.append(f"{where}: patient {patient} has a second {role}")
+        if not target.exists():
+            problems.append(f"{where}: {values['path']} does not exist")
+        rows[patient][role] = target
+        if institutions.setdefault(patient, values["institution"]) != values["institution"]:
+            problems.append(f"{where}: patient {patient} is listed at two institutions")
     for patient, roles in rows.items():
         absent = [r for r in REQUIRED_ROLES if r not in roles]
         if absent:
@@ -131,9 +190,11 @@ def prepare(entries: list[PatientEntry], cache_root: Path,
     total = 0
     for entry in entries:
         try:
-            volumes = {role: synthesis.read_series(entry.paths[role]) for role in REQUIRED_ROLES}
-            synthesis.check_pair(volumes["t1w"], volumes["t2w"])
-            synthesis.check_pair(volumes["t1w"], volumes["ce"])
+            volumes = {role: synthesis.read_volume(entry.paths[role]) for role in REQUIRED_ROLES}
+            # image files carry no identity to compare: the manifest vouches for them
+            if not any(synthesis.is_image_file(entry.paths[r]) for r in REQUIRED_ROLES):
+                synthesis.check_pair(volumes["t1w"], volumes["t2w"])
+                synthesis.check_pair(volumes["t1w"], volumes["ce"])
         except VcemriError as exc:
             problems.append(f"patient {entry.patient}: {exc}")
             continue

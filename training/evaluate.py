@@ -141,9 +141,9 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
         group = _group(entry.patient, split) if split else "all"
         if split and group not in groups:
             continue
-        t1 = synthesis.read_series(entry.paths["t1w"])
-        t2 = synthesis.read_series(entry.paths["t2w"])
-        ce = synthesis.resample_onto(synthesis.read_series(entry.paths["ce"]), t1)
+        t1 = synthesis.read_volume(entry.paths["t1w"])
+        t2 = synthesis.read_volume(entry.paths["t2w"])
+        ce = synthesis.resample_onto(synthesis.read_volume(entry.paths["ce"]), t1)
         tumour = _tumour(entry.paths.get("mask"), t1.image)
         predictions, on_grid = {}, {}
         head = None
