@@ -13,6 +13,7 @@ _LAZY = {
     "read_volume": "series", "read_image_file": "series", "is_image_file": "series",
     "SeriesInfo": "series", "build_model": "models", "find_pair": "study",
     "check_pair": "series", "resample_onto": "alignment", "foreground": "preprocess",
+    "field_overlap": "alignment",
     "remove_background": "preprocess", "to_model_grid": "preprocess",
     "clean_pair": "preprocess",
     "Normalization": "normalization", "Statistics": "normalization",

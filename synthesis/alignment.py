@@ -61,6 +61,15 @@ def resample_onto(moving: Volume, reference: Volume,
     return Volume(image, moving.info, moving.sources)
 
 
+def field_overlap(reference: Volume, other: Volume) -> float:
+    """Fraction of ``reference``'s voxels that fall inside ``other``'s field of view (world
+    coordinates: 1.0 when it covers the reference entirely, 0.0 when they do not meet)."""
+    ones = sitk.Image(other.image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(other.image)
+    inside = sitk.Resample(ones, reference.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return float(sitk.GetArrayViewFromImage(inside).mean())
+
+
 def _largest_displacement(transform: sitk.Euler3DTransform, reference: sitk.Image) -> float:
     size = np.array(reference.GetSize()) - 1
     corners = [np.array(c) * size for c in np.ndindex(2, 2, 2)]

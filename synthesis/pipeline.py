@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from config import InputError, ModelError
 
 from . import edm
-from .alignment import Alignment, AlignMode, align
+from .alignment import Alignment, AlignMode, align, field_overlap
 from .checkpoint import Checkpoint, load_checkpoint
 from .edm import EDMFactors
 from .inference import Predictor, resolve_device, with_confidence
@@ -106,14 +106,6 @@ def resolve_checkpoint(name: str | Path) -> Path:
     return BUILTIN_CHECKPOINT
 
 
-def _overlap(t1w: Volume, t2w_original: Volume) -> float:
-    """Fraction of the T1w's voxels that fall inside the T2w's field of view."""
-    ones = sitk.Image(t2w_original.image.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(t2w_original.image)
-    inside = sitk.Resample(ones, t1w.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return float(sitk.GetArrayViewFromImage(inside).mean())
-
-
 class Synthesizer:
     """A loaded model ready to synthesise studies with the given options."""
 
@@ -155,7 +147,7 @@ class Synthesizer:
             clock = now
 
         check_pair(t1w, t2w)
-        overlap = _overlap(t1w, t2w)
+        overlap = field_overlap(t1w, t2w)
         if self.options.screen:  # before registering: registration needs overlap
             reasons = input_checks(t1w.shape[0], t1w.info.body_part, overlap,
                                    min_slices=self.options.min_slices)

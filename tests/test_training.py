@@ -98,6 +98,14 @@ def test_yaml_and_per_patient_csv_manifests_with_nifti_series_give_the_same_trai
                                np.asarray(dicom.targets, np.float32), atol=1e-3)
     # NIfTI carries no scanner identity: the profile falls back on intensities
     assert nifti.patients[0].header["manufacturer"] == ""
+    # mismatched geometry: a CE-T1w written 300 mm away from the T1w is refused, with the reason
+    moved = sitk.ReadImage(str(tmp_path / "ce.nii.gz"))
+    moved.SetOrigin(tuple(np.add(moved.GetOrigin(), (0.0, 0.0, 300.0))))
+    sitk.WriteImage(moved, str(tmp_path / "ce-moved.nii.gz"))
+    items[0]["ce"] = "ce-moved.nii.gz"
+    (tmp_path / "moved.yaml").write_text(yaml.safe_dump(items))
+    with pytest.raises(InputError, match=r"SIM-INST2-001: its ce covers 0% of the T1w's field"):
+        prepare(read_manifest(tmp_path / "moved.yaml"), tmp_path / "cache-moved", normalization)
 
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump([
         {"patient": "P1", "institution": "x", "t1w": "t1w.nii.gz", "t2w": "t2w.nii.gz",

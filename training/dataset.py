@@ -41,6 +41,10 @@ class PatientEntry:
 
 PER_PATIENT = ("t1w", "t2w", "ce", "mask")
 
+#: A patient's T2w and CE-T1w must cover this fraction of the T1w's field of view, as the
+#: pipeline's screening asks of a study's T2w (synthesis.screening.input_checks).
+MIN_OVERLAP = 0.8
+
 
 def _csv_records(path: Path, problems: list[str]) -> list[tuple[str, dict[str, str]]]:
     """(where, {patient, institution, role, path}) for each series of a CSV manifest."""
@@ -195,6 +199,13 @@ def prepare(entries: list[PatientEntry], cache_root: Path,
             if not any(synthesis.is_image_file(entry.paths[r]) for r in REQUIRED_ROLES):
                 synthesis.check_pair(volumes["t1w"], volumes["t2w"])
                 synthesis.check_pair(volumes["t1w"], volumes["ce"])
+            for role in ("t2w", "ce"):
+                covered = synthesis.field_overlap(volumes["t1w"], volumes[role])
+                if covered < MIN_OVERLAP:
+                    raise InputError(
+                        f"its {role} covers {covered:.0%} of the T1w's field of view (at least "
+                        f"{MIN_OVERLAP:.0%} needed): the series do not show the same anatomy "
+                        "in the same place; check their geometry")
         except VcemriError as exc:
             problems.append(f"patient {entry.patient}: {exc}")
             continue
