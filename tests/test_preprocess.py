@@ -56,7 +56,8 @@ def test_the_way_back_restores_smooth_detail_much_better_than_bilinear(rows, col
 
 
 def test_the_way_back_keeps_channels_and_slices_apart():
-    slices = np.stack([np.full((256, 224), k, np.float32) for k in range(6)]).reshape(3, 2, 256, 224)
+    planes = [np.full((256, 224), k, np.float32) for k in range(6)]
+    slices = np.stack(planes).reshape(3, 2, 256, 224)
     back = from_model_grid(slices, 300, 200).numpy()
     assert back.shape == (3, 2, 300, 200)
     np.testing.assert_allclose(back, slices[..., :1, :1] * np.ones((300, 200)), atol=1e-4)

@@ -126,8 +126,9 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
              groups: tuple[str, ...] = ("internal", "external"), device: str = "auto",
              progress: Callable[[str], None] | None = None) -> Evaluation:
     """Metrics for the manifest's patients in ``groups`` of the first model's split (all
-    patients when it has none, see :func:`_split`), for each model (label -> checkpoint; one model is labelled
-    'model') and 'VCE = T1w'; with paired tests and one example slice per institution."""
+    patients when it has none, see :func:`_split`), for each model (label -> checkpoint; one
+    model is labelled 'model') and 'VCE = T1w'; with paired tests and one example slice per
+    institution."""
     labelled = _labels(models)
     synthesizers = {label: synthesis.Synthesizer(
         path, synthesis.PipelineOptions(device=device, screen=False, confidence=False))
