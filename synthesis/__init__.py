@@ -15,6 +15,7 @@ _LAZY = {
     "check_pair": "series", "resample_onto": "alignment", "foreground": "preprocess",
     "field_overlap": "alignment",
     "remove_background": "preprocess", "to_model_grid": "preprocess",
+    "mask_to_model_grid": "preprocess",
     "clean_pair": "preprocess",
     "Normalization": "normalization", "Statistics": "normalization",
     "FeatureProbe": "screening", "calibrate_ood": "screening",

@@ -28,7 +28,7 @@ from .edm import EDMFactors
 from .inference import Predictor, resolve_device, with_confidence
 from .institutions import InstitutionDecision, classify
 from .normalization import Normalization, Statistics
-from .preprocess import clean_pair, from_model_grid, to_model_grid
+from .preprocess import clean_pair, from_model_grid, mask_to_model_grid, to_model_grid
 from .screening import FeatureProbe, Screening, input_checks, judge, ood_score
 from .series import Volume, check_pair
 
@@ -210,7 +210,7 @@ class Synthesizer:
         vce = scanner_units(from_model_grid(output, rows, columns).numpy(), masks["t1w"])
         model_grid = scanner_units(
             np.asarray(output, np.float32),
-            to_model_grid(masks["t1w"].astype(np.float32)).numpy() >= 0.5)
+            mask_to_model_grid(masks["t1w"]))
         vce_image = sitk.GetImageFromArray(vce)
         vce_image.CopyInformation(t1w.image)
         confidence_image = None

@@ -38,6 +38,12 @@ def to_model_grid(slices: np.ndarray | torch.Tensor, rows: int = MODEL_ROWS,
     return out[:, 0] if squeeze else out
 
 
+def mask_to_model_grid(mask: np.ndarray) -> np.ndarray:
+    """A (slices, rows, columns) boolean mask on the model grid: the pixels whose bilinear
+    resampling is at least half inside (the pipeline's head on the grid, and evaluation's)."""
+    return to_model_grid(np.asarray(mask, np.float32)).numpy() >= 0.5
+
+
 def _grid(rows: int, columns: int) -> sitk.Image:
     """A 2D image whose pixel centres sit at (i + 0.5) / n of a unit field of view."""
     image = sitk.Image(columns, rows, sitk.sitkFloat32)

@@ -46,7 +46,7 @@ PER_PATIENT = ("t1w", "t2w", "ce", "mask")
 MIN_OVERLAP = 0.8
 
 
-def _csv_records(path: Path, problems: list[str]) -> list[tuple[str, dict[str, str]]]:
+def _csv_records(path: Path) -> list[tuple[str, dict[str, str]]]:
     """(where, {patient, institution, role, path}) for each series of a CSV manifest."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -113,8 +113,9 @@ def read_manifest(path: Path) -> list[PatientEntry]:
     problems: list[str] = []
     rows: dict[str, dict[str, Path]] = defaultdict(dict)
     institutions: dict[str, str] = {}
-    reader = _yaml_records if path.suffix.lower() in (".yaml", ".yml") else _csv_records
-    for where, record in reader(path, problems):
+    records = (_yaml_records(path, problems) if path.suffix.lower() in (".yaml", ".yml")
+               else _csv_records(path))
+    for where, record in records:
         values = {k: record[k].strip() for k in ("patient", "institution", "role", "path")}
         empty = [k for k, v in values.items() if not v]
         if empty:

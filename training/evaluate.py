@@ -157,11 +157,10 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
         assert head is not None
         truth = np.where(head, ce.array, 0.0)
         predictions[BASELINE] = np.where(head, t1.array, 0.0)
-        grid_head = synthesis.to_model_grid(head.astype(np.float32)).numpy() >= 0.5
+        grid_head = synthesis.mask_to_model_grid(head)
         grid_truth = np.where(grid_head, synthesis.to_model_grid(ce.array).numpy(), 0.0)
         on_grid[BASELINE] = np.where(grid_head, synthesis.to_model_grid(t1.array).numpy(), 0.0)
-        grid_tumour = (None if tumour is None else
-                       synthesis.to_model_grid(tumour.astype(np.float32)).numpy() >= 0.5)
+        grid_tumour = None if tumour is None else synthesis.mask_to_model_grid(tumour)
         for name, prediction in predictions.items():
             acquired = study_metrics(truth, prediction, tumour)
             rows.append({"patient": entry.patient, "institution": entry.institution,
