@@ -33,15 +33,16 @@ def main() -> int:
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    import training
+    import simulation
 
     print(describe(("pydicom", "pynetdicom", "torch")))
     latencies, syntheses = [], []
     with tempfile.TemporaryDirectory(prefix="vcemri-e2e-") as tmp:
         work = Path(tmp)
-        options = training.SimulationOptions(institutions=("inst1",), patients_per_institution=1,
-                                             slices=args.slices, seed=11)
-        record = training.simulate_patient(work / "patient", "inst1", 1, options)
+        options = simulation.SimulationOptions(institutions=("inst1",),
+                                               patients_per_institution=1, slices=args.slices,
+                                               seed=11)
+        record = simulation.simulate_patient(work / "patient", "inst1", 1, options)
         files = [f for role in ("t1w", "t2w")
                  for f in sorted((work / "patient" / record.paths[role]).glob("*.dcm"))]
         print(f"study: T1w + T2w, {args.slices} slices each, "

@@ -18,22 +18,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import describe
-from training import INSTITUTIONS, SimulationOptions
-from training.acquisition import default_slices
-from training.simulate import simulate_patient
+from simulation import SITES, SimulationOptions, default_slices, simulate_patient
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--institutions", default=",".join(INSTITUTIONS))
+    parser.add_argument("--institutions", default=",".join(SITES))
     parser.add_argument("--slices", type=int, default=None)
     args = parser.parse_args()
     print(describe(("numpy", "pydicom", "highdicom", "SimpleITK")))
     print(f"{'institution':<12} {'matrix':>9} {'slices':>6} {'s/patient':>10}  (median of {args.repeats})")
     medians = []
     for key in args.institutions.split(","):
-        profile = INSTITUTIONS[key]
+        profile = SITES[key]
         options = SimulationOptions(institutions=(key,), slices=args.slices)
         times = []
         with tempfile.TemporaryDirectory() as tmp:

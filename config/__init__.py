@@ -6,6 +6,7 @@ from .audit import AuditLog, Verification
 from .audit import read as read_audit
 from .audit import verify as verify_audit
 from .errors import ConfigError, InputError, ModelError, PeerError, StorageError, VcemriError
+from .lazy import lazy_attributes
 from .loading import (
     CONFIG_ENV,
     config_path,
@@ -52,6 +53,7 @@ __all__ = [
     "default_config_path",
     "effective_yaml",
     "is_uid",
+    "lazy_attributes",
     "load_settings",
     "loggable_identifiers",
     "read_audit",

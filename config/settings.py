@@ -201,7 +201,7 @@ def _number(value: Any) -> float | None:
 
 
 class SeriesRule(_Section):
-    """Header rule that recognises one kind of series.
+    """Header rule that recognizes one kind of series.
 
     A series matches when its SeriesDescription matches one of ``description`` (or the list is
     empty), matches none of ``exclude_description``, every given parameter range contains the
@@ -263,7 +263,7 @@ _OURS = [r"synthetic", r"\bvce"]
 
 
 class SeriesRules(_Section):
-    """How incoming series are recognised as T1w, T2w or contrast-enhanced T1w."""
+    """How incoming series are recognized as T1w, T2w or contrast-enhanced T1w."""
 
     t1w: SeriesRule = Field(
         description="contrast-free T1-weighted (model input)",

@@ -1,13 +1,12 @@
 """Network edge and orchestration: C-STORE SCP, spool, series assembly, routing, job queue,
-sender, and the ``serve`` and ``jobs`` commands. Imports ``config``, ``synthesis`` and
-``planning``.
+workers (synthesis through ``planning.SynthesisService``), sender, and the ``serve`` and
+``jobs`` commands. Imports ``config``, ``synthesis`` and ``planning``.
 """
 
 from .assembly import Assembler, choose_route
 from .cli import add_commands
-from .jobs import ACTIVE, STATES, TERMINAL, Job, JobChanged, JobQueue, backoff_s
+from .jobs import ACTIVE, STATES, TERMINAL, Job, JobChanged, JobQueue, Output, backoff_s
 from .node import Node
-from .processing import ProcessedStudy, Processor
 from .scp import StorageSCP
 from .sender import send
 from .spool import Received, Spool
@@ -22,8 +21,7 @@ __all__ = [
     "JobChanged",
     "JobQueue",
     "Node",
-    "ProcessedStudy",
-    "Processor",
+    "Output",
     "Received",
     "Spool",
     "StorageSCP",

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import config
 
 from . import jobs as states
-from .database import connect
+from .database import Connections
 from .jobs import Job, JobQueue
 
 log = logging.getLogger(__name__)
@@ -61,13 +60,10 @@ class Assembler:
         self.queue = queue
         self.audit = audit
         self.root = Path(settings.storage.root)
-        self._local = threading.local()
+        self._connections = Connections(self.root)
 
     def _db(self) -> sqlite3.Connection:
-        connection = getattr(self._local, "db", None)
-        if connection is None:
-            connection = self._local.db = connect(self.root)
-        return connection
+        return self._connections.get()
 
     def tick(self, now: float | None = None) -> list[Job]:
         """Mark complete series, then create or advance the jobs of affected studies.

@@ -89,7 +89,7 @@ def _jobs_show(args: argparse.Namespace) -> int:
     if args.json:
         record = _as_dict(job)
         record["transitions"] = queue.transitions(job.id)
-        record["outputs"] = {k: str(v) for k, v in queue.outputs(job.id).items()}
+        record["outputs"] = {o.sop_instance_uid: str(o.path) for o in queue.outputs(job.id)}
         print(json.dumps(record, indent=1))
         return 0
     print(f"job {job.id}: {job.state}" + (f" ({job.reason})" if job.reason else ""))
@@ -133,7 +133,7 @@ def add_commands(commands: Any) -> None:
     """Add ``serve`` and ``jobs`` to the ``vcemri`` sub-command parser."""
     serve = commands.add_parser(
         "serve", help="run the DICOM node (C-STORE SCP, assembly, jobs, sending to the TPS)",
-        description="Receive T1w and T2w series, synthesise a VCE-T1w and send it with the "
+        description="Receive T1w and T2w series, synthesize a VCE-T1w and send it with the "
         "RTSTRUCT helpers and the review image to the route's destinations. SIGTERM or Ctrl-C "
         "stops accepting, finishes in-flight writes and exits; interrupted jobs resume at the "
         "next start.")

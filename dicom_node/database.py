@@ -1,21 +1,41 @@
 """The node's SQLite database: one file under ``storage.root``, WAL journal, full sync.
 
 Every thread opens its own connection (``sqlite3`` connections are not shared between
-threads); WAL lets the SCP's writers, the assembler and the workers proceed concurrently. Job
-state commits with ``synchronous=FULL`` (durable at once). The spool's index commits with
-``NORMAL`` (consistent, but the last commits may roll back after a power cut): the fsynced
-spool file is the durable record of an acknowledged instance, and :meth:`Spool.reconcile`
-re-indexes any file whose row was lost when the node starts.
+threads), through one :class:`Connections` per component; WAL lets the SCP's writers, the
+assembler and the workers proceed concurrently. Job state commits with ``synchronous=FULL``
+(durable at once). The spool's index commits with ``NORMAL`` (consistent, but the last commits
+may roll back after a power cut): the fsynced spool file is the durable record of an
+acknowledged instance, and :meth:`Spool.reconcile` re-indexes any file whose row was lost when
+the node starts.
+
+The schema is versioned with ``PRAGMA user_version``: :data:`MIGRATIONS` holds one forward
+migration per version, and opening the database applies the missing ones in order, each in its
+own transaction, so that a database written by an earlier release is upgraded in place. A
+database written by a newer release (a version this code does not know) is refused rather than
+misread.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA = """
+import config
+
+log = logging.getLogger(__name__)
+
+#: Forward migrations: ``MIGRATIONS[n - 1]`` takes the schema from version ``n - 1`` to ``n``.
+#: Append to this list, never edit a released entry: databases in the field have applied it.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the schema of the releases before versioning (which left user_version at 0). It keeps
+    # IF NOT EXISTS so that such a database, which has these tables already, is adopted as is.
+    """
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
     series_uid TEXT NOT NULL,
@@ -85,7 +105,21 @@ CREATE TABLE IF NOT EXISTS deliveries (
     at REAL NOT NULL,
     PRIMARY KEY (job_id, destination, sop_instance_uid)
 );
-"""
+""",
+    # 2: the SOP Class and Transfer Syntax of each output, so that sending need not re-read the
+    # files, and its place in the sending order (images before what references them); NULL
+    # for outputs recorded before.
+    """
+ALTER TABLE outputs ADD COLUMN sop_class_uid TEXT;
+ALTER TABLE outputs ADD COLUMN transfer_syntax_uid TEXT;
+ALTER TABLE outputs ADD COLUMN position INTEGER;
+""",
+)
+
+#: The newest schema version this code knows (and creates).
+SCHEMA_VERSION = len(MIGRATIONS)
+
+SYNCHRONOUS = ("FULL", "NORMAL")
 
 
 def database_path(root: Path) -> Path:
@@ -94,19 +128,125 @@ def database_path(root: Path) -> Path:
 
 
 def connect(root: Path, synchronous: str = "FULL") -> sqlite3.Connection:
-    """A new connection to the node's database (created with its schema when missing)."""
+    """A new connection to the node's database, created or upgraded to :data:`SCHEMA_VERSION`
+    first (see :func:`migrate`). Raises :class:`config.StorageError` for a database written by a
+    newer vcemri, or one that cannot be upgraded."""
+    if synchronous not in SYNCHRONOUS:
+        raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
     path = database_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path, timeout=30.0, isolation_level=None,
                                  check_same_thread=False)
-    connection.row_factory = sqlite3.Row
-    connection.execute("PRAGMA journal_mode=WAL")
-    if synchronous not in ("FULL", "NORMAL"):
-        raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
-    connection.execute(f"PRAGMA synchronous={synchronous}")
-    connection.execute("PRAGMA busy_timeout=30000")
-    connection.executescript(SCHEMA)
+    try:
+        connection.row_factory = sqlite3.Row
+        _enable_wal(connection)
+        connection.execute(f"PRAGMA synchronous={synchronous}")
+        connection.execute("PRAGMA busy_timeout=30000")
+        migrate(connection, path)
+    except BaseException:
+        connection.close()
+        raise
     return connection
+
+
+def _enable_wal(connection: sqlite3.Connection, wait_s: float = 30.0) -> None:
+    """Put the database in WAL mode (persistent: a no-op once any connection has done it).
+
+    Switching a new database to WAL while another process does the same can fail at once
+    with "database is locked": the switch upgrades a read lock, and SQLite answers busy there
+    without waiting (a wait could deadlock). So it is retried, for as long as a busy
+    connection would wait."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL").fetchone()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(random.uniform(0.005, 0.05))
+
+
+def migrate(connection: sqlite3.Connection, path: Path) -> list[int]:
+    """Bring the database to :data:`SCHEMA_VERSION`; returns the versions this call applied
+    (none when another connection, thread or process did it first).
+
+    Each migration runs in its own ``BEGIN IMMEDIATE`` transaction together with the
+    ``user_version`` it reaches, so a crash leaves the database at one version or the next,
+    never between. The version is read again once the write lock is held: several processes
+    opening a new database at once wait for each other and only the first applies anything."""
+    applied: list[int] = []
+    version = _user_version(connection)
+    _refuse_newer(path, version)
+    while version < SCHEMA_VERSION:
+        try:
+            with transaction(connection):
+                version = _user_version(connection)
+                _refuse_newer(path, version)
+                if version >= SCHEMA_VERSION:
+                    break
+                for statement in _statements(MIGRATIONS[version]):
+                    connection.execute(statement)
+                # PRAGMA takes no parameters; the value is an int computed here
+                connection.execute(f"PRAGMA user_version = {version + 1}")
+        except sqlite3.Error as exc:
+            raise config.StorageError(
+                f"cannot upgrade the node database {path} from schema version {version} to "
+                f"{version + 1}: {exc}",
+                hint="the failed step was rolled back; check that the disk is writable and "
+                     "not full and that no other program holds the database") from exc
+        version += 1
+        applied.append(version)
+        log.info("node database %s upgraded to schema version %d", path, version)
+    return applied
+
+
+def _user_version(connection: sqlite3.Connection) -> int:
+    return int(connection.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _refuse_newer(path: Path, version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise config.StorageError(
+            f"the node database {path} has schema version {version}, but this vcemri knows "
+            f"versions up to {SCHEMA_VERSION}: it was written by a newer vcemri",
+            hint="upgrade vcemri to the release that wrote it, or point storage.root at "
+                 "another directory")
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a migration script, one at a time. (``executescript`` would commit
+    the open transaction first, so each statement is executed on its own.)"""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):  # a ';' inside a literal or trigger waits
+            if pending.strip(" \t\n;"):
+                yield pending.strip()
+            pending = ""
+    if pending.strip(" \t\n;"):
+        raise ValueError(f"incomplete SQL statement in a migration: {pending.strip()!r}")
+
+
+class Connections:
+    """One connection to the node's database per thread, opened on first use.
+
+    Each component (job queue, spool, assembler) keeps one; ``synchronous`` is ``FULL`` for
+    state that must survive a power cut, ``NORMAL`` where a durable file backs the row."""
+
+    def __init__(self, root: Path, synchronous: str = "FULL") -> None:
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        self.root = Path(root)
+        self.synchronous = synchronous
+        self._local = threading.local()
+
+    def get(self) -> sqlite3.Connection:
+        """This thread's connection (see :func:`connect` for what opening one may raise)."""
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = connect(self.root, self.synchronous)
+        return connection
 
 
 @contextmanager

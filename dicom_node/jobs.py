@@ -7,7 +7,7 @@ A job is one study on its way through the node::
 
 ``waiting``: the study has arrived in part (its T1w or T2w is missing or incomplete);
 ``ready``: both series are complete and a route chose the model and destinations; ``running``:
-a worker is synthesising; ``sending``: results are written and being delivered; ``done``;
+a worker is synthesizing; ``sending``: results are written and being delivered; ``done``;
 ``failed`` (a reason a person can act on); ``rejected`` (deliberately not processed: screening
 refused the study, or no route matches). Every transition is kept with its time and reason.
 
@@ -25,13 +25,17 @@ import random
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import config
 
-from .database import connect, transaction
+from .database import Connections, transaction
+
+if TYPE_CHECKING:
+    from synthesis import WrittenObject
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,16 @@ class Job:
         return cls(**values)
 
 
+class Output(NamedTuple):
+    """An object a job wrote: its SOP Instance UID and file, and (recorded since schema
+    version 2; None before) its SOP Class and Transfer Syntax."""
+
+    sop_instance_uid: str
+    path: Path
+    sop_class_uid: str | None = None
+    transfer_syntax_uid: str | None = None
+
+
 #: How long a claimed job stays invisible to other workers (longer than any synthesis).
 CLAIM_S = 3600.0
 
@@ -94,14 +108,11 @@ class JobQueue:
     def __init__(self, root: Path, audit: config.AuditLog | None = None) -> None:
         self.root = Path(root)
         self.audit = audit
-        self._local = threading.local()
+        self._connections = Connections(self.root)
         self._lock = threading.Lock()
 
     def _db(self) -> sqlite3.Connection:
-        connection = getattr(self._local, "db", None)
-        if connection is None:
-            connection = self._local.db = connect(self.root)
-        return connection
+        return self._connections.get()
 
     # -- the narrow interface -----------------------------------------------------------------
 
@@ -242,21 +253,26 @@ class JobQueue:
                 (job_id,)).fetchall()
         return [dict(r) for r in rows]
 
-    def record_outputs(self, job_id: int, outputs: dict[str, Path]) -> None:
-        """Remember the files a job wrote (SOP Instance UID -> path), replacing earlier ones."""
+    def record_outputs(self, job_id: int, objects: Sequence[WrittenObject]) -> None:
+        """Remember the objects a job wrote, in sending order, replacing earlier ones."""
         with self._lock:
             db = self._db()
             with transaction(db):
                 db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
-                db.executemany("INSERT INTO outputs VALUES (?, ?, ?)",
-                               [(job_id, uid, str(p)) for uid, p in outputs.items()])
+                db.executemany(
+                    "INSERT INTO outputs (job_id, sop_instance_uid, path, sop_class_uid, "
+                    "transfer_syntax_uid, position) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(job_id, o.sop_instance_uid, str(o.path), o.sop_class_uid,
+                      o.transfer_syntax_uid, k) for k, o in enumerate(objects)])
 
-    def outputs(self, job_id: int) -> dict[str, Path]:
+    def outputs(self, job_id: int) -> list[Output]:
+        """The objects a job wrote, in sending order (images before what references them)."""
         with self._lock:
             rows = self._db().execute(
-                "SELECT sop_instance_uid, path FROM outputs WHERE job_id = ? ORDER BY path",
-                (job_id,)).fetchall()
-        return {r["sop_instance_uid"]: Path(r["path"]) for r in rows}
+                "SELECT sop_instance_uid, path, sop_class_uid, transfer_syntax_uid FROM outputs "
+                "WHERE job_id = ? ORDER BY position, path", (job_id,)).fetchall()
+        return [Output(r["sop_instance_uid"], Path(r["path"]), r["sop_class_uid"],
+                       r["transfer_syntax_uid"]) for r in rows]
 
     def record_delivery(self, job_id: int, destination: str, sop_instance_uid: str) -> None:
         with self._lock:

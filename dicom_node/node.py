@@ -14,10 +14,10 @@ import threading
 from pathlib import Path
 
 import config
+import planning
 
 from .assembly import Assembler
 from .jobs import JobQueue
-from .processing import Processor
 from .scp import StorageSCP
 from .spool import Spool
 from .worker import Worker
@@ -38,10 +38,10 @@ class Node:
         self.spool = Spool(settings)
         self.queue = JobQueue(self.root, self.audit)
         self.assembler = Assembler(settings, self.queue, self.audit)
-        self.processor = Processor(settings)
+        self.service = planning.SynthesisService(settings)
         self.scp = StorageSCP(settings, self.spool, self.audit)
         count = settings.jobs.workers if workers is None else workers
-        self.workers = [Worker(settings, self.queue, self.spool, self.processor, self.audit,
+        self.workers = [Worker(settings, self.queue, self.spool, self.service, self.audit,
                                name=f"worker-{i + 1}") for i in range(count)]
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None

@@ -9,12 +9,12 @@ skipped, so a retried job never sends one twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import config
 
+from .jobs import Output
 from .tls import client_context
 
 log = logging.getLogger(__name__)
@@ -22,23 +22,28 @@ log = logging.getLogger(__name__)
 ATTEMPTS_PER_INSTANCE = 2
 
 
-def _contexts(files: Iterable[Path]) -> dict[str, set[str]]:
+def _contexts(files: Sequence[Output]) -> dict[str, set[str]]:
+    """SOP Class -> Transfer Syntaxes to propose, from the job's records (the file meta only
+    for outputs recorded before the database kept them)."""
     import pydicom
 
     wanted: dict[str, set[str]] = {}
-    for path in files:
-        meta = pydicom.filereader.read_file_meta_info(path)
-        wanted.setdefault(str(meta.MediaStorageSOPClassUID), set()).add(
-            str(meta.TransferSyntaxUID))
+    for output in files:
+        sop_class, syntax = output.sop_class_uid, output.transfer_syntax_uid
+        if sop_class is None or syntax is None:
+            meta = pydicom.filereader.read_file_meta_info(output.path)
+            sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+        wanted.setdefault(sop_class, set()).add(syntax)
     return wanted
 
 
-def send(files: list[tuple[str, Path]], destination: config.Destination, name: str, *,
+def send(files: Sequence[Output], destination: config.Destination, name: str, *,
          calling_ae: str, timeouts: Any,
          on_sent: Callable[[str], None] | None = None) -> int:
-    """Send ``(sop_instance_uid, path)`` pairs to ``destination``; returns how many were sent.
+    """Send a job's outputs to ``destination`` in the order given; returns how many were sent.
 
-    ``on_sent`` is called after each success status (to record the delivery)."""
+    ``on_sent`` is called with the SOP Instance UID after each success status (to record the
+    delivery)."""
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
@@ -50,7 +55,7 @@ def send(files: list[tuple[str, Path]], destination: config.Destination, name: s
     ae.acse_timeout = timeouts.acse_s
     ae.dimse_timeout = timeouts.dimse_s
     ae.network_timeout = timeouts.network_s
-    for sop_class, syntaxes in _contexts(p for _, p in files).items():
+    for sop_class, syntaxes in _contexts(files).items():
         ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian,
                                                                ImplicitVRLittleEndian}))
     context = client_context(destination, name)
@@ -66,7 +71,7 @@ def send(files: list[tuple[str, Path]], destination: config.Destination, name: s
         raise config.PeerError(f"destination {where} is unreachable or aborted the association")
     sent = 0
     try:
-        for uid, path in files:
+        for uid, path, *_ in files:
             dataset = pydicom.dcmread(path)
             problem = ""
             for _ in range(ATTEMPTS_PER_INSTANCE):

@@ -31,7 +31,7 @@ from typing import Any
 
 import config
 
-from .database import connect, transaction
+from .database import Connections, transaction
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,6 @@ log = logging.getLogger(__name__)
 OUT_OF_RESOURCES = 0xA700
 DATA_SET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
-
-#: Header values kept per series for routing and recognition (DICOM keywords).
-SERIES_KEYWORDS = (
-    "Modality", "SeriesDescription", "SeriesNumber", "BodyPartExamined", "InstitutionName",
-    "RepetitionTime", "EchoTime", "InversionTime", "ContrastBolusAgent", "Manufacturer",
-    "ImagesInAcquisition",
-)
-
 
 @dataclass(frozen=True)
 class Received:
@@ -68,41 +60,22 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def _value(dataset: Any, keyword: str) -> Any:
-    value = dataset.get(keyword)
-    if value is None or value == "":
-        return None
-    if hasattr(value, "original_string") or type(value).__name__ in ("DSfloat", "IS",
-                                                                        "DSdecimal"):
-        return float(value)
-    if isinstance(value, (int, float)):
-        return value
-    return str(value)
+def _describe(dataset: Any, calling_ae: str, rules: Any) -> dict[str, Any]:
+    """What the index keeps of an instance: its series' header and role, read by the same
+    code as ``vcemri process`` (``synthesis.series_info``, ``synthesis.series_role``), and the
+    instances the series announces. Raises ValueError for an unreadable structural value
+    (NumberOfFrames); an unreadable optional value is left out of the header."""
+    import synthesis
 
-
-def _describe(dataset: Any, calling_ae: str) -> dict[str, Any]:
-    """What the index keeps of an instance; raises ValueError for unreadable values."""
-    header = {k: _value(dataset, k) for k in SERIES_KEYWORDS}
-    header["CallingAETitle"] = calling_ae
+    info = synthesis.series_info(dataset)
+    header = {**info.header(), "CallingAETitle": calling_ae}
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    announced = header.get("ImagesInAcquisition")
-    expected = int(announced) if announced is not None and float(announced).is_integer() \
-        and 0 < float(announced) < 100_000 else None  # a nonsense count is ignored
-    if frames > 1:  # an enhanced multi-frame series is usually one instance
-        expected = 1
+    # an enhanced multi-frame series is usually one instance
+    expected = 1 if frames > 1 else info.images_in_acquisition
     json.dumps(header, allow_nan=False)
-    return {"header": header, "expected": expected,
+    return {"header": header, "expected": expected, "role": synthesis.series_role(rules, header),
             "patient_id": str(dataset.get("PatientID", "") or ""),
-            "frame_of_reference_uid": str(dataset.get("FrameOfReferenceUID", "") or "")}
-
-
-def _role(rules: Any, header: dict[str, Any]) -> str:
-    if header.get("Modality") != "MR":
-        return "other"
-    for role in ("t1w", "t2w", "contrast_enhanced"):
-        if getattr(rules, role).matches(header):
-            return role
-    return "other"
+            "frame_of_reference_uid": info.frame_of_reference_uid}
 
 
 class Spool:
@@ -116,16 +89,14 @@ class Spool:
         self.root = Path(settings.storage.root)
         self.directory = self.root / "spool"
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        # NORMAL: the fsynced spool file, not the index row, is the durable record
+        self._connections = Connections(self.root, synchronous="NORMAL")
         self._index_lock = threading.Lock()
         self._remove_temporary_files()
         self.reconcile()
 
     def _db(self) -> sqlite3.Connection:
-        connection = getattr(self._local, "db", None)
-        if connection is None:
-            connection = self._local.db = connect(self.root, synchronous="NORMAL")
-        return connection
+        return self._connections.get()
 
     def reconcile(self) -> int:
         """Index every complete spool file the index lacks; returns how many."""
@@ -143,7 +114,7 @@ class Spool:
                 dataset = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
                 uids = {k: str(dataset.get(k, "")) for k in (
                     "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")}
-                self._index(_describe(dataset, "-"), uids,
+                self._index(_describe(dataset, "-", self.settings.series_rules), uids,
                             str(dataset.file_meta.TransferSyntaxUID), path,
                             hashlib.sha256(encoded).hexdigest(), len(encoded), "-")
             except Exception:  # noqa: BLE001 - a file that cannot be indexed is set aside
@@ -191,7 +162,7 @@ class Spool:
             return Received(DATA_SET_MISMATCH, "the request's Affected SOP Instance UID is not "
                             "the data set's SOP Instance UID", **ids)
         try:
-            described = _describe(dataset, calling_ae)
+            described = _describe(dataset, calling_ae, self.settings.series_rules)
         except (ValueError, TypeError, OverflowError) as exc:
             return Received(CANNOT_UNDERSTAND, f"a header value cannot be read: {exc}", **ids)
         free = self.free_mib()
@@ -260,7 +231,7 @@ class Spool:
                         "INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1, 1, ?, ?, NULL)",
                         (uids["SeriesInstanceUID"], uids["StudyInstanceUID"],
                          described["patient_id"], described["frame_of_reference_uid"],
-                         _role(self.settings.series_rules, header), json.dumps(header),
+                         described["role"], json.dumps(header),
                          expected, now, now))
                 else:
                     grew = 0 if previous is not None else 1

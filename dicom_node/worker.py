@@ -1,4 +1,4 @@
-"""Workers: a ``ready`` job is synthesised and written, then a ``sending`` job is delivered.
+"""Workers: a ``ready`` job is synthesized and written, then a ``sending`` job is delivered.
 
 Outcomes, each with a reason in the job, the log and the audit log:
 - screening refuses the study -> ``rejected``;
@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import config
+import planning
 
 from . import jobs as states
 from .jobs import Job, JobQueue
-from .processing import Processor
 from .sender import send
 from .spool import Spool
 
@@ -42,12 +42,13 @@ class Worker:
     """Processes jobs from the queue until :meth:`stop`; run several for parallel jobs."""
 
     def __init__(self, settings: config.Settings, queue: JobQueue, spool: Spool,
-                 processor: Processor, audit: config.AuditLog | None = None,
+                 service: planning.SynthesisService,
+                 audit: config.AuditLog | None = None,
                  name: str = "worker") -> None:
         self.settings = settings
         self.queue = queue
         self.spool = spool
-        self.processor = processor
+        self.service = service
         self.audit = audit
         self.name = name
         self._stop = threading.Event()
@@ -81,7 +82,7 @@ class Worker:
             return False
         try:
             if job.state == states.RUNNING:
-                job = self.synthesise(job)
+                job = self.synthesize(job)
             if job.state == states.SENDING:
                 self.deliver(job)
         except states.JobChanged as changed:
@@ -93,7 +94,7 @@ class Worker:
 
     # -- synthesis ----------------------------------------------------------------------------
 
-    def synthesise(self, job: Job) -> Job:
+    def synthesize(self, job: Job) -> Job:
         import synthesis
 
         t1w = self.spool.series_files(job.t1w_series_uid or "")
@@ -103,7 +104,7 @@ class Worker:
             shutil.rmtree(out)
         started = time.perf_counter()
         try:
-            done = self.processor.process(t1w, t2w, out, model=job.model or "default")
+            done = self.service.process(t1w, t2w, out, model=job.model or "default")
         except synthesis.RejectedStudy as rejected:
             log.warning("job %d rejected: %s", job.id, rejected.reason)
             return self.queue.fail(job.id, rejected.reason, state=states.REJECTED,
@@ -111,17 +112,14 @@ class Worker:
         except (config.InputError, config.ModelError, config.ConfigError) as exc:
             log.error("job %d failed: %s", job.id, exc)
             return self.queue.fail(job.id, str(exc), expected=(states.RUNNING,))
-        import pydicom
-
-        outputs = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
-                   for p in done.dicom_files}
+        outputs = done.objects
         self.queue.record_outputs(job.id, outputs)
         summary = dict(done.summary)
         summary["processing_s"] = round(time.perf_counter() - started, 3)
         summary["device"] = done.device
         summary["output_folder"] = str(out)
         if self.audit is not None:
-            self.audit.record("job.synthesised", job_id=job.id, study_uid=job.study_uid,
+            self.audit.record("job.synthesized", job_id=job.id, study_uid=job.study_uid,
                               model=job.model, count=len(outputs),
                               model_version=str(summary["model"].get("weights_sha256", ""))[:16],
                               duration_s=summary["processing_s"])
@@ -141,7 +139,7 @@ class Worker:
                 return self.queue.fail(job.id, f"destination {name!r} is no longer configured",
                                        expected=(states.SENDING,))
             delivered = self.queue.delivered(job.id, name)
-            pending = [(uid, path) for uid, path in outputs.items() if uid not in delivered]
+            pending = [o for o in outputs if o.sop_instance_uid not in delivered]
             if not pending:
                 continue
 

@@ -20,14 +20,16 @@ import SimpleITK as sitk
 
 from config import PlanningSettings
 
+from .rtstruct import ROIInterpretedType
+
 if TYPE_CHECKING:
     from synthesis import SynthesisResult
 
 #: (suffix, interpreted type, RGB display colour)
 HELPERS = {
-    "Enhancement": ("CONTROL", (255, 200, 0)),
-    "External": ("EXTERNAL", (0, 200, 80)),
-    "LowConfidence": ("CONTROL", (255, 90, 0)),
+    "Enhancement": (ROIInterpretedType.CONTROL, (255, 200, 0)),
+    "External": (ROIInterpretedType.EXTERNAL, (0, 200, 80)),
+    "LowConfidence": (ROIInterpretedType.CONTROL, (255, 90, 0)),
 }
 
 
@@ -36,7 +38,7 @@ class Helper:
     """One helper region on the synthetic series' grid (slices, rows, columns)."""
 
     name: str
-    interpreted_type: str
+    interpreted_type: ROIInterpretedType
     colour: tuple[int, int, int]
     mask: np.ndarray
 

@@ -18,8 +18,10 @@ import SimpleITK as sitk
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 
-from .common import MANUFACTURER, derived_uid, synthesizing_equipment
+import synthesis
+
 from .helpers import Helper
+from .identity import output_uid
 
 if TYPE_CHECKING:
     from synthesis import SynthesisResult
@@ -113,11 +115,11 @@ def secondary_capture(rgb: np.ndarray, t1w_header: Dataset, key: str,
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=derived_uid(key, "review-series"),
+        series_instance_uid=output_uid(key, "review-series"),
         series_number=series_number,
-        sop_instance_uid=derived_uid(key, "review"),
+        sop_instance_uid=output_uid(key, "review"),
         instance_number=1,
-        manufacturer=MANUFACTURER,
+        manufacturer=synthesis.MANUFACTURER,
         patient_orientation=("L", "P"),
         series_description="VCE review (SYNTHETIC)",
     )
@@ -125,5 +127,5 @@ def secondary_capture(rgb: np.ndarray, t1w_header: Dataset, key: str,
     if "Laterality" not in image:
         image.Laterality = ""  # General Series type 2C; head and neck is not a paired part
     image.SyntheticData = "YES"
-    image.ContributingEquipmentSequence = [synthesizing_equipment(model)]
+    image.ContributingEquipmentSequence = [synthesis.synthesizing_equipment(model)]
     return image

@@ -9,55 +9,63 @@ from typing import TYPE_CHECKING
 from PIL import Image
 from pydicom.dataset import Dataset
 
+import synthesis
 from config import PlanningSettings
 
 from .helpers import helper_regions
+from .identity import output_uid, result_key
 from .review import montage, review_slice, secondary_capture
-from .rtstruct import rtstruct
-from .synthetic_series import result_key, synthetic_series
+from .rtstruct import RTStructureSet
+from .synthetic_series import synthetic_series
 
 if TYPE_CHECKING:
-    from synthesis import SynthesisResult
+    from synthesis import SynthesisResult, WrittenObject
 
 
 @dataclass
 class PlanningOutputs:
-    """Paths of what was written, and notes (e.g. helpers omitted because empty)."""
+    """What was written (UIDs, SOP classes, paths) and notes (e.g. helpers omitted because
+    empty)."""
 
-    series: list[Path]
-    rtstruct: Path | None
-    review_dicom: Path
+    series: list[WrittenObject]
+    rtstruct: WrittenObject | None
+    review: WrittenObject
     review_png: Path
     notes: list[str] = field(default_factory=list)
 
-    def files(self) -> list[Path]:
-        """Every DICOM file, in sending order (images before what references them)."""
-        return [*self.series, *([self.rtstruct] if self.rtstruct else []), self.review_dicom]
+    def objects(self) -> list[WrittenObject]:
+        """Every DICOM object, in sending order: the images before what references them."""
+        return [*self.series, *([self.rtstruct] if self.rtstruct else []), self.review]
 
 
 def write_outputs(result: SynthesisResult, t1w_header: Dataset, out: Path,
                   settings: PlanningSettings) -> PlanningOutputs:
     """Synthetic series in ``out/synthetic``, ``rtstruct.dcm``, ``review.dcm``, ``review.png``."""
     datasets = synthetic_series(result, t1w_header, settings)
-    folder = out / "synthetic"
-    folder.mkdir(parents=True, exist_ok=True)
-    series_paths = []
-    for ds in datasets:
-        path = folder / f"{int(ds.InstanceNumber):04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        series_paths.append(path)
+    series = synthesis.write_series(datasets, out / "synthetic")
     helpers, notes = helper_regions(result, settings)
     key = result_key(result)
-    structure_path = None
+    structure = None
     if helpers:
-        structure_path = out / "rtstruct.dcm"
-        rtstruct(helpers, datasets, key, notes).save_as(structure_path, enforce_file_format=True)
+        structure = synthesis.write_object(RTStructureSet(
+            datasets, helpers,
+            series_instance_uid=output_uid(key, "rtstruct-series"),
+            series_number=int(datasets[0].SeriesNumber) + 1,
+            sop_instance_uid=output_uid(key, "rtstruct"),
+            label="VCE helpers", name="SYNTHETIC helpers",
+            description="Helper contours from a synthetic contrast-enhanced T1w; not a "
+                        "delineation. " + "; ".join(notes),
+            series_description="VCE helper contours (SYNTHETIC)",
+            manufacturer=synthesis.MANUFACTURER, manufacturer_model_name="vcemri helpers",
+            software_versions=synthesis.software_version(),
+            roi_description="vcemri helper from synthetic CE-T1w"), out / "rtstruct.dcm")
     else:
         notes.append("no RTSTRUCT written: every helper was empty")
     rgb = montage(result, helpers, review_slice(helpers, len(datasets)))
     png = out / "review.png"
     Image.fromarray(rgb).save(png)
-    review = out / "review.dcm"
-    secondary_capture(rgb, t1w_header, key, int(datasets[0].SeriesNumber) + 2,
-                      str(result.model.get("architecture", "model"))).save_as(review)
-    return PlanningOutputs(series_paths, structure_path, review, png, notes)
+    review = synthesis.write_object(
+        secondary_capture(rgb, t1w_header, key, int(datasets[0].SeriesNumber) + 2,
+                          str(result.model.get("architecture", "model"))),
+        out / "review.dcm")
+    return PlanningOutputs(series, structure, review, png, notes)

@@ -1,44 +1,44 @@
 """DICOM series to volumes, preprocessing, institution classification, EDM, fitness
 screening, models (MMgSN-Net and baselines), checkpoints and inference: the one pipeline the
-node, ``vcemri process`` and the tests share. Imports ``config`` only.
+node, ``vcemri process`` and the tests share; and the one layer that writes DICOM objects
+(``writer``), for planning's outputs and the simulator alike. Imports ``config`` only.
 """
 
-from typing import Any
+from config import lazy_attributes
 
+# torch, SimpleITK and pydicom load on first use, so `vcemri --help` stays fast.
 _LAZY = {
     "Checkpoint": "checkpoint", "CheckpointMeta": "checkpoint", "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint", "InstitutionProfile": "checkpoint",
     "PipelineOptions": "pipeline", "RejectedStudy": "pipeline", "SynthesisResult": "pipeline",
     "Synthesizer": "pipeline", "Volume": "series", "read_series": "series",
     "read_volume": "series", "read_image_file": "series", "is_image_file": "series",
-    "SeriesInfo": "series", "build_model": "models", "find_pair": "study",
+    "SeriesInfo": "series", "series_info": "series", "build_model": "models",
+    "find_pair": "study", "series_role": "study",
     "check_pair": "series", "resample_onto": "alignment", "foreground": "preprocess",
     "field_overlap": "alignment",
     "remove_background": "preprocess", "to_model_grid": "preprocess",
     "mask_to_model_grid": "preprocess",
     "clean_pair": "preprocess",
     "Normalization": "normalization", "Statistics": "normalization",
-    "FeatureProbe": "screening", "calibrate_ood": "screening",
+    "FeatureProbe": "screening", "calibrate_ood": "screening", "MIN_OVERLAP": "screening",
     "Architecture": "checkpoint", "NormalizationMeta": "checkpoint",
     "SequenceRange": "checkpoint", "OODCalibration": "checkpoint",
     "MODEL_GRID": "preprocess", "inference_device": "inference",
     "edm_dataset_mean": "edm",
+    "SourceInstance": "series",
+    "MANUFACTURER": "writer", "MRImage": "writer", "ImagePlane": "writer",
+    "PixelStorage": "writer", "SourceImage": "writer", "Synthetic": "writer",
+    "Derivation": "writer", "GENERATORS": "models",
+    "WrittenObject": "writer", "derived_uid": "writer", "display_window": "writer",
+    "software_version": "writer", "sort_along_normal": "writer",
+    "synthesizing_equipment": "writer", "write_object": "writer", "write_series": "writer",
 }
 
 _RENAMED = {"build_model": "build", "calibrate_ood": "calibrate",
             "inference_device": "resolve_device", "edm_dataset_mean": "dataset_mean"}
 
 
-def __getattr__(name: str) -> Any:
-    # torch, SimpleITK and pydicom load on first use, so `vcemri --help` stays fast.
-    if name in _LAZY:
-        import importlib
-
-        module = importlib.import_module(f".{_LAZY[name]}", __name__)
-        if name == "MODEL_GRID":
-            return (module.MODEL_ROWS, module.MODEL_COLUMNS)
-        return getattr(module, _RENAMED.get(name, name))
-    raise AttributeError(f"module 'synthesis' has no attribute {name!r}")
-
+__getattr__ = lazy_attributes(__name__, _LAZY, _RENAMED)
 
 __all__ = list(_LAZY)

@@ -216,7 +216,7 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     if meta.normalization.level == "dataset":
         absent = [m for m in ("t1w", "t2w") if m not in meta.normalization.dataset_statistics]
         if absent:
-            raise ModelError(f"{path}: dataset-level normalisation without the training set's "
+            raise ModelError(f"{path}: dataset-level normalization without the training set's "
                              f"statistics for {', '.join(absent)}")
     discriminator = (None if meta.discriminator is None
                      else _restore(path, meta.discriminator, tensors, "discriminator"))

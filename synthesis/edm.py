@@ -10,7 +10,7 @@ study is usually all there is; mu2 is then that study's own mean unless statisti
 external institution (several studies) are supplied.
 
 Note (MODELS.md): a per-patient z-score or min-max is invariant to a global scale factor, so
-EDM only changes the model's input under dataset-level normalisation.
+EDM only changes the model's input under dataset-level normalization.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ and channels-last on CUDA, inference mode, deterministic on CPU, and a confidenc
 test-time augmentation.
 
 Confidence: the model also sees each slice mirrored left-right (the head is nearly
-symmetric); the disagreement d = |y - flip(y_flipped)| / 2 in normalised units becomes
+symmetric); the disagreement d = |y - flip(y_flipped)| / 2 in normalized units becomes
 confidence = exp(-d / CONFIDENCE_SCALE), 1 where the two agree. Our choice; seed 002's
 confidence module is the learned alternative the registry leaves room for.
 """
@@ -19,7 +19,7 @@ from torch import nn
 
 from config import ModelError
 
-#: Disagreement (normalised units, about one z-score) at which confidence falls to 1/e.
+#: Disagreement (normalized units, about one z-score) at which confidence falls to 1/e.
 CONFIDENCE_SCALE = 0.25
 
 

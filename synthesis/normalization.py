@@ -1,4 +1,4 @@
-"""Intensity normalisation, at the three levels and with the two methods the seeds compare
+"""Intensity normalization, at the three levels and with the two methods the seeds compare
 (seed 001 eq. 1-2; seed 000 claims z-score per subject), and its way back to scanner units.
 
 - method ``zscore``: (x - mean) / std; ``minmax``: 2 (x - min) / (max - min) - 1, i.e. [-1, 1]
@@ -7,7 +7,7 @@
   ``dataset``: of the training set, stored in the model.
 - Statistics are taken over the head (the triangle-threshold foreground), so that fields of
   view with more or less air do not change them.
-- The contrast-enhanced target is normalised with the *T1w's* statistics, which exist at
+- The contrast-enhanced target is normalized with the *T1w's* statistics, which exist at
   inference, so the model's output maps back to the T1w's scanner units. With ``minmax`` the
   target range is widened by :data:`TARGET_HEADROOM` (enhancement goes above the T1w's
   maximum). Our choice; the seeds do not say.
@@ -61,13 +61,13 @@ class Statistics:
 
 @dataclass(frozen=True)
 class Normalization:
-    """How intensities are normalised; stored in checkpoints."""
+    """How intensities are normalized; stored in checkpoints."""
 
     method: Method = "zscore"
     level: Level = "patient"
 
     def _affine(self, stats: Statistics, target: bool) -> tuple[float, float]:
-        """(scale, offset) with normalised = (x - offset) / scale."""
+        """(scale, offset) with normalized = (x - offset) / scale."""
         if self.method == "zscore":
             return max(stats.std, 1e-6), stats.mean
         span = max(stats.maximum - stats.minimum, 1e-6) * (TARGET_HEADROOM if target else 1.0)
@@ -83,7 +83,7 @@ class Normalization:
 
     @property
     def output(self) -> Literal["tanh", "linear"]:
-        """The generator output this normalisation needs."""
+        """The generator output this normalization needs."""
         return "tanh" if self.method == "minmax" else "linear"
 
     def statistics(self, volume: np.ndarray, mask: np.ndarray,
@@ -91,13 +91,13 @@ class Normalization:
         """Per-slice statistics for ``volume`` (slices, rows, cols) at this level."""
         if self.level == "dataset":
             if dataset is None:
-                raise ValueError("dataset-level normalisation needs the training set's statistics")
+                raise ValueError("dataset-level normalization needs the training set's statistics")
             return [dataset] * len(volume)
         if self.level == "patient":
             return [Statistics.of(volume[mask])] * len(volume)
         return [Statistics.of(s[m]) for s, m in zip(volume, mask, strict=True)]
 
-    def normalise_volume(self, volume: np.ndarray, stats: list[Statistics],
+    def normalize_volume(self, volume: np.ndarray, stats: list[Statistics],
                          target: bool = False) -> np.ndarray:
         return np.stack([self.forward(s, st, target) for s, st in zip(volume, stats, strict=True)])
 

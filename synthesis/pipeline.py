@@ -4,7 +4,7 @@ confidence map, the institution decision, the EDM factors, the screening outcome
 alignment and timings).
 
 Steps: pair check -> T2w onto the T1w grid (registered on request) -> input checks ->
-background removal -> institution classification -> EDM for external data -> normalisation
+background removal -> institution classification -> EDM for external data -> normalization
 -> model grid (256 x 224) -> generator (+ mirrored pass for confidence, features for the OOD
 score) -> back to the T1w grid -> back to scanner units (T1w statistics, EDM undone).
 """
@@ -28,9 +28,10 @@ from .edm import EDMFactors
 from .inference import Predictor, resolve_device, with_confidence
 from .institutions import InstitutionDecision, classify
 from .normalization import Normalization, Statistics
-from .preprocess import clean_pair, from_model_grid, mask_to_model_grid, to_model_grid
+from .preprocess import clean_pair, mask_to_model_grid
 from .screening import FeatureProbe, Screening, input_checks, judge, ood_score
 from .series import Volume, check_pair
+from .transforms import Chain, ExternalDistributionMatching, ModelGrid, Normalize
 
 #: Where the shipped model lives (package data); "builtin" in the configuration means it.
 BUILTIN_CHECKPOINT = Path(__file__).with_name("weights") / "vcemri-default.safetensors"
@@ -107,7 +108,7 @@ def resolve_checkpoint(name: str | Path) -> Path:
 
 
 class Synthesizer:
-    """A loaded model ready to synthesise studies with the given options."""
+    """A loaded model ready to synthesize studies with the given options."""
 
     def __init__(self, checkpoint: Checkpoint | Path | str,
                  options: PipelineOptions | None = None) -> None:
@@ -134,9 +135,11 @@ class Synthesizer:
         return None if stats is None else Statistics(stats.mean, stats.std, stats.minimum,
                                                      stats.maximum)
 
-    def run(self, t1w: Volume, t2w: Volume) -> SynthesisResult:
-        """Synthesise the VCE-T1w for one study; raises :class:`RejectedStudy` (with every
-        reason) when screening refuses it and :class:`InputError` for unusable input."""
+    def run(self, t1w: Volume, t2w: Volume, screen: bool | None = None) -> SynthesisResult:
+        """Synthesize the VCE-T1w for one study; raises :class:`RejectedStudy` (with every
+        reason) when screening refuses it and :class:`InputError` for unusable input.
+        ``screen`` overrides the options' (evaluation scores every patient)."""
+        screen = self.options.screen if screen is None else screen
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -148,7 +151,7 @@ class Synthesizer:
 
         check_pair(t1w, t2w)
         overlap = field_overlap(t1w, t2w)
-        if self.options.screen:  # before registering: registration needs overlap
+        if screen:  # before registering: registration needs overlap
             reasons = input_checks(t1w.shape[0], t1w.info.body_part, overlap,
                                    min_slices=self.options.min_slices)
             if reasons:
@@ -173,19 +176,23 @@ class Synthesizer:
             if all(reference.patient_mean.get(m) for m in edm.MODALITIES) and all(
                     means[m] > 0 for m in edm.MODALITIES):
                 factors = edm.factors(reference.patient_mean, means, reference.key)
-                arrays = {m: edm.apply(arrays[m], getattr(factors, m)) for m in arrays}
         lap("institution")
 
-        stats = {m: self.normalization.statistics(arrays[m], masks[m], self._dataset_stats(m))
-                 for m in arrays}
-        normalised = {m: self.normalization.normalise_volume(arrays[m], stats[m]) for m in arrays}
-        rows, columns = arrays["t1w"].shape[1:]
-        model_inputs = to_model_grid(np.stack([normalised[m] for m in self.inputs], 1)).numpy()
-        lap("normalise")
+        # the way there and, in reverse, the way back (synthesis.transforms)
+        to_grid = ModelGrid()
+        steps = Chain([
+            ExternalDistributionMatching(factors),
+            Normalize(self.normalization, masks,
+                      {m: self._dataset_stats(m) for m in arrays}),
+            to_grid,
+        ])
+        grid = steps.forward(arrays)
+        model_inputs = np.stack([grid[m] for m in self.inputs], 1)
+        lap("normalize")
 
         calibration = self.checkpoint.meta.ood
         probe = None
-        if self.options.screen and calibration.threshold is not None:
+        if screen and calibration.threshold is not None:
             probe = FeatureProbe(self.predictor.model, calibration.feature)
         try:
             output = self.predictor.predict(model_inputs)
@@ -202,20 +209,17 @@ class Synthesizer:
         if not screening.accepted:
             raise RejectedStudy(screening)
 
-        def scanner_units(values: np.ndarray, head: np.ndarray) -> np.ndarray:
-            restored = (self.normalization.restore_volume(values, stats["t1w"])
-                        / np.float32(factors.t1w))
-            return np.where(head, np.maximum(restored, 0.0), 0.0).astype(np.float32)
+        def in_head(values: np.ndarray, head: np.ndarray) -> np.ndarray:
+            return np.where(head, np.maximum(values, 0.0), 0.0).astype(np.float32)
 
-        vce = scanner_units(from_model_grid(output, rows, columns).numpy(), masks["t1w"])
-        model_grid = scanner_units(
-            np.asarray(output, np.float32),
-            mask_to_model_grid(masks["t1w"]))
+        vce = in_head(steps.inverse(output), masks["t1w"])
+        model_grid = in_head(steps.inverse(output, skip=(ModelGrid.name,)),
+                             mask_to_model_grid(masks["t1w"]))
         vce_image = sitk.GetImageFromArray(vce)
         vce_image.CopyInformation(t1w.image)
         confidence_image = None
         if confidence is not None:
-            back = from_model_grid(confidence, rows, columns).numpy().clip(0, 1)
+            back = to_grid.inverse(confidence).clip(0, 1)
             confidence_image = sitk.GetImageFromArray(np.where(masks["t1w"], back, 1.0)
                                                       .astype(np.float32))
             confidence_image.CopyInformation(t1w.image)

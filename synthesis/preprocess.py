@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 #: The model's slice matrix, rows x columns (seed 000 (B), seed 001).
 MODEL_ROWS, MODEL_COLUMNS = 256, 224
+MODEL_GRID = (MODEL_ROWS, MODEL_COLUMNS)
 
 
 def to_model_grid(slices: np.ndarray | torch.Tensor, rows: int = MODEL_ROWS,

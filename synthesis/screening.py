@@ -27,13 +27,16 @@ from .checkpoint import OODCalibration
 #: BodyPartExamined values that are head and neck (PS3.16 CID 4031 terms and common ones).
 HEAD_NECK_PARTS = frozenset({"HEADNECK", "HEAD", "NECK", "HEAD NECK", "HN", "NASOPHARYNX",
                              "PHARYNX", "BRAIN", "SKULL", "FACE", "OROPHARYNX"})
+#: The T2w must cover at least this fraction of the T1w's field of view (and, in training, the
+#: CE-T1w too): less, and the series do not show the same anatomy in the same place.
+MIN_OVERLAP = 0.8
 #: Threshold = max(training quantile) times this margin (new scanners vary more than training).
 THRESHOLD_MARGIN = 1.5
 
 
 @dataclass(frozen=True)
 class Screening:
-    """Whether the study may be synthesised, why not, and the OOD score."""
+    """Whether the study may be synthesized, why not, and the OOD score."""
 
     accepted: bool
     reasons: list[str] = field(default_factory=list)
@@ -48,7 +51,7 @@ class Screening:
 
 
 def input_checks(slices: int, body_part: str, overlap: float, *,
-                 min_slices: int = 5, min_overlap: float = 0.8) -> list[str]:
+                 min_slices: int = 5, min_overlap: float = MIN_OVERLAP) -> list[str]:
     """Reasons the input is unusable (empty when it is fine)."""
     reasons = []
     if slices < min_slices:

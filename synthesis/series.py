@@ -62,9 +62,13 @@ class SeriesInfo:
     contrast_agent: str
     body_part: str
     image_type: tuple[str, ...]
+    series_number: int | None = None
+    #: the instances the series announces (ImagesInAcquisition); None: unknown
+    images_in_acquisition: int | None = None
 
     def header(self) -> dict[str, Any]:
-        """DICOM-keyword view used by the configured series rules."""
+        """DICOM-keyword view used by the configured series rules and routes, and kept in the
+        node's index (no patient identity)."""
         return {
             "SeriesDescription": self.description,
             "RepetitionTime": self.repetition_time_ms,
@@ -74,6 +78,9 @@ class SeriesInfo:
             "Modality": self.modality,
             "BodyPartExamined": self.body_part,
             "InstitutionName": self.institution_name,
+            "Manufacturer": self.manufacturer,
+            "SeriesNumber": self.series_number,
+            "ImagesInAcquisition": self.images_in_acquisition,
         }
 
 
@@ -110,13 +117,16 @@ class Volume:
 
 
 def _number(ds: Dataset, keyword: str) -> float | None:
+    """A numeric header value, or None when it is absent or not a finite number (an
+    unreadable optional value is ignored, never kept as another type)."""
     value = ds.get(keyword)
     if value in (None, ""):
         return None
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return None
+    return number if np.isfinite(number) else None
 
 
 def _first(ds: Dataset, sequence: str, keyword: str) -> Any:
@@ -130,15 +140,42 @@ def _first(ds: Dataset, sequence: str, keyword: str) -> Any:
     return None
 
 
+def _contrast_agent(ds: Dataset) -> str:
+    """The contrast agent the header says was given, wherever the IOD keeps it: ContrastBolusAgent
+    (Contrast/Bolus module), ContrastBolusAgentSequence (Enhanced Contrast/Bolus module) or a
+    Contrast/Bolus Usage functional group with ContrastBolusAgentAdministered YES (Enhanced
+    MR, shared or per frame); empty when none was."""
+    agent = str(ds.get("ContrastBolusAgent", "") or "").strip()
+    if agent:
+        return agent
+    if ds.get("ContrastBolusAgentSequence"):
+        return "contrast agent (ContrastBolusAgentSequence)"
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in ds.get(groups) or []:
+            for usage in group.get("ContrastBolusUsageSequence") or []:
+                if str(usage.get("ContrastBolusAgentAdministered", "")).upper() == "YES":
+                    return "contrast agent (ContrastBolusUsageSequence)"
+    return ""
+
+
+def _count(ds: Dataset) -> int | None:
+    """The instances a series announces (ImagesInAcquisition); a value that is not a plausible
+    count is ignored."""
+    announced = _number(ds, "ImagesInAcquisition")
+    if announced is None or not announced.is_integer() or not 0 < announced < 100_000:
+        return None
+    return int(announced)
+
+
 def series_info(ds: Dataset) -> SeriesInfo:
-    """Header summary of the series ``ds`` belongs to."""
+    """Header summary of the series ``ds`` belongs to: the one reader of series headers, for
+    the pipeline, ``vcemri process`` and the node's spool alike (classic and Enhanced MR:
+    timing and contrast from functional groups where the top level has none)."""
     mr_timing = {
         keyword: _number(ds, keyword) if keyword in ds else _number_from_groups(ds, keyword)
         for keyword in ("RepetitionTime", "EchoTime", "InversionTime")
     }
-    agent = str(ds.get("ContrastBolusAgent", "") or "")
-    if not agent and ds.get("ContrastBolusAgentSequence"):
-        agent = "contrast agent (ContrastBolusAgentSequence)"  # Enhanced MR
+    number = _number(ds, "SeriesNumber")
     return SeriesInfo(
         series_uid=str(ds.get("SeriesInstanceUID", "")),
         study_uid=str(ds.get("StudyInstanceUID", "")),
@@ -154,9 +191,11 @@ def series_info(ds: Dataset) -> SeriesInfo:
         repetition_time_ms=mr_timing["RepetitionTime"],
         echo_time_ms=mr_timing["EchoTime"],
         inversion_time_ms=mr_timing["InversionTime"],
-        contrast_agent=agent,
+        contrast_agent=_contrast_agent(ds),
         body_part=str(ds.get("BodyPartExamined", "") or ""),
         image_type=tuple(str(v) for v in (ds.get("ImageType") or [])),
+        series_number=int(number) if number is not None and number.is_integer() else None,
+        images_in_acquisition=_count(ds),
     )
 
 
@@ -288,7 +327,7 @@ def read_image_file(path: Path) -> Volume:
     """A NIfTI (or NRRD, MetaImage) volume as a :class:`Volume`, reoriented to LPS (axial
     slices, as an axial DICOM series). Such files carry no patient, study, scanner or sequence
     identity: those header fields are empty, so the pipeline relies on the intensities (e.g.
-    to recognise an institution) and the caller vouches that the files belong together."""
+    to recognize an institution) and the caller vouches that the files belong together."""
     path = Path(path)
     try:
         image = sitk.ReadImage(str(path), sitk.sitkFloat32)

@@ -1,11 +1,34 @@
-"""Finding a study's T1w and T2w series in a folder by the configured series rules."""
+"""What a series is (its role by the configured series rules) and finding a study's T1w and
+T2w series in a folder: the same code for ``vcemri process`` and the node's spool."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import config
+
+#: The roles a series can have; "other" is everything that is neither input nor target.
+ROLES = ("t1w", "t2w", "contrast_enhanced", "other")
+
+
+def series_role(rules: Any, header: Mapping[str, Any]) -> str:
+    """The role of a series with this header (:meth:`SeriesInfo.header`) under the configured
+    ``series_rules``: ``contrast_enhanced``, ``t1w``, ``t2w`` or ``other``.
+
+    A series whose header says a contrast agent was given is contrast-enhanced whatever its
+    description says, and the contrast-enhanced rule is tried first: an acquired
+    post-contrast series is never a model input."""
+    if header.get("Modality") != "MR":
+        return "other"
+    if str(header.get("ContrastBolusAgent") or "").strip() or \
+            rules.contrast_enhanced.matches(header):
+        return "contrast_enhanced"
+    for role in ("t1w", "t2w"):
+        if getattr(rules, role).matches(header):
+            return role
+    return "other"
 
 
 def _describe(rule: config.SeriesRule) -> str:
@@ -31,12 +54,10 @@ def find_pair(folder: Path, rules: Any) -> tuple[list[Path], list[Path]]:
 
     found: dict[str, list[tuple[str, list[Path]]]] = {"t1w": [], "t2w": []}
     for uid, files in scan_folder(folder).items():
-        info = series_info(pydicom.dcmread(files[0], stop_before_pixels=True))
-        if info.modality != "MR":
-            continue
-        for role in found:
-            if getattr(rules, role).matches(info.header()):
-                found[role].append((uid, files))
+        role = series_role(rules, series_info(
+            pydicom.dcmread(files[0], stop_before_pixels=True)).header())
+        if role in found:
+            found[role].append((uid, files))
     names = {"t1w": "T1-weighted", "t2w": "T2-weighted"}
     for role, candidates in found.items():
         if not candidates:

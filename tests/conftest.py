@@ -1,6 +1,7 @@
 """Shared fixtures: real DICOM peers and validators for every test that needs them.
 
-- ``tps``: a running dcmtk storescp (AE ``TPS``) on a free loopback port;
+- ``tps``: a running dcmtk storescp (AE ``TPS``) on a free loopback port that keeps a file
+  per C-STORE (``tps.assert_each_once(uids)`` counts deliveries);
 - ``orthanc``: a running Orthanc (AE ``ORTHANC``) with its REST API;
 - ``dciodvfy``: verify a file with dicom3tools, returning errors and warnings;
 - ``send``: dcmtk storescu with TCP_NODELAY;

@@ -120,7 +120,7 @@ def test_an_ood_calibration_on_a_missing_layer_is_refused(saved):
         load_checkpoint(path)
 
 
-def test_an_unknown_normalisation_is_refused(saved):
+def test_an_unknown_normalization_is_refused(saved):
     path, _ = saved
     _rewrite_meta(path, lambda m: m["normalization"].update(method="z-score"))
     with pytest.raises(ModelError, match="invalid checkpoint metadata at normalization.method"):

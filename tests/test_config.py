@@ -215,7 +215,7 @@ def test_config_file_from_environment(tmp_path, monkeypatch):
     assert load_settings().dicom.port == 4242
 
 
-def test_series_rules_recognise_typical_descriptions():
+def test_series_rules_recognize_typical_descriptions():
     rules = Settings().series_rules
     cases = {
         "t1_tse_tra": "t1w", "AX T1 SE": "t1w", "sT1W_3D_TFE": "t1w",

@@ -1,21 +1,37 @@
 """The DICOM node with real peers: dcmtk storescu as the scanner, dcmtk storescp and Orthanc as
 the TPS/PACS, Orthanc as a hospital router; kill -9 and restart, a TPS that is down, TLS, a
-full disk, bad input."""
+full disk, bad input, every transfer syntax the node accepts.
+
+The TPS stand-in counts every C-STORE it accepts (``StoreSCP.assert_each_once``): "every
+instance once" is checked as a count, not as a set of UIDs."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
 from support.dcmtk import StoreSCP, storescu
+from support.faults import FullDisk
 from support.models import make_checkpoint
 from support.node import (
     NodeProcess,
@@ -27,10 +43,11 @@ from support.node import (
     write_config,
 )
 from support.processes import free_port
+from support.tools import require
 
 import config
 import dicom_node
-from training import SimulationOptions, simulate_cohort
+from simulation import SimulationOptions, simulate_cohort
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +103,7 @@ def _sop_uids(files: list[Path]) -> set[str]:
 
 def test_storescu_to_node_to_storescp_end_to_end(cohort, tmp_path):
     """T1w and T2w interleaved in one association from dcmtk storescu; the node spools the
-    bytes as received, assembles, synthesises and delivers to dcmtk storescp."""
+    bytes as received, assembles, synthesizes and delivers to dcmtk storescp."""
     with StoreSCP(tmp_path / "tps") as tps:
         cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors",
                            destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
@@ -102,7 +119,7 @@ def test_storescu_to_node_to_storescp_end_to_end(cohort, tmp_path):
         assert job["state"] == "done", job["reason"]
         outputs = query(tmp_path / "root", "SELECT * FROM outputs")
         received = tps.received()
-        assert _sop_uids(received) == {o["sop_instance_uid"] for o in outputs}
+        tps.assert_each_once(o["sop_instance_uid"] for o in outputs)
         modalities = sorted(pydicom.dcmread(f, stop_before_pixels=True).Modality
                             for f in received)
         assert modalities.count("MR") == 8 and "RTSTRUCT" in modalities
@@ -114,7 +131,7 @@ def test_storescu_to_node_to_storescp_end_to_end(cohort, tmp_path):
         assert _dataset_bytes(by_uid[uid]) == _dataset_bytes(original)  # not re-encoded
     events = [e["event"] for e in _audit(tmp_path / "root")]
     for expected in ("association.accepted", "association.released", "series.complete",
-                     "job.ready", "job.running", "job.synthesised", "job.sending", "job.done",
+                     "job.ready", "job.running", "job.synthesized", "job.sending", "job.done",
                      "instance.sent"):
         assert expected in events
     released = [e for e in _audit(tmp_path / "root") if e["event"] == "association.released"
@@ -133,14 +150,120 @@ def test_resent_series_is_idempotent(cohort, tmp_path):
             t1, t2 = _series(cohort)
             assert storescu(t1 + t2, node.scp.port, called_ae="VCEMRI").ok
             wait_for(lambda: finished_jobs(tmp_path / "root"), 90, "the job")
-            delivered = len(tps.received())
+            outputs = [o["sop_instance_uid"] for o in query(tmp_path / "root",
+                                                           "SELECT * FROM outputs")]
+            tps.assert_each_once(outputs)
             assert storescu(t1, node.scp.port, called_ae="VCEMRI").ok  # the scanner resends
             time.sleep(2.5)  # longer than the series idle time: it completes again
         finally:
             node.stop()
         assert len(jobs(tmp_path / "root")) == 1
         assert len(query(tmp_path / "root", "SELECT * FROM instances")) == 16
-        assert len(tps.received()) == delivered
+        tps.assert_each_once(outputs)  # nothing delivered a second time
+
+
+# -- transfer syntaxes --------------------------------------------------------------------------
+
+#: How each transfer syntax is made from the simulated series (16-bit unsigned, explicit VR
+#: little endian, RescaleSlope 2.4): a dcmtk tool and its options, or None for JPEG 2000,
+#: which dcmtk cannot encode (pydicom with pylibjpeg-openjpeg does). JPEG baseline holds 8
+#: bits per sample and JPEG extended 12 (ISO 10918-1), so 16-bit MR cannot travel in them
+#: unchanged: for baseline dcmcjpeg scales the pixel range into 8 bits and keeps scanner units
+#: by writing the scale as RescaleSlope (+rm); for extended it applies the modality rescale
+#: (values up to about 820 fit 12 bits). +un keeps our SOP Instance UIDs (dcmcjpeg would draw
+#: random ones for lossy output).
+ENCODERS: dict[str, tuple[str, ...] | None] = {
+    JPEGBaseline8Bit: ("dcmcjpeg", "+eb", "+rm", "+un"),
+    JPEGExtended12Bit: ("dcmcjpeg", "+ee", "+un"),
+    JPEGLSNearLossless: ("dcmcjpls", "+en", "+un"),
+    JPEG2000: None,
+    RLELossless: ("dcmcrle",),
+    DeflatedExplicitVRLittleEndian: ("dcmconv", "+td"),
+    ExplicitVRBigEndian: ("dcmconv", "+tb"),
+}
+
+
+def _encoded_study(cohort: Path, folder: Path, syntax: str) -> list[Path]:
+    """Patient 1's T1w and T2w as a study of their own (study, series, instance and frame of
+    reference UIDs derived from ``syntax``), encoded in ``syntax``."""
+    plain, encoded = folder / "plain", folder / "encoded"
+    plain.mkdir(parents=True)
+    encoded.mkdir()
+    files = []
+    for original in _interleaved(cohort):
+        ds = pydicom.dcmread(original)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                        "FrameOfReferenceUID"):
+            setattr(ds, keyword, generate_uid(entropy_srcs=[syntax, str(ds[keyword].value)]))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        name = f"{original.parent.name}-{original.name}"
+        target = encoded / name
+        encoder = ENCODERS[syntax]
+        if encoder is None:  # lossy JPEG 2000, 5:1, labelled as a lossy encoder labels it
+            pixels = ds.pixel_array
+            ds.compress(JPEG2000, j2k_cr=[5])
+            ds.LossyImageCompression = "01"
+            ds.LossyImageCompressionRatio = 5
+            ds.LossyImageCompressionMethod = "ISO_15444_1"
+            ds.save_as(target, enforce_file_format=True)
+            assert not np.array_equal(pydicom.dcmread(target).pixel_array, pixels)  # lossy
+        else:
+            ds.save_as(plain / name, enforce_file_format=True)
+            tool, *options = encoder
+            subprocess.run([str(require(tool)), *options, str(plain / name), str(target)],
+                           check=True, capture_output=True, timeout=60)
+        meta = pydicom.filereader.read_file_meta_info(target)
+        assert meta.TransferSyntaxUID == syntax, f"{encoder} wrote {meta.TransferSyntaxUID}"
+        files.append(target)
+    return files
+
+
+def _sent_bytes(path: Path) -> bytes:
+    """The data set bytes storescu puts on the wire for ``path``: the file's bytes after its
+    meta information, except that storescu pads a deflated stream of odd length with a NUL
+    (DICOM data sets have even length) where dcmconv wrote the file unpadded."""
+    data = _dataset_bytes(path)
+    deflated = pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID \
+        == DeflatedExplicitVRLittleEndian
+    return data + b"\0" if deflated and len(data) % 2 else data
+
+
+def test_every_accepted_transfer_syntax_is_spooled_as_sent_and_processed(cohort, tmp_path):
+    """JPEG baseline and extended, JPEG-LS near-lossless, JPEG 2000 (lossy), RLE, deflated and
+    big endian: each a study of its own, sent by dcmtk storescu in that syntax. Every instance
+    is acknowledged and spooled byte for byte as it travelled, and every study is processed
+    and delivered."""
+    studies = {syntax: _encoded_study(cohort, tmp_path / "studies" / syntax, syntax)
+               for syntax in ENCODERS}
+    study_uids = {str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID):
+                  syntax for syntax, files in studies.items()}
+    root = tmp_path / "root"
+    with StoreSCP(tmp_path / "tps") as tps:
+        cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                           destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
+                                                 "port": tps.port}})
+        node = start_node(cfg)
+        try:
+            for syntax, files in studies.items():
+                sent = storescu(files, node.scp.port, called_ae="VCEMRI",
+                                transfer_syntax=syntax)
+                assert sent.ok, f"{syntax.name}: {sent.output}"
+            wait_for(lambda: len(finished_jobs(root)) == len(studies), 240, "every study's job")
+        finally:
+            node.stop()
+        outputs = [o["sop_instance_uid"] for o in query(root, "SELECT * FROM outputs")]
+        tps.assert_each_once(outputs)
+    assert not [e for e in _audit(root) if e["event"] == "instance.refused"]
+    spooled = {r["sop_instance_uid"]: r for r in query(root, "SELECT * FROM instances")}
+    for syntax, files in studies.items():
+        for path in files:
+            row = spooled[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)]
+            assert row["transfer_syntax_uid"] == syntax, syntax.name
+            assert _dataset_bytes(Path(row["path"])) == _sent_bytes(path), \
+                f"{syntax.name}: {path.name} spooled differently from what was sent"
+    outcomes = {study_uids[j["study_uid"]].name: (j["state"], j["reason"]) for j in jobs(root)}
+    assert sorted(outcomes) == sorted(s.name for s in studies)
+    assert all(state == "done" for state, _ in outcomes.values()), outcomes
 
 
 # -- a hospital router and a PACS -------------------------------------------------------------
@@ -270,6 +393,34 @@ def test_a_study_no_route_matches_is_kept_and_not_processed(cohort, tmp_path):
     assert len(spool.series_files(job.t1w_series_uid)) == 8  # kept
 
 
+# -- counting deliveries ----------------------------------------------------------------------
+
+
+def test_a_duplicate_delivery_fails_the_each_once_check(cohort, tmp_path):
+    """The check the kill -9, outage and resend tests rely on catches a sender that delivers
+    an instance twice, though the set of UIDs the TPS holds stays the same: a sender that
+    forgot its deliveries and sends everything again in a second association, and one that
+    sends a file twice in one association (dcmtk storescu, independent of the node's code)."""
+    t1, _ = _series(cohort)
+    files = t1[:3]
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    with StoreSCP(tmp_path / "tps") as tps:
+        assert storescu(files, tps.port, called_ae="TPS").ok
+        tps.assert_each_once(uids)  # one delivery each: the check passes
+        assert tps.duplicates() == {}
+        assert storescu(files, tps.port, called_ae="TPS").ok  # the duplicating sender
+        assert _sop_uids(tps.received()) == set(uids)  # a set comparison sees nothing wrong
+        assert len(tps.receipts()) == 6
+        assert tps.duplicates() == {uid: 2 for uid in uids}
+        with pytest.raises(AssertionError, match=r"3 instance\(s\) received more than once"):
+            tps.assert_each_once(uids)
+    with StoreSCP(tmp_path / "tps-2") as tps:
+        assert storescu([files[0], files[1], files[0]], tps.port, called_ae="TPS").ok
+        assert tps.duplicates() == {uids[0]: 2}
+        with pytest.raises(AssertionError, match=re.escape(f"{uids[0]} x2")):
+            tps.assert_each_once(uids[:2])
+
+
 # -- outages and crashes ----------------------------------------------------------------------
 
 
@@ -282,20 +433,23 @@ def test_destination_down_then_back_is_delivered(cohort, tmp_path):
     node = start_node(cfg)
     try:
         assert storescu(_interleaved(cohort), node.scp.port, called_ae="VCEMRI").ok
-        wait_for(lambda: [t for t in query(root, "SELECT * FROM transitions WHERE state = "
-                                               "'sending' AND reason LIKE '%retrying%'")],
-                 90, "a failed delivery")
+        failed = wait_for(lambda: query(root, "SELECT * FROM transitions WHERE state = "
+                                              "'sending' AND reason LIKE '%retrying%'"),
+                          90, "a failed delivery")[0]
         sending = jobs(root)[0]
-        assert sending["state"] == "sending" and "cannot reach destination tps" in \
-            sending["reason"] or "unreachable" in sending["reason"]
+        assert sending["state"] == "sending"  # still trying, not failed
+        where = f"destination tps (TPS@127.0.0.1:{tps_port})"
+        for reason in (failed["reason"], sending["reason"]):
+            # pynetdicom reports a refused connection as an association never established
+            assert where in reason and ("unreachable" in reason or "cannot reach" in reason)
+            assert "retrying in" in reason
         with StoreSCP(tmp_path / "tps", port=tps_port) as tps:
             job = wait_for(lambda: finished_jobs(root), 30, "delivery after the TPS is back")[0]
-            received = tps.received()
+            outputs = query(root, "SELECT sop_instance_uid FROM outputs")
+            tps.assert_each_once(o["sop_instance_uid"] for o in outputs)
     finally:
         node.stop()
     assert job["state"] == "done"
-    outputs = query(root, "SELECT sop_instance_uid FROM outputs")
-    assert _sop_uids(received) == {o["sop_instance_uid"] for o in outputs}
 
 
 def test_destination_down_too_long_fails_the_job_with_the_reason(cohort, tmp_path):
@@ -342,10 +496,10 @@ def test_kill_9_while_receiving_and_while_running_loses_and_duplicates_nothing(
         finally:
             assert node.stop() == 0  # SIGTERM: a clean exit
         received = tps.received()
+        outputs = [o["sop_instance_uid"] for o in query(root, "SELECT * FROM outputs")]
+        tps.assert_each_once(outputs)  # every object arrived once; UIDs are deterministic
     assert [j["state"] for j in jobs(root)] == ["done", "done"]
     assert len(query(root, "SELECT * FROM instances")) == len(files)
-    outputs = {o["sop_instance_uid"] for o in query(root, "SELECT * FROM outputs")}
-    assert _sop_uids(received) == outputs  # every object arrived; UIDs are deterministic
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in received]
     synthetic = {str(h.SeriesInstanceUID) for h in headers if h.Modality == "MR"}
     assert len(synthetic) == 2  # one synthetic series per study, never a duplicate series
@@ -360,9 +514,7 @@ def test_kill_9_while_receiving_and_while_running_loses_and_duplicates_nothing(
 
 def _certificates(folder: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
+    openssl = str(require("openssl"))  # skips, or fails in CI, when it is missing
     folder.mkdir()
 
     def run(*argv: str) -> None:
@@ -389,8 +541,8 @@ def test_tls_association_needs_a_trusted_client_certificate(cohort, tmp_path):
                                       "require_client_certificate": True}})
     node = start_node(cfg)
     t1, _ = _series(cohort)
-    pairs = [(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), f)
-             for f in t1[:2]]
+    instances = [dicom_node.Output(str(pydicom.dcmread(f, stop_before_pixels=True)
+                                       .SOPInstanceUID), f) for f in t1[:2]]
     trusted = config.Destination(ae_title="VCEMRI", host="127.0.0.1", port=node.scp.port,
                                  tls={"ca_certificates": certs["ca.pem"],
                                       "certificate": certs["client.pem"],
@@ -400,11 +552,11 @@ def test_tls_association_needs_a_trusted_client_certificate(cohort, tmp_path):
     plain = config.Destination(ae_title="VCEMRI", host="127.0.0.1", port=node.scp.port)
     timeouts = node.settings.dicom.timeouts
     try:
-        assert dicom_node.send(pairs, trusted, "node", calling_ae="MR",
+        assert dicom_node.send(instances, trusted, "node", calling_ae="MR",
                                timeouts=timeouts) == 2
         for peer in (anonymous, plain):
             with pytest.raises(config.PeerError):
-                dicom_node.send(pairs, peer, "node", calling_ae="MR", timeouts=timeouts)
+                dicom_node.send(instances, peer, "node", calling_ae="MR", timeouts=timeouts)
     finally:
         node.stop()
     assert len(query(tmp_path / "root", "SELECT * FROM instances")) == 2
@@ -414,18 +566,32 @@ def test_tls_association_needs_a_trusted_client_certificate(cohort, tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs (needs the privilege to mount)."""
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 2 MiB file system: a tmpfs where this process may mount one; elsewhere (no
+    privilege, a container) a folder on the ordinary disk whose spool gets ENOSPC once it
+    holds 2 MiB (:class:`FullDisk`), so the test runs everywhere and never skips. Which one
+    is printed (``pytest -rP`` shows it)."""
     mountpoint = tmp_path / "small"
     mountpoint.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root")
     try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
+            capture_output=True, text=True, check=False)
+        refusal = done.stderr.strip() if done.returncode else ""
+    except OSError as exc:  # no mount program at all
+        refusal = str(exc)
+    if not refusal:
+        print(f"full disk: a 2 MiB tmpfs at {mountpoint}")
+        try:
+            yield mountpoint
+        finally:
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+        return
+    print(f"full disk: cannot mount a tmpfs here ({refusal}); ENOSPC injected into the "
+          "spool's fsync beyond 2 MiB instead")
+    with FullDisk(mountpoint / "root" / "spool", capacity=2 * 2**20) as disk:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    assert disk.refused, "the spool never fsynced a file: the full disk was not injected"
 
 
 def test_a_full_disk_refuses_instances_with_out_of_resources(cohort, tmp_path, small_disk):
@@ -456,6 +622,46 @@ def test_a_full_disk_refuses_instances_with_out_of_resources(cohort, tmp_path, s
     indexed = {r["path"] for r in query(root, "SELECT path FROM instances")}
     on_disk = {str(p) for p in (root / "spool").rglob("*.dcm")}
     assert indexed <= on_disk and len(indexed) + len(refusals) == 12
+
+
+def test_a_write_failing_with_enospc_is_refused_cleanly_and_a_resend_succeeds(cohort, tmp_path):
+    """A full disk on any machine (no mount, no privilege): every fsync of a spool file fails
+    with ENOSPC while dcmtk storescu sends a series. The peer gets 0xA700 for each instance,
+    nothing half-written is left, the audit log has each refusal with its reason, and once
+    there is space again a resend is stored."""
+    root = tmp_path / "root"
+    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors")
+    t1, _ = _series(cohort)
+    sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in t1}
+    node = start_node(cfg)
+    try:
+        with FullDisk(root / "spool") as disk:
+            refused = storescu(t1, node.scp.port, called_ae="VCEMRI",
+                               extra_args=["--no-halt", "--verbose"])
+        resent = storescu(t1, node.scp.port, called_ae="VCEMRI")
+    finally:
+        node.stop()
+    # dcmtk names 0xA7xx statuses "Refused: OutOfResources"; --no-halt exits 0 whatever
+    assert refused.output.count("Received Store Response (Refused: OutOfResources)") == 8, \
+        refused.output
+    assert len(disk.refused) == 8
+    assert all(not p.exists() for p in disk.refused)  # the temporary files were removed
+    audit = _audit(root)
+    refusals = [e for e in audit if e["event"] == "instance.refused"]
+    assert sorted(e["sop_instance_uid"] for e in refusals) == sorted(sent)
+    assert all(e["status"] == "0xA700" and e["reason"] == "cannot write to the spool: the "
+               "disk is full" for e in refusals)
+    associations = [e for e in audit if e["event"] == "association.released"]
+    assert [(e["count"], e.get("reason")) for e in associations] == [
+        (0, "0 ignored, 8 refused"), (8, None)]
+    assert resent.ok, resent.output
+    spooled = {r["sop_instance_uid"]: Path(r["path"])
+               for r in query(root, "SELECT * FROM instances")}
+    assert spooled.keys() == sent.keys()
+    for uid, original in sent.items():
+        assert _dataset_bytes(spooled[uid]) == _dataset_bytes(original)
+    on_disk = sorted(p for p in (root / "spool").rglob("*") if p.is_file())
+    assert on_disk == sorted(spooled.values())  # nothing half-written from the first attempt
 
 
 def test_jobs_command_lists_shows_retries_and_cancels(cohort, tmp_path):

@@ -16,12 +16,12 @@ from support.models import make_checkpoint
 
 from config import PlanningSettings
 from planning import write_outputs
-from synthesis import PipelineOptions, Synthesizer, read_series
-from training import INSTITUTIONS, SimulationOptions, simulate_cohort
-from training.acquisition import acquire, draw_protocols, make_geometry, scene
-from training.dicom_export import PatientInfo, derived_uid, series_datasets, write_datasets
-from training.institutions import Grid
-from training.phantom import sample_patient
+from simulation import SITES, SimulationOptions, simulate_cohort
+from simulation.acquisition import acquire, draw_protocols, make_geometry, scene
+from simulation.export import PatientInfo, series_datasets
+from simulation.phantom import sample_patient
+from simulation.sites import Grid
+from synthesis import PipelineOptions, Synthesizer, derived_uid, read_series, write_series
 
 SETTINGS = PlanningSettings(min_region_mm3=0.0)
 
@@ -39,7 +39,7 @@ ODD = {
 
 def _write_study(folder: Path, site_key: str, changes: dict, slices: int = 6) -> None:
     """A simulated T1w/T2w pair for an institution with ``changes`` to its profile."""
-    site = replace(INSTITUTIONS[site_key], t2w_grid=None, **changes)
+    site = replace(SITES[site_key], t2w_grid=None, **changes)
     rng = np.random.default_rng(7)
     patient = sample_patient(rng, tumour_diameter_mm=30.0)
     protocols = draw_protocols(site, rng)
@@ -50,8 +50,8 @@ def _write_study(folder: Path, site_key: str, changes: dict, slices: int = 6) ->
     anatomy = scene(patient, geometry)
     for role in ("t1w", "t2w"):
         volume = acquire(anatomy, patient, site, role, protocols[role], 1.0, rng)
-        write_datasets(series_datasets(volume, geometry, site, role, protocols[role], info),
-                       folder / role)
+        write_series(series_datasets(volume, geometry, site, role, protocols[role], info),
+                     folder / role)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def _by_position(datasets):
 def test_synthetic_series_has_the_t1w_geometry_and_units(outputs, case):
     study, _, result, written = outputs[case]
     source = _by_position([pydicom.dcmread(p) for p in (study / "t1w").glob("*.dcm")])
-    synthetic = _by_position([pydicom.dcmread(p) for p in written.series])
+    synthetic = _by_position([pydicom.dcmread(o.path) for o in written.series])
     assert len(synthetic) == len(source)
     vce = np.asarray(result.vce.array)
     for k, (a, b) in enumerate(zip(source, synthetic, strict=True)):
@@ -112,7 +112,7 @@ def test_synthetic_series_says_it_is_synthetic(outputs, case):
     study, _, _, written = outputs[case]
     t1_uids = {pydicom.dcmread(p).SOPInstanceUID for p in (study / "t1w").glob("*.dcm")}
     t2_uids = {pydicom.dcmread(p).SOPInstanceUID for p in (study / "t2w").glob("*.dcm")}
-    for path in written.series:
+    for path in [o.path for o in written.series]:
         ds = pydicom.dcmread(path)
         assert ds.SyntheticData == "YES"
         assert list(ds.ImageType[:2]) == ["DERIVED", "SECONDARY"]
@@ -130,7 +130,7 @@ def test_synthetic_series_says_it_is_synthetic(outputs, case):
 @pytest.mark.parametrize("case", sorted(ODD))
 def test_dciodvfy_finds_no_errors_in_any_object(outputs, dciodvfy, case):
     _, _, _, written = outputs[case]
-    for path in [written.series[0], written.rtstruct, written.review_dicom]:
+    for path in [written.series[0].path, written.rtstruct.path, written.review.path]:
         assert path is not None
         report = dciodvfy(path)
         assert report.ok, (path.name, report.errors)
@@ -147,9 +147,9 @@ def _pixel_indices(points: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
 @pytest.mark.parametrize("case", sorted(ODD))
 def test_contours_sit_on_their_region_boundaries(outputs, case):
     _, _, _, written = outputs[case]
-    structure = pydicom.dcmread(written.rtstruct)
+    structure = pydicom.dcmread(written.rtstruct.path)
     images = {ds.SOPInstanceUID: (k, ds) for k, ds in
-              enumerate(_by_position([pydicom.dcmread(p) for p in written.series]))}
+              enumerate(_by_position([pydicom.dcmread(o.path) for o in written.series]))}
     helpers, _ = __import__("planning").helper_regions(outputs[case][2], SETTINGS)
     masks = {h.name: h.mask for h in helpers}
     names = {roi.ROINumber: roi.ROIName for roi in structure.StructureSetROISequence}
@@ -191,7 +191,7 @@ def test_rt_utils_reads_back_the_same_regions(outputs, case):
 
     _, out, result, written = outputs[case]
     rt = RTStructBuilder.create_from(dicom_series_path=str(out / "synthetic"),
-                                     rt_struct_path=str(written.rtstruct))
+                                     rt_struct_path=str(written.rtstruct.path))
     helpers, _ = __import__("planning").helper_regions(result, SETTINGS)
     for helper in helpers:
         theirs = np.moveaxis(rt.get_roi_mask_by_name(helper.name), 2, 0)  # (slices, rows, cols)
@@ -205,7 +205,7 @@ def test_rt_utils_reads_back_the_same_regions(outputs, case):
 
 def test_helpers_are_named_coloured_and_typed(outputs):
     _, _, _, written = outputs["rescale-slope"]
-    structure = pydicom.dcmread(written.rtstruct)
+    structure = pydicom.dcmread(written.rtstruct.path)
     names = [roi.ROIName for roi in structure.StructureSetROISequence]
     assert all(n.startswith("zVCE_") for n in names)
     assert "zVCE_External" in names and "zVCE_Enhancement" in names
@@ -214,7 +214,7 @@ def test_helpers_are_named_coloured_and_typed(outputs):
              for o in structure.RTROIObservationsSequence}
     assert types["zVCE_External"] == "EXTERNAL" and types["zVCE_Enhancement"] == "CONTROL"
     assert all(len(c.ROIDisplayColor) == 3 for c in structure.ROIContourSequence)
-    synthetic = pydicom.dcmread(written.series[0])
+    synthetic = pydicom.dcmread(written.series[0].path)
     referenced = structure.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
     assert referenced.RTReferencedSeriesSequence[0].SeriesInstanceUID == \
         synthetic.SeriesInstanceUID
@@ -226,7 +226,7 @@ def test_empty_helpers_are_omitted_and_noted(outputs, synthesizer, tmp_path):
     strict = PlanningSettings(enhancement_threshold=1000.0, low_confidence_threshold=1e-6)
     header = pydicom.dcmread(sorted((study / "t1w").glob("*.dcm"))[0])
     written = write_outputs(result, header, tmp_path, strict)
-    structure = pydicom.dcmread(written.rtstruct)
+    structure = pydicom.dcmread(written.rtstruct.path)
     assert [r.ROIName for r in structure.StructureSetROISequence] == ["zVCE_External"]
     assert "zVCE_Enhancement omitted: empty" in written.notes
     assert "zVCE_Enhancement omitted: empty" in structure.StructureSetDescription
@@ -238,7 +238,7 @@ def test_review_image_png_and_secondary_capture(outputs):
     study, _, _, written = outputs["oblique"]
     png = Image.open(written.review_png)
     assert png.mode == "RGB" and png.width > 4 * png.height // 2
-    sc = pydicom.dcmread(written.review_dicom)
+    sc = pydicom.dcmread(written.review.path)
     t1 = pydicom.dcmread(sorted((study / "t1w").glob("*.dcm"))[0])
     assert sc.StudyInstanceUID == t1.StudyInstanceUID
     assert sc.BurnedInAnnotation == "YES" and sc.SyntheticData == "YES"
@@ -250,17 +250,17 @@ def test_reprocessing_gives_the_same_uids(outputs, tmp_path):
     study, _, result, written = outputs["signed"]
     header = pydicom.dcmread(sorted((study / "t1w").glob("*.dcm"))[0])
     again = write_outputs(result, header, tmp_path, SETTINGS)
-    uids = [pydicom.dcmread(p).SOPInstanceUID for p in written.series]
-    assert uids == [pydicom.dcmread(p).SOPInstanceUID for p in again.series]
-    assert pydicom.dcmread(again.rtstruct).SOPInstanceUID == \
-        pydicom.dcmread(written.rtstruct).SOPInstanceUID
+    uids = [o.sop_instance_uid for o in written.series]
+    assert uids == [pydicom.dcmread(o.path).SOPInstanceUID for o in again.series]
+    assert pydicom.dcmread(again.rtstruct.path).SOPInstanceUID == \
+        pydicom.dcmread(written.rtstruct.path).SOPInstanceUID
 
 
 def test_burned_in_marker(outputs, tmp_path):
     study, _, result, _ = outputs["matrix-320"]
     header = pydicom.dcmread(sorted((study / "t1w").glob("*.dcm"))[0])
     marked = write_outputs(result, header, tmp_path, PlanningSettings(burn_in_marker=True))
-    ds = pydicom.dcmread(marked.series[0])
+    ds = pydicom.dcmread(marked.series[0].path)
     assert ds.BurnedInAnnotation == "YES"
     corner = ds.pixel_array[2:20, 2:90]
     assert (corner == ds.pixel_array.max()).any()
@@ -271,7 +271,7 @@ def test_burned_in_marker(outputs, tmp_path):
 def test_orthanc_stores_every_object_in_the_right_study(outputs, orthanc, send):
     study, _, _, written = outputs["descending"]
     t1 = [pydicom.dcmread(p) for p in (study / "t1w").glob("*.dcm")]
-    result = send(written.files(), orthanc.dicom_port, called_ae=orthanc.ae_title)
+    result = send([o.path for o in written.objects()], orthanc.dicom_port, called_ae=orthanc.ae_title)
     assert result.ok, result.output
     [study_id] = orthanc.post("/tools/find", {"Level": "Study", "Query": {
         "StudyInstanceUID": t1[0].StudyInstanceUID}})

@@ -1,5 +1,5 @@
-"""Preprocessing, normalisation and EDM: geometry kept through the model grid, background
-noise removed, normalisations that invert, and EDM's property under each normalisation."""
+"""Preprocessing, normalization and EDM: geometry kept through the model grid, background
+noise removed, normalizations that invert, and EDM's property under each normalization."""
 
 from __future__ import annotations
 
@@ -86,15 +86,15 @@ def _volume(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("method", ["zscore", "minmax"])
 @pytest.mark.parametrize("level", ["patient", "image", "dataset"])
-def test_normalisation_inverts(method, level):
+def test_normalization_inverts(method, level):
     rng = np.random.default_rng(1)
     volume, mask = _volume(rng)
     norm = Normalization(method, level)
     dataset = Statistics(190.0, 90.0, 0.0, 2000.0)
     stats = norm.statistics(volume, mask, dataset)
-    normalised = norm.normalise_volume(volume, stats)
+    normalized = norm.normalize_volume(volume, stats)
     restored = np.stack([norm.inverse(s, st, target=False)
-                         for s, st in zip(normalised, stats, strict=True)])
+                         for s, st in zip(normalized, stats, strict=True)])
     np.testing.assert_allclose(restored, volume, rtol=1e-4, atol=1e-2)
 
 
@@ -102,11 +102,11 @@ def test_patient_zscore_and_minmax_ranges():
     rng = np.random.default_rng(2)
     volume, mask = _volume(rng)
     z = Normalization("zscore", "patient")
-    out = z.normalise_volume(volume, z.statistics(volume, mask))
+    out = z.normalize_volume(volume, z.statistics(volume, mask))
     assert out[mask].mean() == pytest.approx(0.0, abs=1e-4)
     assert out[mask].std() == pytest.approx(1.0, abs=1e-4)
     m = Normalization("minmax", "image")
-    out = m.normalise_volume(volume, m.statistics(volume, mask))
+    out = m.normalize_volume(volume, m.statistics(volume, mask))
     for k in range(len(volume)):
         assert out[k][mask[k]].min() == pytest.approx(-1.0)
         assert out[k][mask[k]].max() == pytest.approx(1.0)
@@ -120,7 +120,7 @@ def test_ce_target_uses_t1w_statistics_and_maps_back():
     for method in ("zscore", "minmax"):
         norm = Normalization(method, "patient")
         stats = norm.statistics(t1, mask)
-        target = norm.normalise_volume(ce, stats, target=True)
+        target = norm.normalize_volume(ce, stats, target=True)
         if method == "minmax":  # CE up to TARGET_HEADROOM T1w ranges stays inside [-1, 1]
             assert target[mask].max() <= 1.0 and 1.8 <= TARGET_HEADROOM
         np.testing.assert_allclose(norm.restore_volume(target, stats), ce, rtol=1e-4, atol=1e-2)
@@ -138,15 +138,15 @@ def test_edm_is_an_identity_under_patient_zscore_and_matters_under_dataset_level
     assert edm.t1w == pytest.approx(1 / 3.7)
 
     patient = Normalization("zscore", "patient")
-    before = patient.normalise_volume(external, patient.statistics(external, mask))
-    after = patient.normalise_volume(matched, patient.statistics(matched, mask))
+    before = patient.normalize_volume(external, patient.statistics(external, mask))
+    after = patient.normalize_volume(matched, patient.statistics(matched, mask))
     np.testing.assert_allclose(before, after, atol=1e-4)  # EDM changes nothing here
 
     dataset = Normalization("zscore", "dataset")
     stats = Statistics.of(training[mask])
-    before = dataset.normalise_volume(external, dataset.statistics(external, mask, stats))
-    after = dataset.normalise_volume(matched, dataset.statistics(matched, mask, stats))
-    reference = dataset.normalise_volume(training, dataset.statistics(training, mask, stats))
+    before = dataset.normalize_volume(external, dataset.statistics(external, mask, stats))
+    after = dataset.normalize_volume(matched, dataset.statistics(matched, mask, stats))
+    reference = dataset.normalize_volume(training, dataset.statistics(training, mask, stats))
     assert np.abs(before - reference).mean() > 1.0  # unmatched external data is far off
     np.testing.assert_allclose(after, reference, atol=1e-4)  # EDM brings it back
 

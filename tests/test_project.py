@@ -19,9 +19,10 @@ ALLOWED = {
     "config": set(),
     "synthesis": {"config"},
     "planning": {"config", "synthesis"},
-    "training": {"config", "synthesis"},
+    "simulation": {"config", "synthesis"},
+    "training": {"config", "synthesis", "planning"},
     "dicom_node": {"config", "synthesis", "planning"},
-    "vcemri": {"config", "synthesis", "planning", "training", "dicom_node"},
+    "vcemri": {"config", "synthesis", "planning", "simulation", "training", "dicom_node"},
 }
 
 

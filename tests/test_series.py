@@ -16,9 +16,9 @@ import SimpleITK as sitk
 from support.tools import require
 
 from config import InputError
+from simulation import SimulationOptions, simulate_cohort
 from synthesis.alignment import align, resample_onto
 from synthesis.series import check_pair, read_series, scan_folder
-from training import SimulationOptions, simulate_cohort
 
 
 @pytest.fixture(scope="module")

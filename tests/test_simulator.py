@@ -15,10 +15,10 @@ import pytest
 import SimpleITK as sitk
 
 from config import Settings
-from training import INSTITUTIONS, SimulationOptions, simulate_cohort
-from training.acquisition import acquire, draw_protocols, make_geometry, scene
-from training.phantom import _Space, _tumour, sample_patient, sample_tumour
-from training.tissues import Tissue
+from simulation import SITES, SimulationOptions, simulate_cohort
+from simulation.acquisition import acquire, draw_protocols, make_geometry, scene
+from simulation.phantom import _Space, _tumour, sample_patient, sample_tumour
+from simulation.tissues import Tissue
 
 SMALL = {"matrix_scale": 0.25, "slices": 6}
 
@@ -50,7 +50,7 @@ def _volume(datasets: list[pydicom.Dataset]) -> np.ndarray:
 
 def test_manifest_lists_every_series_and_mask(cohort):
     rows = _manifest(cohort)
-    assert len(rows) == len(INSTITUTIONS) * 5
+    assert len(rows) == len(SITES) * 5
     for row in rows:
         assert (cohort / row["path"]).exists(), row
     assert {r["role"] for r in rows} == {"t1w", "t2w", "ce", "mask", "seg"}
@@ -86,7 +86,7 @@ def test_a_patient_does_not_depend_on_the_rest_of_the_cohort(tmp_path):
 
 
 @pytest.mark.dciodvfy
-@pytest.mark.parametrize("institution", sorted(INSTITUTIONS))
+@pytest.mark.parametrize("institution", sorted(SITES))
 def test_dciodvfy_finds_no_errors(cohort, dciodvfy, institution):
     folder = cohort / institution / f"{institution}-001"
     files = [sorted((folder / role).glob("*.dcm"))[0] for role in ("t1w", "t2w", "ce")]
@@ -95,9 +95,9 @@ def test_dciodvfy_finds_no_errors(cohort, dciodvfy, institution):
         assert report.ok, (path, report.errors)
 
 
-@pytest.mark.parametrize("institution", sorted(INSTITUTIONS))
+@pytest.mark.parametrize("institution", sorted(SITES))
 def test_headers_follow_the_institution(cohort, institution):
-    profile = INSTITUTIONS[institution]
+    profile = SITES[institution]
     series = {role: _series(cohort, institution, role) for role in ("t1w", "t2w", "ce")}
     t1 = series["t1w"][0]
     assert t1.Manufacturer == profile.manufacturer
@@ -120,8 +120,8 @@ def test_headers_follow_the_institution(cohort, institution):
     assert along == sorted(along, reverse=not ascending)
 
 
-@pytest.mark.parametrize("institution", sorted(INSTITUTIONS))
-def test_default_series_rules_recognise_every_simulated_series(cohort, institution):
+@pytest.mark.parametrize("institution", sorted(SITES))
+def test_default_series_rules_recognize_every_simulated_series(cohort, institution):
     rules = Settings().series_rules
     found = {}
     for role, rule in (("t1w", rules.t1w), ("t2w", rules.t2w), ("ce", rules.contrast_enhanced)):
@@ -171,7 +171,7 @@ def test_seg_and_nifti_masks_agree(cohort):
 
 
 def _physics(institution: str, diameter: float = 32.0):
-    profile = INSTITUTIONS[institution]
+    profile = SITES[institution]
     rng = np.random.default_rng(5)
     patient = sample_patient(rng, tumour_diameter_mm=diameter)
     protocols = draw_protocols(profile, rng)
@@ -182,7 +182,7 @@ def _physics(institution: str, diameter: float = 32.0):
     return acquired, t1, ce
 
 
-@pytest.mark.parametrize("institution", sorted(INSTITUTIONS))
+@pytest.mark.parametrize("institution", sorted(SITES))
 def test_contrast_enhances_the_tumour_not_the_brain(institution):
     acquired, t1, ce = _physics(institution)
     tumour = acquired.labels == Tissue.TUMOUR
@@ -194,7 +194,7 @@ def test_contrast_enhances_the_tumour_not_the_brain(institution):
 
 def test_enhancement_is_not_a_function_of_t1w_and_t2w():
     # Tumour and normal mucosa look alike before contrast and differ after it.
-    profile = INSTITUTIONS["inst1"]
+    profile = SITES["inst1"]
     rng = np.random.default_rng(5)
     patient = sample_patient(rng, tumour_diameter_mm=32.0)
     protocols = draw_protocols(profile, rng)
@@ -214,7 +214,7 @@ def test_enhancement_is_not_a_function_of_t1w_and_t2w():
 
 def test_institution_intensity_scales_differ_several_fold(cohort):
     means = {}
-    for institution in INSTITUTIONS:
+    for institution in SITES:
         volume = _volume(_series(cohort, institution, "t1w"))
         means[institution] = float(volume[volume > np.percentile(volume, 50)].mean())
     assert max(means.values()) / min(means.values()) >= 3.0, means
@@ -258,7 +258,7 @@ def test_preview_png_has_a_row_per_institution(cohort):
 
     image = Image.open(cohort / "preview.png")
     assert image.width == 4 * 220
-    assert image.height > len(INSTITUTIONS) * 220
+    assert image.height > len(SITES) * 220
 
 
 def test_simulate_command(tmp_path):

@@ -1,47 +1,33 @@
-"""Simulated cohorts, datasets, mixture modelling, the trainer (objectives, DDP, AMP),
-evaluation tables, paired tests, figures and reports. Imports ``config`` and ``synthesis``.
+"""Datasets from manifests, mixture modelling, the trainer (objectives, DDP, AMP), evaluation
+tables, paired tests, figures and reports. Imports ``config``, ``synthesis`` and ``planning``
+(evaluation scores exactly what the node delivers).
 
-Commands: ``vcemri simulate``, ``vcemri train``, ``vcemri evaluate``.
+Commands: ``vcemri train``, ``vcemri evaluate``.
 """
 
-from importlib import import_module
-from typing import Any
+from config import lazy_attributes
 
 from .cli import add_commands
-from .institutions import INSTITUTIONS, Institution, Sequence
 
-# The simulator, trainer and evaluation import highdicom, SimpleITK and torch; load them on
-# first use so that `vcemri --help` and the other commands start fast.
+# The trainer and evaluation import torch, SimpleITK and matplotlib; load them on first use
+# so that `vcemri --help` and the other commands start fast.
 _LAZY = {
-    "MANIFEST": "simulate", "PatientRecord": "simulate", "SimulationOptions": "simulate",
-    "simulate_cohort": "simulate", "simulate_patient": "simulate",
     "TrainOptions": "trainer", "TrainResult": "trainer", "train": "trainer",
     "autocast_for": "trainer", "PairedObjective": "objectives", "CycleObjective": "objectives",
     "Evaluation": "evaluate",
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'training' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [
-    "INSTITUTIONS",
-    "MANIFEST",
     "CycleObjective",
     "Evaluation",
-    "Institution",
     "PairedObjective",
-    "PatientRecord",
-    "Sequence",
-    "SimulationOptions",
     "TrainOptions",
     "TrainResult",
     "add_commands",
     "autocast_for",
-    "simulate_cohort",
-    "simulate_patient",
     "train",
 ]

@@ -1,30 +1,30 @@
-"""The training package's commands: ``vcemri simulate``."""
+"""The training package's commands: ``vcemri train`` and ``vcemri evaluate``."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from .institutions import INSTITUTIONS
+import synthesis
+
+#: What ``vcemri train`` and ``vcemri evaluate`` need beyond the node (the training extra).
+TRAINING_EXTRA = ("scipy", "matplotlib", "tensorboard")
 
 
-def _institutions(text: str) -> tuple[str, ...]:
-    keys = tuple(k.strip() for k in text.split(",") if k.strip())
-    unknown = [k for k in keys if k not in INSTITUTIONS]
-    if unknown or not keys:
-        raise argparse.ArgumentTypeError(
-            f"unknown institution {', '.join(unknown) or '(none given)'}; "
-            f"known: {', '.join(INSTITUTIONS)}"
-        )
-    return keys
+def require_training_extra() -> None:
+    """Refuse with the fix when the training extra is not installed."""
+    from importlib.util import find_spec
 
+    missing = [name for name in TRAINING_EXTRA if find_spec(name) is None]
+    if missing:
+        from config import InputError
 
-def _advance(bar: Any, patient: str) -> None:
-    bar.set_postfix_str(patient)
-    bar.update(1)
+        raise InputError(f"training and evaluation need {', '.join(missing)}, which are not "
+                         "installed", hint="pip install 'vcemri[training]'")
 
 
 def _institution_list(text: str) -> tuple[str, ...]:
@@ -32,40 +32,6 @@ def _institution_list(text: str) -> tuple[str, ...]:
     if not keys:
         raise argparse.ArgumentTypeError("name at least one institution")
     return keys
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    # Imported here: the simulator pulls in highdicom and SimpleITK, which every other
-    # vcemri command would otherwise pay for at start-up.
-    from tqdm import tqdm
-
-    from .simulate import SimulationOptions, check_output_directory, simulate_cohort
-
-    options = SimulationOptions(
-        institutions=args.institutions,
-        patients_per_institution=args.patients_per_institution,
-        seed=args.seed,
-        matrix_scale=args.matrix_scale,
-        slices=args.slices,
-        misalign_mm=args.misalign,
-    )
-    check_output_directory(Path(args.out), args.overwrite)
-    total = len(options.institutions) * options.patients_per_institution
-    with tqdm(total=total, unit="patient", desc="simulating", file=sys.stderr,
-              disable=args.quiet) as bar:
-        records = simulate_cohort(
-            Path(args.out), options, preview=args.preview, workers=args.workers,
-            overwrite=args.overwrite,
-            progress=lambda record: _advance(bar, record.patient),
-        )
-    volumes = sorted(r.tumour_volume_ml for r in records)
-    print(f"simulated {len(records)} patients from {len(options.institutions)} institutions "
-          f"into {args.out}")
-    print(f"manifest: {Path(args.out) / 'manifest.csv'}")
-    print(f"tumour volumes: {volumes[0]:.1f}-{volumes[-1]:.1f} ml")
-    if args.preview:
-        print(f"preview: {Path(args.out) / 'preview.png'}")
-    return 0
 
 
 def _modalities(text: str) -> tuple[str, ...]:
@@ -89,6 +55,7 @@ def _crop(text: str) -> tuple[int, int]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    require_training_extra()
     from tqdm import tqdm
 
     from .trainer import TrainOptions, train
@@ -101,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
         attention=not args.no_attention, amp=not args.no_amp, l1_weight=args.l1_weight,
         adversarial_weight=args.adversarial_weight, cycle_weight=args.cycle_weight,
         decay_epochs=args.decay_epochs,
-        learning_rate=args.learning_rate, init=args.init)
+        learning_rate=args.learning_rate, init=args.init, micro_batches=args.micro_batches)
     bar = tqdm(unit="step", desc="training", file=sys.stderr,
                disable=args.quiet or int(os.environ.get("RANK", "0")) != 0)
 
@@ -117,36 +84,46 @@ def _train(args: argparse.Namespace) -> int:
 
     with bar:
         result = train(Path(args.manifest), Path(args.out), options, progress,
-                       resume=args.resume)
+                       resume=args.resume, command=shlex.join(["vcemri", *sys.argv[1:]]))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun rank 0 reports
     print(f"model: {result.checkpoint} ({result.steps} steps, {result.seconds:.0f} s)")
     print(f"split: {len(result.split['train'])} training, {len(result.split['internal'])} "
           f"internal, {len(result.split['external'])} external patients "
           f"({Path(args.out) / 'split.json'})")
-    print(f"internal L1 (normalised units): model {result.metrics['internal_l1_normalised']:.4f}, "
-          f"'VCE = T1w' {result.metrics['internal_l1_t1w_copy_normalised']:.4f}")
+    print(f"internal L1 (normalized units): model {result.metrics['internal_l1_normalized']:.4f}, "
+          f"'VCE = T1w' {result.metrics['internal_l1_t1w_copy_normalized']:.4f}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    require_training_extra()
     from tqdm import tqdm
 
-    from .evaluate import evaluate, write
+    from .evaluate import evaluate, left_out_markdown, write
 
     with tqdm(unit="patient", desc="evaluating", file=sys.stderr, disable=args.quiet) as bar:
+
+        def advance(patient: str | None, total: int) -> None:
+            bar.total = total
+            if patient is None:
+                bar.refresh()
+                return
+            bar.set_postfix_str(patient)
+            bar.update(1)
+
         models = dict(_model_argument(m) for m in args.model)
         if len(models) == 1 and not any("=" in m for m in args.model):
             models = {"model": next(iter(models.values()))}
-        evaluation = evaluate(models, Path(args.manifest),
-                              tuple(args.groups.split(",")), args.device,
-                              progress=lambda patient: bar.update(1))
+        evaluation = evaluate(models, Path(args.manifest), tuple(args.groups.split(",")),
+                              args.device, progress=advance)
     if not evaluation.rows:
         from config import InputError
 
         raise InputError(f"no patients of the groups {args.groups} in {args.manifest}")
     written = write(evaluation, Path(args.out))
     print(evaluation.markdown, end="")
+    print(left_out_markdown(evaluation.left_out), end="")
     print(f"written: {written['csv']}, {written['markdown']}, {written['significance']} and "
           f"{written['html']} (with {len(written) - 4} figures)")
     return 0
@@ -157,43 +134,8 @@ def _model_argument(text: str) -> tuple[str, Path]:
     return (label or Path(path).parent.name or Path(path).stem), Path(path)
 
 
-def _default_workers() -> int:
-    """Processes for simulation: the CPUs this process may use, at most 4."""
-    return max(1, min(4, len(os.sched_getaffinity(0))))
-
-
 def add_commands(commands: Any) -> None:
-    """Add ``simulate`` to the ``vcemri`` sub-command parser."""
-    parser = commands.add_parser(
-        "simulate",
-        help="simulate a multi-institution NPC cohort as DICOM (T1w, T2w, CE-T1w, tumour)",
-        description="Simulate head-and-neck MR of NPC patients at several institutions and "
-        "write DICOM series, ground-truth tumour masks (NIfTI and DICOM SEG) and a manifest.",
-    )
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    parser.add_argument(
-        "--institutions", type=_institutions, default=tuple(INSTITUTIONS), metavar="LIST",
-        help=f"comma-separated institution keys (default: all of {','.join(INSTITUTIONS)})",
-    )
-    parser.add_argument("--patients-per-institution", type=int, default=5, metavar="N",
-                        help="patients simulated at each institution (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
-    parser.add_argument("--matrix-scale", type=float, default=1.0, metavar="F",
-                        help="scale every matrix by F keeping the field of view "
-                        "(e.g. 0.5 for small test cohorts; default 1)")
-    parser.add_argument("--slices", type=int, default=None, metavar="N",
-                        help="slices per series (default: ~120 mm of coverage)")
-    parser.add_argument("--misalign", type=float, default=0.0, metavar="MM",
-                        help="move the patient up to MM mm (MM/2 degrees) between series")
-    parser.add_argument("--preview", action="store_true",
-                        help="write preview.png: one patient per institution")
-    parser.add_argument("--workers", type=int, default=_default_workers(), metavar="N",
-                        help="parallel processes (default: CPUs, at most 4)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty output directory")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(handler=_simulate)
-
+    """Add ``train`` and ``evaluate`` to the ``vcemri`` sub-command parser."""
     trainer = commands.add_parser(
         "train",
         help="train MMgSN-Net on a multi-institution manifest and save a checkpoint",
@@ -214,8 +156,7 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--batch-size", type=int, default=4)
     trainer.add_argument("--width", type=float, default=0.25,
                          help="MMgSN-Net width multiplier (1 = the seed's; default 0.25)")
-    trainer.add_argument("--architecture", default="mmgsn",
-                         choices=("mmgsn", "unet", "hinet", "pix2pix", "cyclegan"),
+    trainer.add_argument("--architecture", default="mmgsn", choices=synthesis.GENERATORS,
                          help="generator: mmgsn (default) or a baseline of seed 000 (cyclegan "
                          "trains unpaired, with cycle-consistency, from one modality)")
     trainer.add_argument("--inputs", type=_modalities, default=("t1w", "t2w"), metavar="LIST",
@@ -241,6 +182,10 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--decay-epochs", type=int, default=0, metavar="N",
                          help="decay the learning rate linearly over the last N epochs "
                          "(default 0: constant)")
+    trainer.add_argument("--micro-batches", type=int, default=1, metavar="N",
+                         help="split each batch into N parts with their own BatchNorm "
+                         "statistics (what N DistributedDataParallel processes would compute; "
+                         "default 1)")
     trainer.add_argument("--no-amp", action="store_true",
                          help="full precision on CUDA (default: bf16/fp16 mixed precision)")
     trainer.add_argument("--crop", type=_crop, default=None, metavar="ROWSxCOLS",
@@ -249,7 +194,7 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     trainer.add_argument("--max-steps", type=int, default=None, metavar="N",
-                         help="stop after N optimisation steps")
+                         help="stop after N optimization steps")
     trainer.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                          help="save the resumable state every N steps (default 50)")
     trainer.add_argument("--resume", action="store_true",

@@ -41,10 +41,6 @@ class PatientEntry:
 
 PER_PATIENT = ("t1w", "t2w", "ce", "mask")
 
-#: A patient's T2w and CE-T1w must cover this fraction of the T1w's field of view, as the
-#: pipeline's screening asks of a study's T2w (synthesis.screening.input_checks).
-MIN_OVERLAP = 0.8
-
 
 def _csv_records(path: Path) -> list[tuple[str, dict[str, str]]]:
     """(where, {patient, institution, role, path}) for each series of a CSV manifest."""
@@ -202,11 +198,11 @@ def prepare(entries: list[PatientEntry], cache_root: Path,
                 synthesis.check_pair(volumes["t1w"], volumes["ce"])
             for role in ("t2w", "ce"):
                 covered = synthesis.field_overlap(volumes["t1w"], volumes[role])
-                if covered < MIN_OVERLAP:
+                if covered < synthesis.MIN_OVERLAP:
                     raise InputError(
                         f"its {role} covers {covered:.0%} of the T1w's field of view (at least "
-                        f"{MIN_OVERLAP:.0%} needed): the series do not show the same anatomy "
-                        "in the same place; check their geometry")
+                        f"{synthesis.MIN_OVERLAP:.0%} needed): the series do not show the same "
+                        "anatomy in the same place; check their geometry")
         except VcemriError as exc:
             problems.append(f"patient {entry.patient}: {exc}")
             continue
@@ -223,10 +219,10 @@ def prepare(entries: list[PatientEntry], cache_root: Path,
         clean["ce"] = synthesis.remove_background(arrays["ce"], masks["ce"])
         stats = {role: normalization.statistics(clean[role], masks[role])
                  for role in ("t1w", "t2w")}
-        normalised = {role: normalization.normalise_volume(clean[role], stats[role])
+        normalized = {role: normalization.normalize_volume(clean[role], stats[role])
                       for role in ("t1w", "t2w")}
-        target = normalization.normalise_volume(clean["ce"], stats["t1w"], target=True)
-        grid_inputs = synthesis.to_model_grid(np.stack([normalised["t1w"], normalised["t2w"]], 1))
+        target = normalization.normalize_volume(clean["ce"], stats["t1w"], target=True)
+        grid_inputs = synthesis.to_model_grid(np.stack([normalized["t1w"], normalized["t2w"]], 1))
         grid_target = synthesis.to_model_grid(target)
         inputs.append(grid_inputs.numpy().astype(np.float16))
         targets.append(grid_target.numpy().astype(np.float16))

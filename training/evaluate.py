@@ -1,7 +1,10 @@
-"""Evaluating a model on a manifest: each patient through the synthesis pipeline (as
-``process`` runs it), compared with the acquired CE-T1w next to the trivial baseline
+"""Evaluating a model on a manifest: each patient through ``planning.SynthesisService``, the
+service the node and ``process`` deliver with (the same models and passes: the VCE is the mean
+of the plain and the mirrored pass, exactly what a TPS receives; screening is not applied, so
+every patient is scored), compared with the acquired CE-T1w next to the trivial baseline
 'VCE = T1w'; a table per institution, internal and external (from the run's split.json),
-mean +- SD, written as CSV (per patient) and Markdown.
+mean +- SD, written as CSV (per patient) and Markdown. Patients of the manifest that are not
+evaluated (the model trained on them, or they are in no group asked for) are listed with why.
 
 Two grids. The seeds compute their metrics on the model's 256 x 224 grid, every image resampled
 to it bilinearly (seed 001 Methods): the main columns do the same (the acquired CE-T1w and
@@ -45,11 +48,20 @@ ACQUIRED = "acquired_"
 #: Columns of the summary table: (metric key, header).
 TABLE = (
     ("seed000_whole_mae", "MAE"), ("seed000_whole_ssim", "SSIM"),
-    ("seed000_whole_psnr", "PSNR"), ("seed000_tumour_mae", "tumour MAE"),
+    ("seed000_whole_psnr", "PSNR"), ("seed000_head_mae", "head MAE"),
+    ("seed000_head_ssim", "head SSIM"), ("seed000_tumour_mae", "tumour MAE"),
     ("seed001_whole_mae_x1000", "MAE x1e3 [0,1]"), ("seed001_whole_psnr", "PSNR [0,1]"),
-    (f"{ACQUIRED}seed000_whole_mae", "MAE, T1w grid"),
-    (f"{ACQUIRED}seed000_whole_ssim", "SSIM, T1w grid"),
+    (f"{ACQUIRED}seed000_head_mae", "head MAE, T1w grid"),
+    (f"{ACQUIRED}seed000_head_ssim", "head SSIM, T1w grid"),
+    (f"{ACQUIRED}seed000_tumour_mae", "tumour MAE, T1w grid"),
 )
+
+#: Why a patient of the split is not evaluated (groups not asked for).
+LEFT_OUT = {"train": "the model was trained on this patient",
+            "dropped": "left out of training by mixture modelling (equal patients per "
+                       "institution); not in the groups evaluated",
+            "internal": "internal evaluation patient; not in the groups evaluated",
+            "external": "external patient; not in the groups evaluated"}
 
 
 @dataclass
@@ -61,6 +73,8 @@ class Evaluation:
     tests: list[dict[str, object]] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)
     models: dict[str, Path] = field(default_factory=dict)
+    #: patients of the manifest not evaluated -> why
+    left_out: dict[str, str] = field(default_factory=dict)
 
 
 def _group(patient: str, split: dict[str, list[str]]) -> str:
@@ -124,32 +138,42 @@ def _example_slice(tumour: np.ndarray | None, depth: int) -> int:
 
 def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
              groups: tuple[str, ...] = ("internal", "external"), device: str = "auto",
-             progress: Callable[[str], None] | None = None) -> Evaluation:
+             progress: Callable[[str | None, int], None] | None = None) -> Evaluation:
     """Metrics for the manifest's patients in ``groups`` of the first model's split (all
     patients when it has none, see :func:`_split`), for each model (label -> checkpoint; one
     model is labelled 'model') and 'VCE = T1w'; with paired tests and one example slice per
-    institution."""
+    institution. ``progress(None, total)`` is called before the first patient and
+    ``progress(patient, total)`` after each."""
+    import planning
+    from config import Settings
+
     labelled = _labels(models)
-    synthesizers = {label: synthesis.Synthesizer(
-        path, synthesis.PipelineOptions(device=device, screen=False, confidence=False))
-        for label, path in labelled.items()}
+    service = planning.SynthesisService(Settings())
     entries = read_manifest(manifest)
     first = next(iter(labelled))
-    split = _split(labelled[first], synthesizers[first].checkpoint, entries)
-    rows: list[dict[str, object]] = []
-    examples: list[Example] = []
+    synthesizer, _ = service.synthesizer(checkpoint=str(labelled[first]), device=device)
+    split = _split(labelled[first], synthesizer.checkpoint, entries)
+    chosen, left_out = [], {}
     for entry in entries:
         group = _group(entry.patient, split) if split else "all"
         if split and group not in groups:
-            continue
+            left_out[entry.patient] = LEFT_OUT.get(group, f"in no group of the split ({group})")
+        else:
+            chosen.append((entry, group))
+    rows: list[dict[str, object]] = []
+    examples: list[Example] = []
+    if progress is not None:
+        progress(None, len(chosen))
+    for entry, group in chosen:
         t1 = synthesis.read_volume(entry.paths["t1w"])
         t2 = synthesis.read_volume(entry.paths["t2w"])
         ce = synthesis.resample_onto(synthesis.read_volume(entry.paths["ce"]), t1)
         tumour = _tumour(entry.paths.get("mask"), t1.image)
         predictions, on_grid = {}, {}
         head = None
-        for label, synthesizer in synthesizers.items():
-            result = synthesizer.run(t1, t2)
+        for label, path in labelled.items():
+            result = service.synthesize(t1, t2, checkpoint=str(path), device=device,
+                                        screen=False)
             if head is None:
                 head = sitk.GetArrayFromImage(result.foreground) > 0
             predictions[label] = result.vce.array
@@ -162,10 +186,10 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
         on_grid[BASELINE] = np.where(grid_head, synthesis.to_model_grid(t1.array).numpy(), 0.0)
         grid_tumour = None if tumour is None else synthesis.mask_to_model_grid(tumour)
         for name, prediction in predictions.items():
-            acquired = study_metrics(truth, prediction, tumour)
+            acquired = study_metrics(truth, prediction, tumour, head)
             rows.append({"patient": entry.patient, "institution": entry.institution,
                          "group": group, "method": name,
-                         **study_metrics(grid_truth, on_grid[name], grid_tumour),
+                         **study_metrics(grid_truth, on_grid[name], grid_tumour, grid_head),
                          **{ACQUIRED + k: v for k, v in acquired.items()}})
         if not any(e.institution == entry.institution for e in examples):
             k = _example_slice(tumour, truth.shape[0])
@@ -174,9 +198,9 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
                                     np.where(head, t1.array, 0.0)[k], t2_on_t1[k], truth[k],
                                     predictions[next(iter(labelled))][k]))
         if progress is not None:
-            progress(entry.patient)
+            progress(entry.patient, len(chosen))
     tests = paired_tests(rows, TABLE) if rows else []
-    return Evaluation(rows, summary_markdown(rows), tests, examples, labelled)
+    return Evaluation(rows, summary_markdown(rows), tests, examples, labelled, left_out)
 
 
 def summary_markdown(rows: list[dict[str, object]]) -> str:
@@ -191,10 +215,33 @@ def summary_markdown(rows: list[dict[str, object]]) -> str:
         for key, _ in TABLE:
             data = np.array([float(m[key]) for m in members], float)  # type: ignore[arg-type]
             data = data[np.isfinite(data)]
-            values.append(f"{data.mean():.3g} +- {data.std():.2g}" if data.size else "n/a")
+            # one patient has no spread to show
+            values.append("n/a" if not data.size else f"{data.mean():.3g}" if data.size == 1
+                          else f"{data.mean():.3g} +- {data.std():.2g}")
         lines.append(f"| {group} | {site} | {method} | {len(members)} | "
                      + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
+
+
+#: What the summary table holds.
+TABLE_HEADING = (
+    "Mean +- SD per institution (seed 000: L = 4095; seed 001: [0, 1]). Columns without a "
+    "grid: on the model's 256 x 224 grid, as the seeds measure; 'T1w grid': on the acquired "
+    "T1w grid, as the node delivers. 'head': inside the pipeline's head mask (the zeroed "
+    "background makes whole-image figures look better than they are). A single patient shows "
+    "no SD.")
+
+
+def left_out_markdown(left_out: dict[str, str]) -> str:
+    """The patients not evaluated and why, grouped by reason."""
+    if not left_out:
+        return ""
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for patient, reason in sorted(left_out.items()):
+        by_reason[reason].append(patient)
+    return "Patients not evaluated:\n\n" + "\n".join(
+        f"- {len(patients)}: {reason} ({', '.join(patients)})"
+        for reason, patients in by_reason.items()) + "\n"
 
 
 def write(evaluation: Evaluation, out: Path) -> dict[str, Path]:
@@ -209,9 +256,10 @@ def write(evaluation: Evaluation, out: Path) -> dict[str, Path]:
         writer.writeheader()
         writer.writerows(evaluation.rows)
     tests = tests_markdown(evaluation.tests) if evaluation.tests else ""
+    left_out = left_out_markdown(evaluation.left_out)
     written["markdown"].write_text(
         evaluation.markdown + ("\nPaired tests (Wilcoxon signed-rank, two-sided):\n\n" + tests
-                               if tests else ""))
+                               if tests else "") + (f"\n{left_out}" if left_out else ""))
     with open(written["significance"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, ["group", "method", "versus", "metric", "n",
                                          "mean_difference", "p_value"])
@@ -228,12 +276,11 @@ def write(evaluation: Evaluation, out: Path) -> dict[str, Path]:
                                  out / f"training-curves{suffix}.png")
         if curves is not None:
             images.append((f"training curves of {label} ({model})", curves))
-    heading = ("Mean +- SD per institution (seed 000: L = 4095; seed 001: [0, 1]; on the "
-               "model's 256 x 224 grid as the seeds, the last two columns on the acquired "
-               "T1w grid, as delivered)")
-    sections = [(heading, evaluation.markdown)]
+    sections = [(TABLE_HEADING, evaluation.markdown)]
     if tests:
         sections.append(("Paired tests (Wilcoxon signed-rank, two-sided)", tests))
+    if left_out:
+        sections.append(("Patients not evaluated", left_out))
     models = "\n".join(f"| {k} | {v} |" for k, v in evaluation.models.items())
     sections.insert(0, ("Models", "| label | checkpoint |\n|---|---|\n" + models))
     write_html(written["html"], "vcemri evaluation", sections, images)

@@ -1,4 +1,4 @@
-"""What one training step optimises, for the trainer to call the same way for every model.
+"""What one training step optimizes, for the trainer to call the same way for every model.
 
 - :class:`PairedObjective` (seed 000 "Examples (B)"; also U-Net, Hi-Net and pix2pix): the
   generator maps T1w/T2w to the CE-T1w of the same slice; L1 (weight 100, as pix2pix; the seed
@@ -31,26 +31,30 @@ IDENTITY_FRACTION = 0.5
 
 
 class _Step:
-    """Optimisers, loss scalers, mixed precision and DDP wrapping shared by the objectives."""
+    """Optimizers, loss scalers, mixed precision and DDP wrapping shared by the objectives."""
 
     losses: tuple[str, ...] = ()
     #: whether a step takes CE slices drawn independently of the input slices
     unpaired = False
 
     def __init__(self, learning_rate: float, autocast: Any, scaling: bool, world: int,
-                 device: torch.device) -> None:
+                 device: torch.device, micro_batches: int = 1) -> None:
         self.learning_rate = learning_rate
+        #: a step's batch is split into this many parts, each through the networks on its own
+        #: (its own BatchNorm statistics), their losses averaged: one process then computes
+        #: what as many DistributedDataParallel processes would (``--micro-batches``)
+        self.micro_batches = micro_batches
         self.autocast = autocast
         self.scaling = scaling
         self.world = world
         self.device = device
-        self.optimisers: dict[str, torch.optim.Optimizer] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.scalers: dict[str, torch.amp.GradScaler] = {}
         self.trained: dict[str, nn.Module] = {}
 
     def _adam(self, name: str, *models: nn.Module) -> None:
         parameters = [p for m in models for p in m.parameters()]
-        self.optimisers[name] = torch.optim.Adam(parameters, self.learning_rate,
+        self.optimizers[name] = torch.optim.Adam(parameters, self.learning_rate,
                                                  betas=(0.5, 0.999))
         self.scalers[name] = torch.amp.GradScaler("cuda", enabled=self.scaling)
 
@@ -63,24 +67,19 @@ class _Step:
         self.trained[name] = model
         return model
 
-    def _optimise(self, name: str, loss: torch.Tensor) -> None:
-        optimiser, scaler = self.optimisers[name], self.scalers[name]
-        optimiser.zero_grad(set_to_none=True)
+    def _optimize(self, name: str, loss: torch.Tensor) -> None:
+        optimizer, scaler = self.optimizers[name], self.scalers[name]
+        optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.step(optimiser)
+        scaler.step(optimizer)
         scaler.update()
 
     def _precision(self) -> Any:
         return self.autocast or contextlib.nullcontext()
 
-    def set_learning_rate(self, rate: float) -> None:
-        for optimiser in self.optimisers.values():
-            for group in optimiser.param_groups:
-                group["lr"] = rate
-
     @property
     def modules(self) -> dict[str, Any]:
-        """Models, optimisers and (with fp16) loss scalers, by the names a state file uses."""
+        """Models, optimizers and (with fp16) loss scalers, by the names a state file uses."""
         raise NotImplementedError
 
     def step(self, x: torch.Tensor, y: torch.Tensor,
@@ -113,22 +112,28 @@ class PairedObjective(_Step):
     @property
     def modules(self) -> dict[str, Any]:
         modules: dict[str, Any] = {"generator": self.generator,
-                                   "discriminator": self.discriminator, **self.optimisers}
+                                   "discriminator": self.discriminator, **self.optimizers}
         if self.scaling:
             modules.update(scaler_g=self.scalers["opt_g"], scaler_d=self.scalers["opt_d"])
         return modules
 
     def step(self, x: torch.Tensor, y: torch.Tensor,
              unpaired: torch.Tensor | None = None) -> torch.Tensor:
+        parts = list(zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches), strict=True))
+        n = len(parts)
         with self._precision():
-            fake = self.g(x[:, self.channels])
-            loss_d = 0.5 * (_lsgan(self.d(y, x), True) + _lsgan(self.d(fake.detach(), x), False))
-        self._optimise("opt_d", loss_d)
+            fakes = [self.g(xi[:, self.channels]) for xi, _ in parts]
+            loss_d = sum(0.5 * (_lsgan(self.d(yi, xi), True)
+                                + _lsgan(self.d(fake.detach(), xi), False))
+                         for (xi, yi), fake in zip(parts, fakes, strict=True)) / n
+        self._optimize("opt_d", loss_d)
         with self._precision():
-            loss_adv = _lsgan(self.d(fake, x), True)
-            loss_l1 = F.l1_loss(fake.float(), y)
+            loss_adv = sum(_lsgan(self.d(fake, xi), True)
+                           for (xi, _), fake in zip(parts, fakes, strict=True)) / n
+            loss_l1 = sum(F.l1_loss(fake.float(), yi)
+                          for (_, yi), fake in zip(parts, fakes, strict=True)) / n
             loss_g = self.adversarial_weight * loss_adv + self.l1_weight * loss_l1
-        self._optimise("opt_g", loss_g)
+        self._optimize("opt_g", loss_g)
         return torch.stack([v.detach().float() for v in (loss_g, loss_l1, loss_adv, loss_d)])
 
 
@@ -145,6 +150,8 @@ class CycleObjective(_Step):
         super().__init__(**common)
         if len(channels) != 1:
             raise ValueError("CycleGAN translates one modality")
+        if self.micro_batches != 1:
+            raise ValueError("CycleGAN steps take the whole batch (no micro-batches)")
         self.channels = channels
         self.cycle_weight, self.adversarial_weight = cycle_weight, adversarial_weight
         config = dict(generator.config)
@@ -166,7 +173,7 @@ class CycleObjective(_Step):
         modules: dict[str, Any] = {"generator": self.generator, "backward": self.backward,
                                    "discriminator": self.discriminator,
                                    "input_discriminator": self.input_discriminator,
-                                   **self.optimisers}
+                                   **self.optimizers}
         if self.scaling:
             modules.update(scaler_g=self.scalers["opt_g"], scaler_d=self.scalers["opt_d"])
         return modules
@@ -185,10 +192,10 @@ class CycleObjective(_Step):
                         + F.l1_loss(self.g_ba(a).float(), a))
             loss_g = (self.adversarial_weight * loss_adv + self.cycle_weight * loss_cycle
                       + IDENTITY_FRACTION * self.cycle_weight * identity)
-        self._optimise("opt_g", loss_g)
+        self._optimize("opt_g", loss_g)
         with self._precision():
             loss_d = 0.5 * (_lsgan(self.d_b(b), True) + _lsgan(self.d_b(fake_b.detach()), False)
                             + _lsgan(self.d_a(a), True)
                             + _lsgan(self.d_a(fake_a.detach()), False))
-        self._optimise("opt_d", loss_d)
+        self._optimize("opt_d", loss_d)
         return torch.stack([v.detach().float() for v in (loss_g, loss_cycle, loss_adv, loss_d)])

@@ -67,6 +67,18 @@ def paired_tests(rows: list[dict[str, object]], metrics: tuple[tuple[str, str], 
     return results
 
 
+#: Below this many pairs the exact two-sided Wilcoxon p-value cannot fall below 0.05, whatever
+#: the data: its smallest value is 2 / 2^n (n = 5: 0.0625).
+FEW_PAIRS = 6
+
+
+def _p(value: float, n: int) -> str:
+    if not np.isfinite(value):
+        return "n/a"
+    return f"{value:.3g}" + (f" (n < {FEW_PAIRS}: >= {2 / 2**n:.3g} whatever the data)"
+                             if n < FEW_PAIRS else "")
+
+
 def tests_markdown(tests: list[dict[str, object]]) -> str:
     lines = ["| group | method | versus | metric | n | mean difference | p (Wilcoxon) |",
              "|---|---|---|---|---|---|---|"]
@@ -74,7 +86,7 @@ def tests_markdown(tests: list[dict[str, object]]) -> str:
         p = float(t["p_value"])  # type: ignore[arg-type]
         lines.append(f"| {t['group']} | {t['method']} | {t['versus']} | {t['metric']} | "
                      f"{t['n']} | {float(t['mean_difference']):.4g} | "  # type: ignore[arg-type]
-                     f"{'n/a' if not np.isfinite(p) else f'{p:.3g}'} |")
+                     f"{_p(p, int(t['n']))} |")  # type: ignore[call-overload]
     return "\n".join(lines) + "\n"
 
 
@@ -134,8 +146,8 @@ def training_curves(log: Path, path: Path) -> Path | None:
             axis.plot(steps[window - 1:], smooth, label=key)
         axis.set_xlabel("step")
         axis.legend()
-    axes[0].set_title("cycle L1 (normalised units)" if reconstruction == "loss_cycle"
-                      else "L1 (normalised units)")
+    axes[0].set_title("cycle L1 (normalized units)" if reconstruction == "loss_cycle"
+                      else "L1 (normalized units)")
     axes[1].set_title("least-squares GAN losses")
     figure.tight_layout()
     figure.savefig(path, dpi=90)

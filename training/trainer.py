@@ -11,6 +11,10 @@ objective for the CycleGAN baseline; Adam, learning rate 2e-4, betas (0.5, 0.999
 names Adam and the rate). Targets are z-scored with the T1w's statistics per patient, so the
 generator's output is linear.
 
+The loop (training/loop.py) is short; what happens around it are handlers
+(training/handlers.py): step limit, learning-rate schedule, resumable state, logs, progress,
+BatchNorm recalibration after crop training, internal evaluation and OOD calibration.
+
 At the end the checkpoint stores what inference needs: the institution profiles (names,
 scanner, TR/TE ranges) with EDM statistics (each institution's mean of patient means), the
 OOD calibration on the training studies, the training summary and internal-evaluation L1
@@ -19,7 +23,6 @@ next to the trivial baseline 'VCE = T1w'.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -36,6 +39,18 @@ import synthesis
 from config import InputError
 
 from .dataset import SliceCache, prepare, read_manifest
+from .handlers import (
+    BatchNormRecalibration,
+    CSVLog,
+    InternalEvaluation,
+    LearningRateSchedule,
+    OODCalibration,
+    Progress,
+    StateSaver,
+    StepLimit,
+    TensorBoard,
+)
+from .loop import EpochData, Handler, Loop
 from .objectives import CycleObjective, PairedObjective
 
 DECODER_PROBE = "decode1"
@@ -84,6 +99,10 @@ class TrainOptions:
     #: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); no effect
     #: on CPU
     amp: bool = True
+    #: split each process's batch into this many parts with their own BatchNorm statistics
+    #: and average their losses: one process then computes what as many DistributedDataParallel
+    #: processes would (each part is the share of the rank it stands for)
+    micro_batches: int = 1
 
 
 @dataclass
@@ -159,25 +178,6 @@ def _profiles(cache: SliceCache, patients: set[str]) -> list[Any]:
     return profiles
 
 
-def _epoch_batches(rows: np.ndarray, size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """The epoch's batches: a permutation that depends only on the seed and the epoch, so a
-    resumed run continues with exactly the batches the uninterrupted one would see."""
-    order = np.random.default_rng([seed, epoch]).permutation(rows)
-    return [np.sort(order[start:start + size]) for start in range(0, len(order), size)]
-
-
-def _crop_window(shape: tuple[int, int], crop: tuple[int, int] | None, seed: int, epoch: int,
-                 index: int) -> tuple[slice, slice]:
-    """The batch's crop: offsets that depend only on the seed, epoch and batch (resumable)."""
-    if crop is None:
-        return slice(None), slice(None)
-    rows, cols = min(crop[0], shape[0]), min(crop[1], shape[1])
-    rng = np.random.default_rng([seed, epoch, index, 7])
-    top = int(rng.integers(0, shape[0] - rows + 1))
-    left = int(rng.integers(0, shape[1] - cols + 1))
-    return slice(top, top + rows), slice(left, left + cols)
-
-
 def _resumable(options: TrainOptions) -> dict[str, Any]:
     """The options that must not change between an interrupted run and its resumption."""
     kept = asdict(options)
@@ -186,15 +186,12 @@ def _resumable(options: TrainOptions) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in kept.items()}
 
 
-ARCHITECTURES = ("mmgsn", "unet", "hinet", "pix2pix", "cyclegan")
-
-
 def build_generator(options: TrainOptions) -> torch.nn.Module:
     """The generator ``options`` name, with a linear output (targets are z-scores)."""
     name = options.architecture
-    if name not in ARCHITECTURES:
+    if name not in synthesis.GENERATORS:
         raise InputError(f"vcemri train cannot train {name!r} (it trains "
-                         f"{', '.join(ARCHITECTURES)})")
+                         f"{', '.join(synthesis.GENERATORS)})")
     config: dict[str, Any] = {"width_multiplier": options.width, "output": "linear"}
     if name == "mmgsn":
         config.update(fusion=options.fusion, multi_level=options.multi_level,
@@ -218,8 +215,11 @@ def build_objective(options: TrainOptions, generator: torch.nn.Module,
                     world: int, autocast: Any, scaling: bool) -> PairedObjective | CycleObjective:
     """The training objective of ``options.architecture`` (see training/objectives.py)."""
     common = {"learning_rate": options.learning_rate, "autocast": autocast,
-              "scaling": scaling, "world": world, "device": device}
+              "scaling": scaling, "world": world, "device": device,
+              "micro_batches": options.micro_batches}
     if options.architecture == "cyclegan":
+        if options.micro_batches != 1:
+            raise InputError("CycleGAN trains on whole batches: leave --micro-batches at 1")
         return CycleObjective(generator, discriminator, channels, options.cycle_weight,
                               options.adversarial_weight, **common)
     return PairedObjective(generator, discriminator, channels, options.l1_weight,
@@ -268,223 +268,7 @@ def autocast_for(device: torch.device, enabled: bool) -> tuple[Any, torch.dtype 
     return torch.autocast("cuda", dtype=dtype), dtype
 
 
-def _save_state(path: Path, modules: dict[str, Any], step: int, epoch: int, batch: int,
-                options: dict[str, Any]) -> None:
-    """Everything a resumed run needs, written atomically (temporary file, then rename)."""
-    state = {name: module.state_dict() for name, module in modules.items()}
-    state.update(step=step, epoch=epoch, batch=batch, options=options)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows written after the state being resumed from."""
-    if not path.exists():
-        return
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
-    kept = [rows[0], *[r for r in rows[1:] if int(r[0]) <= step]] if rows else []
-    with open(path, "w", newline="") as handle:
-        csv.writer(handle).writerows(kept)
-
-
-def _l1(generator: torch.nn.Module, cache: SliceCache, rows: np.ndarray,
-        device: torch.device, channels: list[int]) -> tuple[float, float]:
-    """Mean absolute error (normalised units) inside the head of the model and of
-    'VCE = T1w' (outside it the pipeline writes 0 for both)."""
-    if len(rows) == 0:
-        return float("nan"), float("nan")
-    model, copy, count = 0.0, 0.0, 0
-    generator.eval()
-    with torch.inference_mode():
-        for start in range(0, len(rows), 8):
-            part = rows[start:start + 8]
-            x = torch.from_numpy(np.asarray(cache.inputs[part], np.float32)).to(device)
-            y = torch.from_numpy(np.asarray(cache.targets[part], np.float32)).to(device)
-            # the cleaned background is each slice's lowest normalised value
-            head = x[:, 0] > x[:, 0].amin(dim=(1, 2), keepdim=True) + 1e-3
-            model += float(((generator(x[:, channels])[:, 0] - y).abs() * head).sum())
-            copy += float(((x[:, 0] - y).abs() * head).sum())
-            count += int(head.sum())
-    generator.train()
-    return model / max(count, 1), copy / max(count, 1)
-
-
-def train(manifest: Path, out: Path, options: TrainOptions,
-          progress: Callable[[str, dict[str, float]], None] | None = None,
-          resume: bool = False) -> TrainResult:
-    """Train, evaluate internally, calibrate, and save ``out/model.safetensors``.
-
-    With ``resume``, continue from ``out/training_state.pt`` (models, optimisers, loss scalers,
-    position in the epoch) exactly where the interrupted run stopped. Under ``torchrun`` every
-    rank trains on its share of each global batch (``batch_size`` is the global batch) with
-    DistributedDataParallel; rank 0 prepares the cache, logs, saves and calibrates."""
-    import torch.distributed as dist
-
-    started = time.perf_counter()
-    out = Path(out)
-    place, device = setup_distributed(options.device)
-    if place.main:
-        out.mkdir(parents=True, exist_ok=True)
-    entries = read_manifest(Path(manifest))
-    split = design([(e.patient, e.institution) for e in entries], options)
-    used = set(split["train"]) | set(split["internal"])
-    normalization = synthesis.Normalization("zscore", "patient")
-    if place.main:
-        (out / "split.json").write_text(json.dumps(split, indent=1))
-        cache = prepare([e for e in entries if e.patient in used], out / "cache", normalization,
-                        progress=(lambda p: progress("prepare", {"patient": p}))
-                        if progress else None)
-    if place.world > 1:
-        dist.barrier()  # the other ranks read the cache rank 0 wrote
-    if not place.main:
-        cache = prepare([e for e in entries if e.patient in used], out / "cache", normalization)
-
-    torch.manual_seed(options.seed)
-    generator = build_generator(options).to(device)
-    # CycleGAN's discriminators judge one domain's slices alone (unconditional, as its paper)
-    discriminator = synthesis.build_model(
-        "patchgan", width_multiplier=options.width,
-        conditional=options.architecture != "cyclegan").to(device)
-    if options.init is not None:
-        _initialise(generator, discriminator, Path(options.init))
-    channels = [("t1w", "t2w").index(m) for m in getattr(generator, "inputs", ("t1w", "t2w"))]
-    autocast, amp_dtype = autocast_for(device, options.amp)
-    objective = build_objective(options, generator, discriminator, channels, device,
-                                place.world, autocast, amp_dtype == torch.float16)
-    train_rows = cache.rows(set(split["train"]))
-    internal_rows = cache.rows(set(split["internal"]))
-    log_path = out / "training_log.csv"
-    state_path = out / STATE
-    modules = objective.modules
-    step, start_epoch, start_batch = 0, 1, 0
-    if resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        if state.get("options") != _resumable(options):
-            raise InputError(f"{state_path} was written with other training options; "
-                             "resume with the same options or start a new run")
-        for name, module in modules.items():
-            if name in state:
-                module.load_state_dict(state[name])
-        step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
-        if place.main:
-            _truncate_log(log_path, step)
-    elif place.main and log_path.exists():
-        log_path.unlink()
-    fresh = not log_path.exists()
-    writer = _tensorboard(out / "tensorboard", purge_step=step + 1) if place.main else None
-    handle = open(log_path, "a", newline="") if place.main else None  # noqa: SIM115
-    try:
-        log = csv.writer(handle) if handle is not None else None
-        if log is not None and fresh:
-            log.writerow(["step", "epoch", *objective.losses, "seconds"])
-        for epoch in range(start_epoch, options.epochs + 1):
-            objective.set_learning_rate(
-                options.learning_rate * learning_rate_factor(options, epoch))
-            batches = _epoch_batches(train_rows, options.batch_size, options.seed, epoch)
-            # CycleGAN's CE slices: another permutation, independent of the input slices
-            others = _epoch_batches(train_rows, options.batch_size, options.seed + 1, epoch)
-            kept = [k for k, b in enumerate(batches) if len(b) >= place.world]
-            batches, others = [batches[k] for k in kept], [others[k] for k in kept]
-            first = start_batch if epoch == start_epoch else 0
-            for index in range(first, len(batches)):
-                rows = batches[index][place.rank::place.world]
-                top, left = _crop_window(cache.targets.shape[1:], options.crop, options.seed,
-                                         epoch, index)
-                x = torch.from_numpy(np.asarray(cache.inputs[rows][..., top, left],
-                                                np.float32)).to(device)
-                y = torch.from_numpy(np.asarray(cache.targets[rows][:, top, left],
-                                                np.float32))[:, None].to(device)
-                unpaired = None
-                if objective.unpaired:
-                    apart = others[index][place.rank::place.world]
-                    unpaired = torch.from_numpy(np.asarray(
-                        cache.targets[apart][:, top, left], np.float32))[:, None].to(device)
-                losses = objective.step(x, y, unpaired)
-                step += 1
-                if place.world > 1:
-                    dist.all_reduce(losses)
-                    losses /= place.world
-                values = dict(zip(objective.losses, (float(v) for v in losses)))
-                if log is not None:
-                    log.writerow([step, epoch, *(round(v, 6) for v in values.values()),
-                                  round(time.perf_counter() - started, 2)])
-                if writer is not None:
-                    for name, value in values.items():
-                        writer.add_scalar(f"train/{name}", value, step)
-                if progress is not None and place.main:
-                    progress("step", {"epoch": epoch, **values})
-                stop = options.max_steps is not None and step >= options.max_steps
-                due = options.checkpoint_every and step % options.checkpoint_every == 0
-                if (due or stop) and place.main:
-                    assert handle is not None
-                    handle.flush()
-                    nxt = (epoch, index + 1) if index + 1 < len(batches) else (epoch + 1, 0)
-                    _save_state(state_path, modules, step, *nxt, _resumable(options))
-                if stop:
-                    break
-            if options.max_steps is not None and step >= options.max_steps:
-                break
-    finally:
-        if handle is not None:
-            handle.close()
-    if place.world > 1:
-        dist.barrier()
-        if not place.main:
-            dist.destroy_process_group()
-            return TrainResult(out / "model.safetensors", split, {}, step,
-                               time.perf_counter() - started)
-
-    if options.crop is not None:
-        precise_batch_norm(generator, cache, train_rows, device, channels)
-    model_l1, copy_l1 = _l1(generator, cache, internal_rows, device, channels)
-    if writer is not None:
-        writer.add_scalar("internal/l1_normalised", model_l1, step)
-        writer.add_scalar("internal/l1_t1w_copy_normalised", copy_l1, step)
-        writer.close()
-    generator.eval()
-    vectors = []
-    probe_layer = DECODER_PROBE if options.architecture == "mmgsn" else None
-    for patient in split["train"] if probe_layer else []:
-        rows = cache.rows({patient})
-        probe = synthesis.FeatureProbe(generator, probe_layer)
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(rows), 8):
-                    batch = np.asarray(cache.inputs[rows[start:start + 8]], np.float32)
-                    generator(torch.from_numpy(batch[:, channels]).to(device))
-            vectors.append(probe.study_vector())
-        finally:
-            probe.close()
-    seconds = time.perf_counter() - started
-    sites = sorted({p.institution for p in cache.patients if p.patient in set(split["train"])})
-    metrics = {"internal_l1_normalised": round(model_l1, 5),
-               "internal_l1_t1w_copy_normalised": round(copy_l1, 5)}
-    meta = synthesis.CheckpointMeta(
-        architecture=synthesis.Architecture(name=options.architecture, config=generator.config),
-        discriminator=synthesis.Architecture(name="patchgan", config=discriminator.config),
-        normalization=synthesis.NormalizationMeta(method="zscore", level="patient"),
-        institutions=_profiles(cache, set(split["train"])),
-        ood=(synthesis.calibrate_ood(vectors, probe_layer) if probe_layer
-             else synthesis.OODCalibration()),
-        training={"manifest": str(manifest), "options": asdict(options), "steps": step,
-                  "seconds": round(seconds, 1), "training_institutions": sites,
-                  "processes": place.world, "device": str(device),
-                  "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-                  "patients": {k: len(v) for k, v in split.items()}},
-        metrics=metrics,
-        description=f"{options.architecture} width {options.width} trained by vcemri train on "
-                    f"{', '.join(sites)}",
-    )
-    checkpoint = synthesis.save_checkpoint(out / "model.safetensors", generator.cpu(), meta,
-                                           discriminator.cpu())
-    if place.world > 1:
-        dist.destroy_process_group()
-    return TrainResult(checkpoint, split, metrics, step, seconds)
-
-
-def _initialise(generator: torch.nn.Module, discriminator: torch.nn.Module, path: Path) -> None:
+def _initialize(generator: torch.nn.Module, discriminator: torch.nn.Module, path: Path) -> None:
     """Copy a checkpoint's weights into freshly built models of the same architecture."""
     start = synthesis.load_checkpoint(path)
     if start.generator.config != generator.config:
@@ -496,42 +280,135 @@ def _initialise(generator: torch.nn.Module, discriminator: torch.nn.Module, path
         discriminator.load_state_dict(start.discriminator.state_dict())
 
 
-def learning_rate_factor(options: TrainOptions, epoch: int) -> float:
-    """1 until the last ``decay_epochs`` epochs, then linearly down (never 0: the last epoch
-    still learns), as pix2pix schedules it; a function of the epoch only, so resumable."""
-    first_decay = options.epochs - options.decay_epochs + 1
-    if options.decay_epochs <= 0 or epoch < first_decay:
-        return 1.0
-    return (options.epochs - epoch + 1) / (options.decay_epochs + 1)
+def _data(manifest: Path, out: Path, options: TrainOptions, place: Distributed,
+          progress: Callable[[str, dict[str, Any]], None] | None
+          ) -> tuple[dict[str, list[str]], SliceCache]:
+    """The split (written to ``out/split.json``) and the preprocessed cache; rank 0 prepares
+    it while the other ranks of a distributed run wait, then read it."""
+    import torch.distributed as dist
+
+    entries = read_manifest(Path(manifest))
+    split = design([(e.patient, e.institution) for e in entries], options)
+    used = [e for e in entries if e.patient in set(split["train"]) | set(split["internal"])]
+    normalization = synthesis.Normalization("zscore", "patient")
+    if place.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "split.json").write_text(json.dumps(split, indent=1))
+        cache = prepare(used, out / "cache", normalization, progress=(
+            lambda p: progress("prepare", {"patient": p})) if progress else None)
+    if place.world > 1:
+        dist.barrier()  # the other ranks read the cache rank 0 wrote
+    if not place.main:
+        cache = prepare(used, out / "cache", normalization)
+    return split, cache
 
 
-def precise_batch_norm(generator: torch.nn.Module, cache: SliceCache, rows: np.ndarray,
-                       device: torch.device, channels: list[int], batch: int = 8) -> None:
-    """Recompute the generator's BatchNorm statistics on whole training slices (an exact
-    average, no momentum). After training on crops, the running statistics describe crops,
-    not the whole 256 x 224 slices inference sees; measured on an internal split: masked L1
-    0.128 -> 0.110 normalised units."""
-    norms = [m for m in generator.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms or len(rows) == 0:
-        return
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    generator.train()
-    with torch.no_grad():
-        for start in range(0, len(rows), batch):
-            part = np.sort(rows[start:start + batch])
-            generator(torch.from_numpy(
-                np.asarray(cache.inputs[part], np.float32)[:, channels]).to(device))
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    generator.eval()
+def _metadata(options: TrainOptions, generator: torch.nn.Module,
+              discriminator: torch.nn.Module, cache: SliceCache, split: dict[str, list[str]],
+              ood: synthesis.OODCalibration, details: dict[str, Any],
+              metrics: dict[str, float]) -> synthesis.CheckpointMeta:
+    """What the checkpoint carries besides the weights (see the module docstring)."""
+    sites = sorted({p.institution for p in cache.patients if p.patient in set(split["train"])})
+    return synthesis.CheckpointMeta(
+        architecture=synthesis.Architecture(name=options.architecture, config=generator.config),
+        discriminator=synthesis.Architecture(name="patchgan", config=discriminator.config),
+        normalization=synthesis.NormalizationMeta(method="zscore", level="patient"),
+        institutions=_profiles(cache, set(split["train"])), ood=ood,
+        training={"options": asdict(options), "training_institutions": sites, **details,
+                  "patients": {k: len(v) for k, v in split.items()}},
+        metrics=metrics,
+        description=f"{options.architecture} width {options.width} trained by vcemri train on "
+                    f"{', '.join(sites)}")
 
 
-def _tensorboard(folder: Path, purge_step: int) -> Any:
-    """A TensorBoard writer (``tensorboard --logdir RUN/tensorboard``); events after
-    ``purge_step`` from an interrupted run are dropped on resume."""
-    from torch.utils.tensorboard import SummaryWriter
+def _rank_checksums(generator: torch.nn.Module, place: Distributed) -> list[str]:
+    """SHA-256 of each process's trained generator parameters (BatchNorm statistics, which
+    stay per process, left out): DistributedDataParallel keeps the ranks identical, and the
+    checkpoint says whether it did."""
+    import hashlib
 
-    return SummaryWriter(str(folder), purge_step=purge_step)
+    digest = hashlib.sha256()
+    for name, parameter in sorted(generator.named_parameters()):
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    if place.world == 1:
+        return [digest.hexdigest()]
+    gathered: list[Any] = [None] * place.world
+    torch.distributed.all_gather_object(gathered, digest.hexdigest())
+    return [str(v) for v in gathered]
+
+
+def _provenance(manifest: Path, command: str | None) -> dict[str, Any]:
+    """How the model came to be: the command line, and the simulated cohort's options when
+    the manifest is the simulator's (its cohort.json lies beside it)."""
+    found: dict[str, Any] = {"manifest": str(manifest)}
+    if command:
+        found["command"] = command
+    cohort = Path(manifest).with_name("cohort.json")
+    if cohort.is_file():
+        found["cohort"] = json.loads(cohort.read_text()).get("options", {})
+    return found
+
+
+def train(manifest: Path, out: Path, options: TrainOptions,
+          progress: Callable[[str, dict[str, float]], None] | None = None,
+          resume: bool = False, command: str | None = None) -> TrainResult:
+    """Train, evaluate internally, calibrate, and save ``out/model.safetensors`` (its metadata
+    records ``command``, the command line that trained it).
+
+    With ``resume``, continue from ``out/training_state.pt`` (models, optimizers, loss scalers,
+    schedulers, position in the epoch) exactly where the interrupted run stopped. Under
+    ``torchrun`` every rank trains on its share of each global batch (``batch_size`` is the
+    global batch) with DistributedDataParallel; rank 0 prepares the cache, logs, saves and
+    calibrates."""
+    started, out = time.perf_counter(), Path(out)
+    place, device = setup_distributed(options.device)
+    split, cache = _data(manifest, out, options, place, progress)
+    torch.manual_seed(options.seed)
+    generator = build_generator(options).to(device)
+    # CycleGAN's discriminators judge one domain's slices alone (unconditional, as its paper)
+    discriminator = synthesis.build_model(
+        "patchgan", width_multiplier=options.width,
+        conditional=options.architecture != "cyclegan").to(device)
+    if options.init is not None:
+        _initialize(generator, discriminator, Path(options.init))
+    channels = [("t1w", "t2w").index(m) for m in getattr(generator, "inputs", ("t1w", "t2w"))]
+    autocast, amp_dtype = autocast_for(device, options.amp)
+    objective = build_objective(options, generator, discriminator, channels, device,
+                                place.world, autocast, amp_dtype == torch.float16)
+    data = EpochData(cache, cache.rows(set(split["train"])), batch_size=options.batch_size,
+                     seed=options.seed, rank=place.rank, world=place.world, crop=options.crop,
+                     unpaired=objective.unpaired, device=device, parts=options.micro_batches)
+    schedule = LearningRateSchedule(objective.optimizers, options.epochs, options.decay_epochs)
+    log = CSVLog(out / "training_log.csv", objective.losses, started) if place.main else None
+    board = TensorBoard(out / "tensorboard") if place.main else None
+    saver = StateSaver(out / STATE, objective.modules, options.checkpoint_every,
+                       _resumable(options), log, schedule)
+    evaluation = InternalEvaluation(generator, cache, cache.rows(set(split["internal"])),
+                                    device, channels, board)
+    ood = OODCalibration(generator, DECODER_PROBE if options.architecture == "mmgsn" else None,
+                         cache, split["train"], device, channels)
+    recalibration = (BatchNormRecalibration(generator, lambda: data.whole_slices(channels),
+                                            device) if options.crop is not None else None)
+    # in this order: stop before saving, log before saving, recalibrate before evaluating
+    handlers: list[Handler | None] = [StepLimit(options.max_steps), schedule,
+                                      Progress(progress) if progress else None]
+    if place.main:
+        handlers += [log, saver, recalibration, evaluation, ood, board]
+    state = saver.restore(device) if resume else None
+    loop = Loop(objective, data, [h for h in handlers if h is not None], options.epochs, state)
+    loop.run()
+    ranks = _rank_checksums(generator, place)
+    if place.world > 1:
+        torch.distributed.destroy_process_group()
+    seconds = time.perf_counter() - started
+    if not place.main:
+        return TrainResult(out / "model.safetensors", split, {}, loop.state.step, seconds)
+    meta = _metadata(options, generator, discriminator, cache, split, ood.calibration, {
+        **_provenance(manifest, command), "steps": loop.state.step, "seconds": round(seconds, 1),
+        "processes": place.world, "rank_weights_sha256": ranks, "device": str(device),
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"},
+        evaluation.metrics)
+    checkpoint = synthesis.save_checkpoint(out / "model.safetensors", generator.cpu(), meta,
+                                           discriminator.cpu())
+    return TrainResult(checkpoint, split, evaluation.metrics, loop.state.step, seconds)

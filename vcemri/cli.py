@@ -20,6 +20,7 @@ from importlib import metadata
 
 import config
 import dicom_node
+import simulation
 import training
 from config import VcemriError
 
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_commands(commands)
     dicom_node.add_commands(commands)
     process.add_commands(commands)
+    simulation.add_commands(commands)
     training.add_commands(commands)
     return parser
 

@@ -1,6 +1,6 @@
 """``vcemri demo``: the whole product on loopback with the embedded defaults.
 
-Simulates one patient (``training``'s simulator), starts a node (``dicom_node``) and a TPS
+Simulates one patient (``simulation``), starts a node (``dicom_node``) and a TPS
 stand-in (a pynetdicom storage SCP that writes what it receives), sends the patient's T1w and
 T2w series to the node with a C-STORE SCU as a scanner would, waits until the synthetic series,
 the RTSTRUCT and the review image have arrived at the TPS, and prints what happened.
@@ -68,7 +68,7 @@ def _demo(args: argparse.Namespace) -> int:
     import pydicom
 
     import dicom_node
-    import training
+    import simulation
 
     started = time.perf_counter()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="vcemri-demo-"))
@@ -94,10 +94,10 @@ def _demo(args: argparse.Namespace) -> int:
         raise config.ConfigError("configuration", ["models: the demo uses models.default"])
     print(f"demo folder: {out}")
     print("1/4 simulating one head-and-neck patient (T1w, T2w) ...", flush=True)
-    options = training.SimulationOptions(institutions=(DEMO_INSTITUTION,),
-                                         patients_per_institution=1, seed=args.seed,
-                                         matrix_scale=0.75, slices=args.slices)
-    record = training.simulate_patient(out / "patient", DEMO_INSTITUTION, 1, options)
+    options = simulation.SimulationOptions(institutions=(DEMO_INSTITUTION,),
+                                           patients_per_institution=1, seed=args.seed,
+                                           matrix_scale=0.75, slices=args.slices)
+    record = simulation.simulate_patient(out / "patient", DEMO_INSTITUTION, 1, options)
     simulated = time.perf_counter()
     files = {role: sorted((out / "patient" / record.paths[role]).glob("*.dcm"))
              for role in ("t1w", "t2w")}
@@ -110,12 +110,12 @@ def _demo(args: argparse.Namespace) -> int:
               f"{destination.ae_title} on 127.0.0.1:{tps_port}", flush=True)
         scanner = config.Destination(ae_title=settings.dicom.ae_title, host="127.0.0.1",
                                      port=node_port)
-        pairs = []
+        instances = []
         for t1, t2 in zip(files["t1w"], files["t2w"]):  # interleaved, as a router may send
             for path in (t1, t2):
-                pairs.append((str(pydicom.dcmread(path, stop_before_pixels=True)
-                                  .SOPInstanceUID), path))
-        sent = dicom_node.send(pairs, scanner, "node", calling_ae="DEMO_MR",
+                instances.append(dicom_node.Output(str(pydicom.dcmread(
+                    path, stop_before_pixels=True).SOPInstanceUID), path))
+        sent = dicom_node.send(instances, scanner, "node", calling_ae="DEMO_MR",
                                timeouts=settings.dicom.timeouts)
         sent_at = time.perf_counter()
         print(f"3/4 sent {sent} instances (T1w and T2w, {len(files['t1w'])} slices each) with a "
@@ -150,7 +150,8 @@ def _demo(args: argparse.Namespace) -> int:
     print("  arrived at the TPS: " + ", ".join(f"{n} {m}" for m, n in sorted(modalities.items()))
           + f" in {tps.folder}")
     print(f"  review image:       {result['outputs']['review_png']}")
-    print(f"  job:                {job.id} ({job.state}); audit log {settings.storage.audit_log_path}")
+    print(f"  job:                {job.id} ({job.state}); audit log "
+          f"{settings.storage.audit_log_path}")
     return 0
 
 

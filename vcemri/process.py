@@ -16,7 +16,7 @@ import config
 
 
 def _process(args: argparse.Namespace) -> int:
-    import dicom_node
+    import planning
     import synthesis
 
     settings = config.load_settings(args.config)
@@ -28,16 +28,18 @@ def _process(args: argparse.Namespace) -> int:
     if not source.is_dir():
         raise config.InputError(f"input folder {source} does not exist")
     t1_files, t2_files = synthesis.find_pair(source, settings.series_rules)
-    done = dicom_node.Processor(settings).process(
+    done = planning.SynthesisService(settings).process(
         t1_files, t2_files, out, checkpoint=args.model, device=args.device, align=args.register,
         nifti=True)
     decision = done.summary["institution"]
     where = (f"known institution {decision['institution']}" if decision["known"] else
              f"external (closest training institution {decision['closest']})")
-    print(f"synthetic series: {len(done.series)} instances in {done.series[0].parent}")
-    print(f"RTSTRUCT: {done.rtstruct or 'none'}" + (
-        f" ({'; '.join(done.notes)})" if done.notes else ""))
-    print(f"review: {done.review_png} and {done.review_dicom}")
+    written = done.outputs
+    print(f"synthetic series: {len(written.series)} instances in "
+          f"{written.series[0].path.parent}")
+    print(f"RTSTRUCT: {written.rtstruct.path if written.rtstruct else 'none'}" + (
+        f" ({'; '.join(written.notes)})" if written.notes else ""))
+    print(f"review: {written.review_png} and {written.review.path}")
     print(f"institution: {where}, confidence {decision['confidence']:.2f}; EDM factors "
           f"T1w {done.summary['edm']['t1w']:.3f}, T2w {done.summary['edm']['t2w']:.3f}")
     print(f"time: {done.summary['timings_s']['total']:.1f} s on {done.device}", file=sys.stderr)
@@ -48,7 +50,7 @@ def add_commands(commands: Any) -> None:
     """Add ``process`` to the ``vcemri`` sub-command parser."""
     parser = commands.add_parser(
         "process",
-        help="synthesise a VCE-T1w for the T1w and T2w series in a folder and write the "
+        help="synthesize a VCE-T1w for the T1w and T2w series in a folder and write the "
         "DICOM objects for the TPS",
         description="Find the T1w and T2w series in INPUT_DIR (configured series rules), run "
         "the synthesis pipeline and write the synthetic series, RTSTRUCT helpers and review "

@@ -1,11 +1,16 @@
-"""Synthesis models: MMgSN-Net and its PatchGAN discriminator, the seed's baselines."""
+"""Synthesis models: MMgSN-Net and its PatchGAN discriminator, the seed's baselines, and the
+registry that names them (readable without loading torch)."""
 
-from .discriminator import PatchGAN
-from .gan_generators import Pix2PixUNet, ResnetGenerator
-from .hinet import HiNet
-from .mmgsn import MMgSNNet
-from .registry import MODELS, build, parameter_count
-from .unet import UNet
+from config import lazy_attributes
 
-__all__ = ["MODELS", "HiNet", "MMgSNNet", "PatchGAN", "Pix2PixUNet", "ResnetGenerator", "UNet",
-           "build", "parameter_count"]
+from .registry import DISCRIMINATORS, GENERATORS, MODELS, build, model_class, parameter_count
+
+_CLASSES = {"HiNet": "hinet", "MMgSNNet": "mmgsn", "PatchGAN": "discriminator",
+            "Pix2PixUNet": "gan_generators", "ResnetGenerator": "gan_generators",
+            "UNet": "unet"}
+
+
+__getattr__ = lazy_attributes(__name__, _CLASSES)
+
+__all__ = ["DISCRIMINATORS", "GENERATORS", "MODELS", "build", "model_class",
+           "parameter_count", *_CLASSES]

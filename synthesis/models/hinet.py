@@ -5,7 +5,7 @@ Two modality-specific networks encode T1w and T2w (and decode them back, for Hi-
 reconstruction loss); a mixed fusion block (MFB) at each of three levels fuses the two
 modalities' features by sum, product and maximum, concatenated and selected by a 3x3
 convolution, with the previous level's fused features (Hi-Net's "hybrid" fusion); a decoder
-synthesises the target from the deepest fusion with the other fusions as skips. Unlike
+synthesizes the target from the deepest fusion with the other fusions as skips. Unlike
 MMgSN-Net, nothing is fed back into the modality encoders.
 """
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simulation import SITES
 from synthesis.alignment import resample_onto
 from synthesis.checkpoint import (
     Architecture,
@@ -26,13 +27,12 @@ from synthesis.normalization import Normalization
 from synthesis.preprocess import clean_pair, to_model_grid
 from synthesis.screening import FeatureProbe, calibrate
 from synthesis.series import read_series
-from training import INSTITUTIONS
 
 LAYER = "decode1"
 
 
 def _profile(key: str, means: dict[str, list[float]]) -> InstitutionProfile:
-    site = INSTITUTIONS[key]
+    site = SITES[key]
     return InstitutionProfile(
         key=key, manufacturer=site.manufacturer, model=site.model, field_strength_t=site.field_t,
         institution_names=[site.institution_name], station_names=[site.station_name],
@@ -62,7 +62,7 @@ def make_checkpoint(path: Path, cohort: Path, training_sites: tuple[str, ...],
             arrays = {}
             for m in ("t1w", "t2w"):
                 means[m].append(float(clean[m][masks[m]].mean()))
-                arrays[m] = norm.normalise_volume(clean[m], norm.statistics(clean[m], masks[m]))
+                arrays[m] = norm.normalize_volume(clean[m], norm.statistics(clean[m], masks[m]))
             probe = FeatureProbe(generator, LAYER)
             with torch.inference_mode():
                 generator(to_model_grid(np.stack([arrays["t1w"], arrays["t2w"]], 1)))

@@ -2,6 +2,7 @@
 
 Outside CI a test that needs a missing tool skips with the reason (and how to install it);
 with ``CI=true`` it fails, so a CI run can never pass by skipping the real DICOM checks.
+:func:`unavailable` applies the same rule to anything else a test cannot do here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -24,6 +26,7 @@ PACKAGES = {
     "dcmconv": "dcmtk",
     "dciodvfy": "dicom3tools",
     "Orthanc": "orthanc",
+    "openssl": "openssl",
 }
 
 #: Where Debian installs them; searched after PATH.
@@ -75,13 +78,17 @@ def system_tool(name: str) -> Path | None:
     return candidates[0] if candidates else None
 
 
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test with ``reason``; with CI=true fail it instead (CI skips nothing)."""
+    if in_ci():
+        pytest.fail(f"{reason}; CI must run every test, not skip it", pytrace=False)
+    pytest.skip(reason)
+
+
 def require(name: str) -> Path:
     """The tool's path; skips the test (fails it in CI) when it is missing."""
     path = dcmtk_tool(name) if PACKAGES.get(name) == "dcmtk" else system_tool(name)
     if path is not None:
         return path
     package = PACKAGES.get(name, name)
-    reason = f"{name} not found (install the Debian package '{package}')"
-    if in_ci():
-        pytest.fail(f"{reason}; CI must run the real DICOM tools", pytrace=False)
-    pytest.skip(reason)
+    unavailable(f"{name} not found (install the Debian package '{package}')")

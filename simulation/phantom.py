@@ -200,7 +200,7 @@ class _Space:
         return slice(int(np.searchsorted(self.z, z0)), int(np.searchsorted(self.z, z1, "right")))
 
     def d2(self, centre: Vec, radii: Vec, sl: slice) -> np.ndarray:
-        """Squared normalised radius of the ellipsoid (< 1 inside) on the points of ``sl``."""
+        """Squared normalized radius of the ellipsoid (< 1 inside) on the points of ``sl``."""
         q = (self.p[sl] - np.asarray(centre, np.float32)) / np.asarray(radii, np.float32)
         return np.einsum("ij,ij->i", q, q)
 

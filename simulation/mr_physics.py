@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .institutions import Sequence
+from .sites import PulseSequence
 from .tissues import Tissue, relaxivity
 
 #: Signal multipliers for flowing blood: spin-echo sequences show a flow void (spins leave
@@ -35,7 +35,7 @@ def with_gadolinium(
 
 
 def signal(
-    sequence: Sequence,
+    sequence: PulseSequence,
     tr_ms: float,
     te_ms: float,
     t1_ms: np.ndarray,
@@ -57,13 +57,13 @@ def signal(
     else:
         alpha = np.deg2rad(sequence.flip_deg)
         steady = np.sin(alpha) * (1.0 - e1) / (1.0 - np.cos(alpha) * e1)
-        # Normalise so a GRE's brightest tissues land near an SE's (scanner scaling does
+        # Normalize so a GRE's brightest tissues land near an SE's (scanner scaling does
         # the same); 1/sin(alpha) keeps the numbers O(1) for small flip angles.
         out = pd * steady / np.sin(alpha) * np.exp(-te_ms / (_T2STAR_RATIO * t2_ms))
     return out.astype(np.float32)
 
 
-def flow_factor(sequence: Sequence, labels: np.ndarray) -> np.ndarray:
+def flow_factor(sequence: PulseSequence, labels: np.ndarray) -> np.ndarray:
     """Per-voxel multiplier for flowing blood in this sequence (1 elsewhere)."""
     factor = np.ones(labels.shape, np.float32)
     for tissue, value in _FLOW[sequence.kind].items():
@@ -81,7 +81,7 @@ def rician(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndar
 def bias_field(points_mm: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.ndarray:
     """A smooth multiplicative receive-coil bias over ``points_mm`` (N x 3, patient mm).
 
-    A random quadratic polynomial in coordinates normalised by 120 mm, scaled so that its
+    A random quadratic polynomial in coordinates normalized by 120 mm, scaled so that its
     range over a head-sized region is about ``amplitude`` (peak to peak), centred on 1.
     """
     u = points_mm / 120.0

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .institutions import Grid, Institution, Role, Sequence
 from .mr_physics import bias_field, flow_factor, rician, signal, with_gadolinium
 from .phantom import Anatomy, Patient, anatomy
+from .sites import Grid, PulseSequence, Role, Site
 from .tissues import Tissue, property_maps
 
 #: Sub-planes averaged through each slice (partial volume of 3-5 mm slices).
@@ -102,14 +102,14 @@ class Protocol:
     te_ms: float
 
 
-def draw_protocols(institution: Institution, rng: np.random.Generator) -> dict[Role, Protocol]:
-    """TR and TE for each series, drawn inside the institution's ranges; the CE series reuses
+def draw_protocols(site: Site, rng: np.random.Generator) -> dict[Role, Protocol]:
+    """TR and TE for each series, drawn inside the site's ranges; the CE series reuses
     the T1w's when both use the same sequence (one protocol, before and after contrast)."""
     out: dict[Role, Protocol] = {}
     for role in ("t1w", "t2w", "ce"):
-        seq = institution.sequence(role)  # type: ignore[arg-type]
+        seq = site.sequence(role)  # type: ignore[arg-type]
         out[role] = Protocol(float(rng.uniform(*seq.tr_ms)), float(rng.uniform(*seq.te_ms)))  # type: ignore[index]
-    t1, ce = institution.t1w, institution.ce
+    t1, ce = site.t1w, site.ce
     if (t1.kind, t1.tr_ms, t1.te_ms, t1.flip_deg) == (ce.kind, ce.tr_ms, ce.te_ms, ce.flip_deg):
         out["ce"] = out["t1w"]
     return out
@@ -144,7 +144,7 @@ def scene(patient: Patient, geometry: Geometry) -> Scene:
     return Scene(geometry, tuple(anatomy(patient, geometry.points(f)) for f in SUBPLANES))
 
 
-def _signal(scene: Scene, sequence: Sequence, protocol: Protocol, field_t: float,
+def _signal(scene: Scene, sequence: PulseSequence, protocol: Protocol, field_t: float,
             contrast: bool) -> np.ndarray:
     """Noise-free signal (PD units) averaged over the sub-planes."""
     total = np.zeros(scene.planes[0].labels.shape, np.float32)
@@ -163,26 +163,26 @@ def _signal(scene: Scene, sequence: Sequence, protocol: Protocol, field_t: float
     return (total / len(scene.planes)).reshape(scene.shape)
 
 
-def acquire(scene: Scene, patient: Patient, institution: Institution, role: Role,
+def acquire(scene: Scene, patient: Patient, site: Site, role: Role,
             protocol: Protocol, gain: float, rng: np.random.Generator,
             protocol_t1w: Protocol | None = None) -> np.ndarray:
     """Simulate one series in scanner units (float32, slices x rows x columns): physics, the
     patient's coil bias (the same for all their series), the scanner's scale times the
     patient's ``gain``, and Rician noise drawn from ``rng``."""
-    sequence = institution.sequence(role)
-    clean = _signal(scene, sequence, protocol, institution.field_t, contrast=(role == "ce"))
-    if role == "ce" and sequence != institution.t1w:
+    sequence = site.sequence(role)
+    clean = _signal(scene, sequence, protocol, site.field_t, contrast=(role == "ce"))
+    if role == "ce" and sequence != site.t1w:
         # A post-contrast series acquired with another sequence than the T1w (seed 000,
         # Hospital 3: VIBE after a TSE) is scaled like the scanner's automatic scaling would:
         # its pre-contrast signal would have the T1w's mean over the head.
         head = scene.labels != Tissue.AIR
-        before = _signal(scene, sequence, protocol, institution.field_t, contrast=False)
-        reference = _signal(scene, institution.t1w, protocol_t1w or protocol,
-                            institution.field_t, contrast=False)
+        before = _signal(scene, sequence, protocol, site.field_t, contrast=False)
+        reference = _signal(scene, site.t1w, protocol_t1w or protocol,
+                            site.field_t, contrast=False)
         clean = clean * float(reference[head].mean() / max(before[head].mean(), 1e-6))
-    bias = bias_field(scene.geometry.points(), institution.bias,
+    bias = bias_field(scene.geometry.points(), site.bias,
                       np.random.default_rng(patient.bias_seed)).reshape(scene.shape)
-    scaled = clean * bias * (institution.intensity_scale * gain)
+    scaled = clean * bias * (site.intensity_scale * gain)
     foreground = scaled[scene.labels != Tissue.AIR]
-    sigma = institution.noise * float(foreground.mean() if foreground.size else 1.0)
+    sigma = site.noise * float(foreground.mean() if foreground.size else 1.0)
     return rician(scaled, sigma, rng)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-if TYPE_CHECKING:
-    from .simulate import PatientRecord
+from .record import PatientRecord
 
 TILE = 220
 CAPTION = 18

@@ -1,7 +1,9 @@
-"""One study through the pipeline: T1w and T2w files in, the TPS's objects out.
+"""Synthesis to outputs as one service: T1w and T2w in, the TPS's objects out.
 
-The single place that wires ``synthesis`` to ``planning``; the node's workers and
-``vcemri process`` both call :class:`Processor`, so the two never diverge.
+The single place that wires ``synthesis`` to the objects planning writes. The node's workers,
+``vcemri process`` and ``vcemri evaluate`` all call :class:`SynthesisService`, so what is
+evaluated is what is delivered (the same models, options and passes) and the node and the
+offline tool never diverge.
 """
 
 from __future__ import annotations
@@ -10,38 +12,37 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import config
+
+if TYPE_CHECKING:
+    import synthesis
+
+    from .write import PlanningOutputs
 
 
 @dataclass
 class ProcessedStudy:
-    """What :meth:`Processor.process` wrote (paths) and the pipeline's summary."""
+    """What :meth:`SynthesisService.process` wrote and the pipeline's summary."""
 
     out: Path
-    series: list[Path]
-    rtstruct: Path | None
-    review_dicom: Path
-    review_png: Path
-    notes: list[str]
+    outputs: PlanningOutputs
     summary: dict[str, Any]
     device: str
+    #: NIfTI copies (VCE, confidence) for people and scripts; never sent
     extras: list[Path] = field(default_factory=list)
 
     @property
-    def dicom_files(self) -> list[Path]:
+    def objects(self) -> list[synthesis.WrittenObject]:
         """Everything a TPS receives, in sending order: series, RTSTRUCT, review image."""
-        files = list(self.series)
-        if self.rtstruct is not None:
-            files.append(self.rtstruct)
-        files.append(self.review_dicom)
-        return files
+        return self.outputs.objects()
 
 
-class Processor:
-    """Runs studies through the synthesis pipeline; one loaded model per configured name,
-    shared by the worker threads (inference is serialised per model)."""
+class SynthesisService:
+    """Runs studies through the synthesis pipeline and writes what the TPS receives; one
+    loaded model per (checkpoint, device, registration), shared by the node's worker threads
+    (inference is serialized per model)."""
 
     def __init__(self, settings: config.Settings) -> None:
         self.settings = settings
@@ -50,14 +51,15 @@ class Processor:
         self._guard = threading.Lock()
 
     def synthesizer(self, model: str = "default", checkpoint: str | None = None,
-                    device: str | None = None, align: str = "never") -> tuple[Any, threading.Lock]:
+                    device: str | None = None, align: str = "never"
+                    ) -> tuple[synthesis.Synthesizer, threading.Lock]:
         """The loaded pipeline for a configured model (checkpoint and device overridable)."""
         import synthesis
 
         if model not in self.settings.models:
             raise config.ConfigError("configuration", [f"models: no model named {model!r}"])
         choice = self.settings.models[model]
-        key = (checkpoint or choice.checkpoint, device or choice.device, align)
+        key = (str(checkpoint or choice.checkpoint), device or choice.device, align)
         with self._guard:
             if key not in self._synthesizers:
                 options = synthesis.PipelineOptions(device=key[1], batch_size=choice.batch_size,
@@ -66,11 +68,21 @@ class Processor:
                 self._locks[key] = threading.Lock()
             return self._synthesizers[key], self._locks[key]
 
+    def synthesize(self, t1w: synthesis.Volume, t2w: synthesis.Volume, *,
+                   model: str = "default", checkpoint: str | None = None,
+                   device: str | None = None, align: str = "never",
+                   screen: bool = True) -> synthesis.SynthesisResult:
+        """The synthesis result the TPS would receive for these volumes. ``screen=False``
+        skips fitness screening (evaluation scores every patient, refused or not)."""
+        synthesizer, lock = self.synthesizer(model, checkpoint, device, align)
+        with lock:
+            return synthesizer.run(t1w, t2w, screen=screen)
+
     def process(self, t1w_files: list[Path], t2w_files: list[Path], out: Path, *,
                 model: str = "default", checkpoint: str | None = None,
                 device: str | None = None, align: str = "never",
                 nifti: bool = False) -> ProcessedStudy:
-        """Synthesise and write the synthetic series, RTSTRUCT helpers and review image (plus
+        """Synthesize and write the synthetic series, RTSTRUCT helpers and review image (plus
         the VCE and confidence as NIfTI with ``nifti``) into ``out``, and ``result.json``.
 
         Raises ``synthesis.RejectedStudy`` (``result.json`` then holds the screening), or
@@ -78,15 +90,16 @@ class Processor:
         import pydicom
         import SimpleITK as sitk
 
-        import planning
         import synthesis
 
-        synthesizer, lock = self.synthesizer(model, checkpoint, device, align)
+        from .write import write_outputs
+
         t1w, t2w = synthesis.read_series(t1w_files), synthesis.read_series(t2w_files)
         out.mkdir(parents=True, exist_ok=True)
+        synthesizer, _ = self.synthesizer(model, checkpoint, device, align)
         try:
-            with lock:
-                result = synthesizer.run(t1w, t2w)
+            result = self.synthesize(t1w, t2w, model=model, checkpoint=checkpoint,
+                                     device=device, align=align)
         except synthesis.RejectedStudy as rejected:
             (out / "result.json").write_text(json.dumps(
                 {"t1w_series_uid": t1w.info.series_uid, "t2w_series_uid": t2w.info.series_uid,
@@ -94,7 +107,7 @@ class Processor:
                 indent=1))
             raise
         header = pydicom.dcmread(t1w_files[0], stop_before_pixels=True)
-        written = planning.write_outputs(result, header, out, self.settings.planning)
+        written = write_outputs(result, header, out, self.settings.planning)
         extras = []
         if nifti:
             sitk.WriteImage(result.vce.image, str(out / "vce.nii.gz"), useCompression=True)
@@ -105,12 +118,10 @@ class Processor:
                 extras.append(out / "confidence.nii.gz")
         summary = result.summary()
         summary["outputs"] = {
-            "synthetic_series": str(written.series[0].parent),
-            "rtstruct": None if written.rtstruct is None else str(written.rtstruct),
-            "review_dicom": str(written.review_dicom), "review_png": str(written.review_png),
+            "synthetic_series": str(written.series[0].path.parent),
+            "rtstruct": None if written.rtstruct is None else str(written.rtstruct.path),
+            "review_dicom": str(written.review.path), "review_png": str(written.review_png),
             "notes": written.notes,
         }
         (out / "result.json").write_text(json.dumps(summary, indent=1))
-        return ProcessedStudy(out, written.series, written.rtstruct, written.review_dicom,
-                              written.review_png, written.notes, summary,
-                              str(synthesizer.predictor.device), extras)
+        return ProcessedStudy(out, written, summary, str(synthesizer.predictor.device), extras)

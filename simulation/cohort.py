@@ -20,11 +20,12 @@ import datetime as _dt
 import json
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+import synthesis
 from config import StorageError, VcemriError
 
 from .acquisition import (
@@ -36,16 +37,11 @@ from .acquisition import (
     make_geometry,
     scene,
 )
-from .dicom_export import (
-    PatientInfo,
-    derived_uid,
-    series_datasets,
-    write_datasets,
-    write_mask_nifti,
-    write_mask_seg,
-)
-from .institutions import INSTITUTIONS, ROLES, Institution, Role
+from .export import PatientInfo, series_datasets, write_mask_nifti, write_mask_seg
 from .phantom import sample_patient
+from .preview import write_preview
+from .record import PatientRecord
+from .sites import ROLES, SITES, Role, Site
 
 MANIFEST = "manifest.csv"
 COHORT = "cohort.json"
@@ -58,7 +54,7 @@ class SimulationOptions:
     ``misalign_mm`` moves the patient between series (rigid, up to that many mm and
     ``misalign_mm / 2`` degrees), as seed 000 FIG. 10 shows for unregistered hospital data."""
 
-    institutions: tuple[str, ...] = tuple(INSTITUTIONS)
+    institutions: tuple[str, ...] = tuple(SITES)
     patients_per_institution: int = 5
     seed: int = 0
     matrix_scale: float = 1.0
@@ -66,10 +62,10 @@ class SimulationOptions:
     misalign_mm: float = 0.0
 
     def __post_init__(self) -> None:
-        unknown = [k for k in self.institutions if k not in INSTITUTIONS]
+        unknown = [k for k in self.institutions if k not in SITES]
         if unknown:
             raise VcemriError(
-                f"unknown institution {', '.join(unknown)} (known: {', '.join(INSTITUTIONS)})"
+                f"unknown institution {', '.join(unknown)} (known: {', '.join(SITES)})"
             )
         if self.patients_per_institution < 1:
             raise VcemriError("patients per institution must be at least 1")
@@ -81,28 +77,9 @@ class SimulationOptions:
             raise VcemriError(f"misalignment {self.misalign_mm} mm is outside 0-20 mm")
 
 
-@dataclass
-class PatientRecord:
-    """What was simulated for one patient (JSON-serialisable)."""
-
-    patient: str
-    institution: str
-    paths: dict[str, str]  # role -> path relative to the cohort directory
-    tumour_side: str
-    tumour_volume_ml: float
-    tumour_equivalent_diameter_mm: float
-    skull_base_infiltration: bool
-    parapharyngeal_infiltration: bool
-    necrosis: bool
-    protocols: dict[str, dict[str, float]]
-    gain: float
-    misalignment: dict[str, list[float]] = field(default_factory=dict)
-    preview: dict[str, list[list[float]]] | None = field(default=None, repr=False)
-
-
-def _patient_info(institution: Institution, index: int, seed: int,
+def _patient_info(site: Site, index: int, seed: int,
                   rng: np.random.Generator) -> PatientInfo:
-    patient_id = f"{institution.key}-{index:03d}"
+    patient_id = f"{site.key}-{index:03d}"
     uid_seed = f"vcemri-sim/{seed}/{patient_id}"
     start = _dt.datetime(2023, 1, 2, 8, 0) + _dt.timedelta(
         days=int(rng.integers(0, 700)), minutes=int(rng.integers(0, 9 * 60)))
@@ -112,8 +89,8 @@ def _patient_info(institution: Institution, index: int, seed: int,
         sex="M" if rng.random() < 0.75 else "F",  # NPC is about 3:1 male (seed 000 Table 1)
         age_years=int(np.clip(rng.normal(54, 12), 20, 85)),
         weight_kg=float(np.clip(rng.normal(65, 10), 40, 110)),
-        study_uid=derived_uid(uid_seed, "study"),
-        frame_of_reference_uid=derived_uid(uid_seed, "frame"),
+        study_uid=synthesis.derived_uid(uid_seed, "study"),
+        frame_of_reference_uid=synthesis.derived_uid(uid_seed, "frame"),
         study_datetime=start,
         uid_seed=uid_seed,
     )
@@ -132,18 +109,18 @@ def _nearest_slice(geometry: Geometry, point: np.ndarray) -> int:
 def simulate_patient(out: Path, key: str, index: int, options: SimulationOptions,
                      with_preview: bool = False) -> PatientRecord:
     """Simulate and write one patient; returns its record (paths relative to ``out``)."""
-    institution = INSTITUTIONS[key]
+    site = SITES[key]
     rng = np.random.default_rng(
-        np.random.SeedSequence([options.seed, list(INSTITUTIONS).index(key), index]))
+        np.random.SeedSequence([options.seed, list(SITES).index(key), index]))
     patient = sample_patient(rng)
-    protocols = draw_protocols(institution, rng)
-    info = _patient_info(institution, index, options.seed, rng)
+    protocols = draw_protocols(site, rng)
+    info = _patient_info(site, index, options.seed, rng)
     gain = float(rng.lognormal(0.0, 0.08))  # per-session receiver gain
     move_rng = np.random.default_rng(rng.integers(0, 2**63))
     noise_rng = np.random.default_rng(rng.integers(0, 2**63))
 
     folder = out / key / f"{key}-{index:03d}"
-    slices = options.slices or default_slices(institution.grid)
+    slices = options.slices or default_slices(site.grid)
     scenes: dict[tuple[object, ...], Scene] = {}
     volumes: dict[Role, np.ndarray] = {}
     geometries: dict[Role, Geometry] = {}
@@ -156,24 +133,24 @@ def simulate_patient(out: Path, key: str, index: int, options: SimulationOptions
             subject = patient.moved(move_rng, options.misalign_mm, options.misalign_mm / 2)
             misalignment[role] = [round(float(v - w), 3) for v, w in
                                   zip(subject.translation, patient.translation, strict=True)]
-        geometry = make_geometry(institution.grid_for(role), slices, institution.tilt_deg,
+        geometry = make_geometry(site.grid_for(role), slices, site.tilt_deg,
                                  options.matrix_scale)
         cache_key = (id(subject), geometry.rows, geometry.columns, geometry.row_spacing_mm)
         if cache_key not in scenes:
             scenes[cache_key] = scene(subject, geometry)
         acquired = scenes[cache_key]
-        volumes[role] = acquire(acquired, subject, institution, role, protocols[role], gain,
+        volumes[role] = acquire(acquired, subject, site, role, protocols[role], gain,
                                 noise_rng, protocols["t1w"])
         geometries[role] = geometry
-        datasets[role] = series_datasets(volumes[role], geometry, institution, role,
+        datasets[role] = series_datasets(volumes[role], geometry, site, role,
                                          protocols[role], info)
-        write_datasets(datasets[role], folder / role)
+        synthesis.write_series(datasets[role], folder / role)
         paths[role] = str((folder / role).relative_to(out))
         if role == "t1w":
             tumour = acquired.tumour
 
     write_mask_nifti(tumour, geometries["t1w"], folder / "tumour.nii.gz")
-    write_mask_seg(tumour, datasets["t1w"], info, institution, folder / "tumour_seg.dcm")
+    write_mask_seg(tumour, datasets["t1w"], info, site, folder / "tumour_seg.dcm")
     paths["mask"] = str((folder / "tumour.nii.gz").relative_to(out))
     paths["seg"] = str((folder / "tumour_seg.dcm").relative_to(out))
 
@@ -265,13 +242,11 @@ def simulate_cohort(
         write_manifest(out, records)
         previews = [r for r in records if r.preview is not None]
         if preview:
-            from .preview import write_preview
-
             write_preview(out / "preview.png", previews)
         summary = {
             "software": "vcemri simulator",
             "options": asdict(options),
-            "institutions": {k: INSTITUTIONS[k].title for k in options.institutions},
+            "institutions": {k: SITES[k].title for k in options.institutions},
             "patients": [{k: v for k, v in asdict(r).items() if k != "preview"}
                          for r in records],
         }

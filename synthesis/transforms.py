@@ -1,0 +1,109 @@
+"""The pipeline's invertible steps, each next to its inverse (as MONAI's invertible transforms
+keep them): the way from scanner units to the model's input, and the way back from the
+model's output to the T1w's scanner units, cannot drift apart.
+
+A step's ``forward`` takes the input modalities ({"t1w": ..., "t2w": ...}, (slices, rows,
+columns) float32) and records what its inverse needs (statistics, factors, the grid it came
+from); its ``inverse`` takes the generator's output, which is in the T1w's terms (the
+contrast-enhanced target was normalized with the T1w's statistics, seed 000's "mapping back").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import edm
+from .edm import EDMFactors
+from .normalization import Normalization, Statistics
+from .preprocess import from_model_grid, to_model_grid
+
+Arrays = dict[str, np.ndarray]
+
+
+class InvertibleStep:
+    """One step of the way there and back; ``name`` identifies it in :meth:`Chain.inverse`."""
+
+    name = "step"
+
+    def forward(self, arrays: Arrays) -> Arrays:
+        raise NotImplementedError
+
+    def inverse(self, output: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclass
+class ExternalDistributionMatching(InvertibleStep):
+    """EDM (seed 000 eq. 1): each input times its factor mu1/mu2; back: the output divided by
+    the T1w's factor (the output is in the T1w's scaled units)."""
+
+    factors: EDMFactors
+    name = "edm"
+
+    def forward(self, arrays: Arrays) -> Arrays:
+        return {m: edm.apply(x, getattr(self.factors, m)) for m, x in arrays.items()}
+
+    def inverse(self, output: np.ndarray) -> np.ndarray:
+        return (np.asarray(output, np.float32) / np.float32(self.factors.t1w)).astype(np.float32)
+
+
+@dataclass
+class Normalize(InvertibleStep):
+    """Intensity normalization at the model's level and method, with statistics over each
+    input's head ``masks`` (or the training set's, at dataset level); back: restored with the
+    T1w's statistics."""
+
+    normalization: Normalization
+    masks: dict[str, np.ndarray]
+    dataset: dict[str, Statistics | None] = field(default_factory=dict)
+    statistics: dict[str, list[Statistics]] = field(default_factory=dict)
+    name = "normalize"
+
+    def forward(self, arrays: Arrays) -> Arrays:
+        self.statistics = {m: self.normalization.statistics(x, self.masks[m],
+                                                            self.dataset.get(m))
+                           for m, x in arrays.items()}
+        return {m: self.normalization.normalize_volume(x, self.statistics[m])
+                for m, x in arrays.items()}
+
+    def inverse(self, output: np.ndarray) -> np.ndarray:
+        return self.normalization.restore_volume(output, self.statistics["t1w"])
+
+
+@dataclass
+class ModelGrid(InvertibleStep):
+    """Each slice to the model's 256 x 224 matrix (bilinear, seed 000 (B)); back to the
+    acquired matrix with an interpolating cubic B-spline (``synthesis.preprocess``)."""
+
+    shape: tuple[int, int] = (0, 0)
+    name = "model grid"
+
+    def forward(self, arrays: Arrays) -> Arrays:
+        self.shape = next(iter(arrays.values())).shape[1:]  # type: ignore[assignment]
+        return {m: to_model_grid(x).numpy() for m, x in arrays.items()}
+
+    def inverse(self, output: np.ndarray) -> np.ndarray:
+        return from_model_grid(output, *self.shape).numpy()
+
+
+@dataclass
+class Chain:
+    """Steps applied in order on the way there, and in reverse on the way back."""
+
+    steps: Sequence[InvertibleStep]
+
+    def forward(self, arrays: Arrays) -> Arrays:
+        for step in self.steps:
+            arrays = step.forward(arrays)
+        return arrays
+
+    def inverse(self, output: np.ndarray, skip: Sequence[str] = ()) -> np.ndarray:
+        """The way back, leaving out the steps named in ``skip`` (e.g. the model grid, to
+        have the output in scanner units on the grid the network saw)."""
+        for step in reversed(self.steps):
+            if step.name not in skip:
+                output = step.inverse(output)
+        return np.asarray(output, np.float32)
