@@ -27,6 +27,7 @@ import config
 from . import jobs as states
 from .database import Connections
 from .jobs import Job, JobQueue
+from .spool import series_contents
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,10 @@ def choose_route(settings: config.Settings, header: dict[str, Any]) -> config.Ro
     return None
 
 
-def input_key(t1w: sqlite3.Row, t2w: sqlite3.Row, route: config.Route) -> str:
-    """What a job's result depends on: both series and their content, and the route."""
-    text = json.dumps([t1w["series_uid"], t1w["generation"], t2w["series_uid"],
-                       t2w["generation"], route.name, route.model])
+def input_key(inputs: dict[str, list[tuple[str, str]]], route: config.Route | None) -> str:
+    """What a job's result depends on: the exact instances of both series (UIDs and content
+    hashes) and the route; the same content resent gives the same key, any change another."""
+    text = json.dumps([inputs["t1w"], inputs["t2w"], route and route.name, route and route.model])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -112,16 +113,16 @@ class Assembler:
             t1w, t2w = pair
             header = json.loads(t1w["header"])
             route = choose_route(self.settings, header)
-            if route is None:
-                key = f"unrouted:{t1w['series_uid']}:{t1w['generation']}:{t2w['generation']}"
-            else:
-                key = input_key(t1w, t2w, route)
+            inputs = {"t1w": series_contents(db, t1w["series_uid"]),
+                      "t2w": series_contents(db, t2w["series_uid"])}
+            key = input_key(inputs, route)
             if active is not None and active.state != states.WAITING:
                 return None  # in flight; new content gets its own job when this one ends
             if any(j.input_key == key for j in jobs):
                 return None  # this content was handled already (a resend)
             values = {"input_key": key, "t1w_series_uid": t1w["series_uid"],
-                      "t2w_series_uid": t2w["series_uid"], "keyed_at": now}
+                      "t2w_series_uid": t2w["series_uid"], "keyed_at": now,
+                      "inputs": inputs}
             if route is None:
                 reason = ("no route matches the study (calling AE "
                           f"{header.get('CallingAETitle') or '-'}, modality "

@@ -114,6 +114,11 @@ ALTER TABLE outputs ADD COLUMN sop_class_uid TEXT;
 ALTER TABLE outputs ADD COLUMN transfer_syntax_uid TEXT;
 ALTER TABLE outputs ADD COLUMN position INTEGER;
 """,
+    # 3: a job's exact inputs, fixed when it becomes ready: {"t1w": [[SOP Instance UID,
+    # SHA-256], ...], "t2w": [...]}; its worker processes those bytes or none. NULL before.
+    """
+ALTER TABLE jobs ADD COLUMN inputs TEXT;
+""",
 )
 
 #: The newest schema version this code knows (and creates).

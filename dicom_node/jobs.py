@@ -67,12 +67,17 @@ class Job:
     sending_since: float | None
     keyed_at: float | None = None
     result: dict[str, Any] = field(default_factory=dict)
+    #: the exact input instances, role -> [(SOP Instance UID, SHA-256)], fixed when the job
+    #: became ready (empty for jobs of databases older than schema version 3)
+    inputs: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
         values = dict(row)
         values["destinations"] = json.loads(values["destinations"] or "[]")
         values["result"] = json.loads(values["result"] or "{}")
+        values["inputs"] = {role: [tuple(pair) for pair in pairs] for role, pairs in
+                            json.loads(values["inputs"] or "{}").items()}
         return cls(**values)
 
 
@@ -92,6 +97,15 @@ CLAIM_S = 3600.0
 
 class JobChanged(config.VcemriError):
     """The job is no longer in the state the caller expected (e.g. cancelled meanwhile)."""
+
+
+#: Job columns that hold JSON.
+JSON_COLUMNS = ("destinations", "result", "inputs")
+
+
+def _encoded(values: dict[str, Any]) -> dict[str, Any]:
+    """Column values as stored: the JSON columns serialised."""
+    return {k: json.dumps(v) if k in JSON_COLUMNS else v for k, v in values.items()}
 
 
 def backoff_s(attempt: int, initial_s: float, maximum_s: float,
@@ -120,8 +134,7 @@ class JobQueue:
                 **values: Any) -> Job:
         """A new job for a study, ``waiting`` for its series or already ``ready``."""
         now = time.time()
-        if "destinations" in values:
-            values["destinations"] = json.dumps(values["destinations"])
+        values = _encoded(values)
         columns = ["study_uid", "state", "reason", "created_at", "updated_at", *values]
         with self._lock:
             db = self._db()
@@ -279,6 +292,20 @@ class JobQueue:
             self._db().execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)",
                                (job_id, destination, sop_instance_uid, time.time()))
 
+    def delivered_anywhere(self, destination: str, uids: Sequence[str]) -> set[str]:
+        """Which of ``uids`` any job has delivered to ``destination`` (the delivery ledger:
+        output UIDs name their exact inputs and model, so one delivered is never sent again,
+        whichever job wrote it)."""
+        found: set[str] = set()
+        with self._lock:
+            for start in range(0, len(uids), 500):
+                part = list(uids[start:start + 500])
+                found |= {r["sop_instance_uid"] for r in self._db().execute(
+                    f"SELECT DISTINCT sop_instance_uid FROM deliveries WHERE destination = ? "
+                    f"AND sop_instance_uid IN ({', '.join('?' for _ in part)})",
+                    (destination, *part)).fetchall()}
+        return found
+
     def delivered(self, job_id: int, destination: str) -> set[str]:
         with self._lock:
             rows = self._db().execute(
@@ -293,10 +320,7 @@ class JobQueue:
         if state not in STATES:
             raise ValueError(f"unknown job state {state!r}")
         now = time.time()
-        if "destinations" in values:
-            values["destinations"] = json.dumps(values["destinations"])
-        if "result" in values:
-            values["result"] = json.dumps(values["result"])
+        values = _encoded(values)
         if state == SENDING and "sending_since" not in values:
             values["sending_since"] = now
         if state != SENDING and "next_attempt_at" not in values:

@@ -1,8 +1,9 @@
 """The node: SCP + spool + assembler + workers, started and stopped together.
 
 Start-up recovers what a previous process left: temporary spool files are removed (their
-instances were never acknowledged), ``running`` jobs become ``ready`` again, ``sending`` jobs
-become due. Stopping closes the listening socket first, lets in-flight C-STOREs finish their
+instances were never acknowledged), series still being received get a full idle period again
+(the downtime is not their senders' silence), ``running`` jobs become ``ready`` again,
+``sending`` jobs become due. Stopping closes the listening socket first, lets in-flight C-STOREs finish their
 writes, then lets each worker finish or abandon its job (an abandoned job resumes at the next
 start).
 """
@@ -47,6 +48,7 @@ class Node:
         self._ticker: threading.Thread | None = None
 
     def start(self) -> Node:
+        self.spool.restart_idle_clocks()
         recovered = self.queue.recover()
         if recovered:
             log.info("resuming %d interrupted job(s): %s", len(recovered),

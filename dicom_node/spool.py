@@ -60,6 +60,14 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def series_contents(db: sqlite3.Connection, series_uid: str) -> list[tuple[str, str]]:
+    """(SOP Instance UID, SHA-256) of every spooled instance of a series, by UID: what a job's
+    inputs are, fixed when it becomes ready."""
+    rows = db.execute("SELECT sop_instance_uid, sha256 FROM instances WHERE series_uid = ? "
+                      "ORDER BY sop_instance_uid", (series_uid,)).fetchall()
+    return [(r["sop_instance_uid"], r["sha256"]) for r in rows]
+
+
 def _describe(dataset: Any, calling_ae: str, rules: Any) -> dict[str, Any]:
     """What the index keeps of an instance: its series' header and role, read by the same
     code as ``vcemri process`` (``synthesis.series_info``, ``synthesis.series_role``), and the
@@ -188,6 +196,7 @@ class Spool:
                             f"series {series} was received before in study {owner['study_uid']}",
                             **ids)
         if known is not None and known["sha256"] == digest and path.is_file():
+            self._touch(series)  # a resend is activity: the series is still being received
             return Received(0x0000, **ids)
         temporary = folder / f".{sop}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
@@ -239,6 +248,43 @@ class Spool:
                         "UPDATE series SET instances = instances + ?, "
                         "generation = generation + 1, last_received = ? WHERE series_uid = ?",
                         (grew, now, uids["SeriesInstanceUID"]))
+
+    def restart_idle_clocks(self) -> int:
+        """At start-up: series still being received get a full idle period from now (the
+        node was down, so their senders' silence proves nothing). Returns how many."""
+        with self._index_lock:
+            db = self._db()
+            with transaction(db):
+                return db.execute("UPDATE series SET last_received = max(last_received, ?) "
+                                  "WHERE complete_generation IS NOT generation",
+                                  (time.time(),)).rowcount
+
+    def _touch(self, series_uid: str) -> None:
+        """Mark a series as just received (no new content: its generation stays)."""
+        with self._index_lock:
+            db = self._db()
+            with transaction(db):
+                db.execute("UPDATE series SET last_received = ? WHERE series_uid = ?",
+                           (time.time(), series_uid))
+
+    def files_of(self, contents: list[tuple[str, str]]) -> list[Path]:
+        """The spooled files of exactly these instances, as they were when listed; raises
+        :class:`config.InputError` when one is gone or was replaced by other bytes since (a
+        resent instance with other content), so that a job never processes other data than
+        its inputs say."""
+        uids = [uid for uid, _ in contents]
+        with self._index_lock:
+            rows = {r["sop_instance_uid"]: r for r in self._db().execute(
+                f"SELECT sop_instance_uid, sha256, path FROM instances WHERE sop_instance_uid "
+                f"IN ({', '.join('?' for _ in uids)})", uids).fetchall()}
+        changed = [uid for uid, digest in contents
+                   if uid not in rows or rows[uid]["sha256"] != digest]
+        if changed:
+            raise config.InputError(
+                f"{len(changed)} of the job's {len(contents)} input instances changed or "
+                f"disappeared after the job was created (e.g. {changed[0]}); the new content "
+                "gets a job of its own")
+        return sorted(Path(rows[uid]["path"]) for uid in uids)
 
     def series_files(self, series_uid: str) -> list[Path]:
         """The spooled files of a series."""

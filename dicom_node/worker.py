@@ -97,13 +97,16 @@ class Worker:
     def synthesize(self, job: Job) -> Job:
         import synthesis
 
-        t1w = self.spool.series_files(job.t1w_series_uid or "")
-        t2w = self.spool.series_files(job.t2w_series_uid or "")
         out = output_folder(self.settings.storage.root, job.id)
         if out.exists():
             shutil.rmtree(out)
         started = time.perf_counter()
         try:
+            if job.inputs:  # exactly the instances the job was created with
+                t1w, t2w = (self.spool.files_of(job.inputs[r]) for r in ("t1w", "t2w"))
+            else:  # a job created before inputs were recorded (schema version < 3)
+                t1w = self.spool.series_files(job.t1w_series_uid or "")
+                t2w = self.spool.series_files(job.t2w_series_uid or "")
             done = self.service.process(t1w, t2w, out, model=job.model or "default")
         except synthesis.RejectedStudy as rejected:
             log.warning("job %d rejected: %s", job.id, rejected.reason)
@@ -139,7 +142,15 @@ class Worker:
                 return self.queue.fail(job.id, f"destination {name!r} is no longer configured",
                                        expected=(states.SENDING,))
             delivered = self.queue.delivered(job.id, name)
-            pending = [o for o in outputs if o.sop_instance_uid not in delivered]
+            earlier = self.queue.delivered_anywhere(
+                name, [o.sop_instance_uid for o in outputs if o.sop_instance_uid not in delivered])
+            for uid in earlier:  # the same object, delivered for an earlier job
+                self.queue.record_delivery(job.id, name, uid)
+            if earlier:
+                log.info("job %d: %d object(s) already at %s (delivered for an earlier job); "
+                         "not sent again", job.id, len(earlier), name)
+            pending = [o for o in outputs
+                       if o.sop_instance_uid not in delivered | earlier]
             if not pending:
                 continue
 

@@ -20,8 +20,12 @@ NAMESPACE = "vcemri-planning"
 
 
 def result_key(result: SynthesisResult) -> str:
-    """What makes an output unique: both input series and the exact model weights."""
+    """What makes an output unique: the exact content of both inputs (instances, geometry,
+    voxels; the T2w as placed on the T1w grid) and the exact model weights. A series that
+    gained or changed an instance gives new UIDs: the TPS never receives other pixels under
+    UIDs it already holds."""
     return "|".join((result.t1w.info.series_uid, result.t2w.info.series_uid,
+                     result.t1w.digest(), result.t2w.digest(),
                      str(result.model.get("weights_sha256", "")),
                      str(result.model.get("architecture", "")),
                      f"align={result.alignment.mode}:{result.alignment.applied}"))

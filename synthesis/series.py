@@ -115,6 +115,20 @@ class Volume:
     def shape(self) -> tuple[int, int, int]:
         return tuple(reversed(self.image.GetSize()))  # type: ignore[return-value]
 
+    def digest(self) -> str:
+        """SHA-256 of what the volume holds: its source instances, geometry and voxels
+        (scanner units). Results derived from it take their identity from this."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for source in self.sources:
+            digest.update(f"{source.sop_instance_uid}/{source.frame}|".encode())
+        image = self.image
+        digest.update(repr((image.GetOrigin(), image.GetSpacing(), image.GetDirection()))
+                      .encode())
+        digest.update(sitk.GetArrayViewFromImage(image).tobytes())
+        return digest.hexdigest()
+
 
 def _number(ds: Dataset, keyword: str) -> float | None:
     """A numeric header value, or None when it is absent or not a finite number (an

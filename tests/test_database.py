@@ -169,10 +169,11 @@ def test_a_database_of_the_previous_release_is_upgraded_in_place(tmp_path: Path)
 
     queue = JobQueue(root)
     done, waiting = queue.get(1), queue.get(2)
-    assert _user_version(path) == database.SCHEMA_VERSION == 2
+    assert _user_version(path) == database.SCHEMA_VERSION == 3
     assert (done.state, done.study_uid, done.t1w_series_uid, done.t2w_series_uid) == (
         "done", STUDY, T1W, T2W)
     assert done.destinations == ["tps"] and done.result == {"sent": 2}
+    assert done.inputs == {}  # recorded since version 3; the worker then reads the series
     assert (done.input_key, done.route, done.sending_since, done.keyed_at) == (
         "key1", "default", 150, 90)
     assert (waiting.state, waiting.reason) == ("waiting", "T2w series not received")
@@ -248,12 +249,15 @@ def test_a_failing_migration_leaves_the_database_at_the_version_before(
     database.connect(root).close()
     path = database.database_path(root)
     broken = "ALTER TABLE jobs ADD COLUMN priority INTEGER; ALTER TABLE nowhere ADD COLUMN x;"
-    monkeypatch.setattr(database, "MIGRATIONS", (*database.MIGRATIONS, broken))
-    monkeypatch.setattr(database, "SCHEMA_VERSION", len(database.MIGRATIONS) + 1)
 
-    with pytest.raises(config.StorageError, match=r"from schema version 2 to 3: no such table"):
+    newest = len(database.MIGRATIONS)
+    monkeypatch.setattr(database, "MIGRATIONS", (*database.MIGRATIONS, broken))
+    monkeypatch.setattr(database, "SCHEMA_VERSION", newest + 1)
+
+    with pytest.raises(config.StorageError,
+                       match=rf"from schema version {newest} to {newest + 1}: no such table"):
         database.connect(root)
-    assert _user_version(path) == 2
+    assert _user_version(path) == newest
     assert "priority" not in [r[1] for r in _raw(path, "PRAGMA table_info(jobs)")]
 
 

@@ -424,6 +424,48 @@ def test_a_duplicate_delivery_fails_the_each_once_check(cohort, tmp_path):
 # -- outages and crashes ----------------------------------------------------------------------
 
 
+def test_a_series_that_grows_while_its_job_waits_gets_its_own_results_each_once(
+        cohort, tmp_path):
+    """Study B's job becomes ready with 5 of 8 slices per series while the only worker is
+    busy with study A, then the rest of B arrives. The waiting job processes exactly the
+    instances it was created with (not what the spool holds when it runs), its outputs are
+    named after that content, the completed series gets a job and results of its own with
+    other UIDs, and the TPS receives every object of every job exactly once."""
+    (a1, a2), (b1, b2) = _series(cohort, 2), _series(cohort, 1)
+    root = tmp_path / "root"
+    with StoreSCP(tmp_path / "tps") as tps:
+        cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                           destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
+                                                 "port": tps.port}})
+        node = start_node(cfg)
+        try:
+            assert storescu(a1 + a2, node.scp.port, called_ae="VCEMRI").ok
+            wait_for(lambda: any(j["state"] == "running" for j in jobs(root)), 60,
+                     "study A's job running")
+            assert storescu(b1[:5] + b2[:5], node.scp.port, called_ae="VCEMRI").ok
+            wait_for(lambda: any(j["state"] == "ready" for j in jobs(root)), 60,
+                     "study B's job ready with 5 + 5 instances")
+            assert storescu(b1[5:] + b2[5:], node.scp.port, called_ae="VCEMRI").ok
+            wait_for(lambda: len(finished_jobs(root)) == 3, 180, "three jobs")
+        finally:
+            node.stop()
+        done = jobs(root)
+        assert [j["state"] for j in done] == ["done"] * 3, [j["reason"] for j in done]
+        partial, complete = done[1], done[2]
+        assert [len(json.loads(j["inputs"])["t1w"]) for j in (partial, complete)] == [5, 8]
+        outputs = query(root, "SELECT * FROM outputs")
+        tps.assert_each_once(o["sop_instance_uid"] for o in outputs)
+        series = {job["id"]: {pydicom.dcmread(o["path"], stop_before_pixels=True)
+                              .SeriesInstanceUID for o in outputs
+                              if o["job_id"] == job["id"] and "synthetic" in o["path"]}
+                  for job in (partial, complete)}
+        assert len(series[partial["id"]]) == len(series[complete["id"]]) == 1
+        assert series[partial["id"]] != series[complete["id"]]
+        counts = {job["id"]: sum(1 for o in outputs if o["job_id"] == job["id"]
+                                 and "synthetic" in o["path"]) for job in (partial, complete)}
+        assert counts == {partial["id"]: 5, complete["id"]: 8}
+
+
 def test_destination_down_then_back_is_delivered(cohort, tmp_path):
     tps_port = free_port()
     root = tmp_path / "root"
@@ -491,18 +533,29 @@ def test_kill_9_while_receiving_and_while_running_loses_and_duplicates_nothing(
         node.kill()  # while a job runs
         assert any(j["state"] in ("running", "sending") for j in jobs(root))
         node = NodeProcess(cfg, tmp_path / "node-3.log")
+        def whole_studies_done() -> bool:
+            done = [j for j in finished_jobs(root) if j["state"] == "done"
+                    and len(json.loads(j["inputs"])["t1w"]) == 8]
+            return len(done) == 2 and len(finished_jobs(root)) == len(jobs(root))
+
         try:
-            wait_for(lambda: len(finished_jobs(root)) == 2, 120, "both jobs")
+            wait_for(whole_studies_done, 120, "both whole studies")
         finally:
             assert node.stop() == 0  # SIGTERM: a clean exit
         received = tps.received()
         outputs = [o["sop_instance_uid"] for o in query(root, "SELECT * FROM outputs")]
         tps.assert_each_once(outputs)  # every object arrived once; UIDs are deterministic
-    assert [j["state"] for j in jobs(root)] == ["done", "done"]
+    # A series the kill cut short and whose idle time ran out before the resend could only
+    # look complete: such a job processes exactly its few instances (too few: rejected, or
+    # done with its own UIDs); the whole studies each get a job of their own, done.
+    whole = [j for j in jobs(root) if len(json.loads(j["inputs"])["t1w"]) == 8]
+    assert [j["state"] for j in whole] == ["done", "done"]
     assert len(query(root, "SELECT * FROM instances")) == len(files)
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in received]
     synthetic = {str(h.SeriesInstanceUID) for h in headers if h.Modality == "MR"}
-    assert len(synthetic) == 2  # one synthetic series per study, never a duplicate series
+    partial_done = [j for j in jobs(root) if j not in whole and j["state"] == "done"]
+    # one synthetic series per processed content, never a duplicate series
+    assert len(synthetic) == 2 + len(partial_done)
     recovered = [t for t in query(root, "SELECT * FROM transitions")
                  if t["reason"] == "resumed after the node restarted"]
     assert recovered
