@@ -1,7 +1,9 @@
 """Ingest speed: a 300-instance MR series (256 x 256, 16-bit) sent by dcmtk storescu
 (TCP_NODELAY=1) into the vcemri node (``vcemri serve``: every instance fsynced and indexed
 before its response) and into dcmtk storescp, in the same run; medians of several rounds and
-the ratio node / storescp.
+the ratio node / storescp; then where the node's time per instance goes: the spool alone
+(``Spool.store``, in process: decode the header, write, fsync, rename, fsync the directory,
+index) and, of it, a bare write + fsync of the same bytes.
 
     python benchmarks/ingest.py [--instances 300] [--rounds 3]
 """
@@ -52,6 +54,38 @@ def make_series(folder: Path, count: int) -> list[Path]:
     return files
 
 
+def spool_breakdown(files: list[Path], work: Path) -> tuple[float, float]:
+    """Median ms per instance of ``Spool.store`` and of a bare write + fsync of the same
+    bytes, in this process (no network)."""
+    import os
+
+    import config
+    import dicom_node
+
+    # preamble, file meta and data set, as the SCP hands them over (encoded_dataset())
+    encoded = [path.read_bytes() for path in files]
+    settings = config.Settings(storage={"root": work / "spool-only", "min_free_mib": 0})
+    spool = dicom_node.Spool(settings)
+    per_store = []
+    for data in encoded:
+        started = time.perf_counter()
+        received = spool.store(data, "BENCH")
+        per_store.append(time.perf_counter() - started)
+        if received.status != 0:
+            raise SystemExit(f"the spool refused an instance: {received.reason}")
+    per_fsync = []
+    bare = work / "fsync-only"
+    bare.mkdir()
+    for k, data in enumerate(encoded):
+        started = time.perf_counter()
+        with open(bare / f"{k}.dcm", "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        per_fsync.append(time.perf_counter() - started)
+    return 1000 * statistics.median(per_store), 1000 * statistics.median(per_fsync)
+
+
 def timed_send(files: list[Path], port: int, called_ae: str) -> float:
     started = time.perf_counter()
     result = storescu(files, port, called_ae=called_ae, timeout=600)
@@ -100,6 +134,10 @@ def main() -> int:
               f"instances/s, fsync per instance), storescp {dcmtk_s:.2f} s "
               f"({args.instances / dcmtk_s:.0f} instances/s, no fsync)")
         print(f"ratio node / storescp: {node_s / dcmtk_s:.2f} (goal: at most 1.5)")
+        store_ms, fsync_ms = spool_breakdown(files, work)
+        print(f"per instance: node {1000 * node_s / args.instances:.2f} ms, of which the spool "
+              f"{store_ms:.2f} ms (in process, median; a bare write + fsync of the same bytes "
+              f"{fsync_ms:.2f} ms); storescp {1000 * dcmtk_s / args.instances:.2f} ms")
     return 0
 
 

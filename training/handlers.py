@@ -196,8 +196,7 @@ class StateSaver(Handler):
 class BatchNormRecalibration(Handler):
     """After training on crops the BatchNorm running statistics describe crops, not the whole
     256 x 224 slices inference sees: recompute them exactly (a cumulative average, no
-    momentum) on whole training slices with ``torch.optim.swa_utils.update_bn``.
-    (``benchmarks/batchnorm.py`` measures what it changes.)"""
+    momentum) on whole training slices with ``torch.optim.swa_utils.update_bn``."""
 
     def __init__(self, generator: torch.nn.Module, slices: Callable[[], Any],
                  device: torch.device) -> None:
