@@ -408,7 +408,12 @@ class PlanningSettings(_Section):
         50.0, ge=0, description="helper regions smaller than this are dropped (mm^3)"
     )
     low_confidence_threshold: float = Field(
-        0.5, gt=0, lt=1, description="low-confidence helper: confidence below this"
+        0.5, gt=0, lt=1, description="low-confidence helper: confidence below this "
+        "(0.5: an expected error of half the T1w's head standard deviation)"
+    )
+    refusal_notice: bool = Field(
+        False, description="when screening refuses a study, send the route's destinations a "
+        "Secondary Capture that says so and why (nothing synthetic is sent either way)"
     )
 
 

@@ -98,8 +98,10 @@ def _jobs_show(args: argparse.Namespace) -> int:
     print(f"T2w series:   {job.t2w_series_uid or '-'}")
     print(f"route/model:  {job.route or '-'} / {job.model or '-'}; destinations: "
           f"{', '.join(job.destinations) or '-'}")
-    print(f"attempts:     {job.attempts}")
+    print(f"attempts:     {job.attempts}" + ("; forced through screening" if job.forced else ""))
     result = job.result
+    if result.get("verdict"):
+        print(f"verdict:      {result['verdict']['line']}")
     if result.get("institution"):
         decision = result["institution"]
         print(f"institution:  {decision.get('institution') or 'external'} (closest "
@@ -118,7 +120,20 @@ def _jobs_show(args: argparse.Namespace) -> int:
 
 
 def _jobs_retry(args: argparse.Namespace) -> int:
-    job = _queue(args).requeue(args.id)
+    import getpass
+
+    queue = _queue(args)
+    user = getpass.getuser()
+    if args.force:
+        job = queue.requeue(args.id, f"forced through screening by {user}", force=True)
+        if queue.audit is not None:
+            queue.audit.record("job.forced", job_id=job.id, study_uid=job.study_uid,
+                               user=user, outcome="success",
+                               reason="processed whatever screening says; every object says so")
+        print(f"job {job.id} is {job.state} again and forced through screening; a running "
+              "node will process it and mark every object refused-but-forced")
+        return 0
+    job = queue.requeue(args.id, f"retried by {user}")
     print(f"job {job.id} is {job.state} again; a running node will process it")
     return 0
 
@@ -153,6 +168,9 @@ def add_commands(commands: Any) -> None:
     show.set_defaults(handler=_jobs_show)
     retry = actions.add_parser("retry", help="process a failed, rejected or cancelled job again")
     retry.add_argument("id", type=int)
+    retry.add_argument("--force", action="store_true",
+                       help="a study screening rejected: process it anyway (audited; the "
+                       "verdict in every object says it was refused and forced)")
     retry.set_defaults(handler=_jobs_retry)
     cancel = actions.add_parser("cancel", help="stop a job that has not finished")
     cancel.add_argument("id", type=int)

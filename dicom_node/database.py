@@ -119,6 +119,10 @@ ALTER TABLE outputs ADD COLUMN position INTEGER;
     """
 ALTER TABLE jobs ADD COLUMN inputs TEXT;
 """,
+    # 4: a job an administrator forced through screening (vcemri jobs retry --force).
+    """
+ALTER TABLE jobs ADD COLUMN forced INTEGER NOT NULL DEFAULT 0;
+""",
 )
 
 #: The newest schema version this code knows (and creates).

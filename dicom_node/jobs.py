@@ -70,6 +70,8 @@ class Job:
     #: the exact input instances, role -> [(SOP Instance UID, SHA-256)], fixed when the job
     #: became ready (empty for jobs of databases older than schema version 3)
     inputs: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    #: an administrator forced it through screening (its objects say so)
+    forced: bool = False
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -78,6 +80,7 @@ class Job:
         values["result"] = json.loads(values["result"] or "{}")
         values["inputs"] = {role: [tuple(pair) for pair in pairs] for role, pairs in
                             json.loads(values["inputs"] or "{}").items()}
+        values["forced"] = bool(values.get("forced"))
         return cls(**values)
 
 
@@ -184,9 +187,10 @@ class JobQueue:
         return self._transition(job_id, state, reason, expected=expected, **values)
 
     def fail(self, job_id: int, reason: str, *, state: str = FAILED,
-             expected: tuple[str, ...] = ACTIVE) -> Job:
-        """End a job as ``failed`` (or ``rejected``) with the reason a person can act on."""
-        return self._transition(job_id, state, reason, expected=expected)
+             expected: tuple[str, ...] = ACTIVE, **values: Any) -> Job:
+        """End a job as ``failed`` (or ``rejected``) with the reason a person can act on
+        (and ``values``, e.g. the result of the screening that rejected it)."""
+        return self._transition(job_id, state, reason, expected=expected, **values)
 
     def retry(self, job_id: int, state: str, reason: str, delay_s: float, *,
               expected: tuple[str, ...] = ACTIVE) -> Job:
@@ -203,9 +207,14 @@ class JobQueue:
             raise config.InputError(f"job {job_id} is already {job.state}; nothing to cancel")
         return self._transition(job_id, CANCELLED, reason, expected=ACTIVE)
 
-    def requeue(self, job_id: int, reason: str = "retried by an administrator") -> Job:
-        """Process a failed, rejected or cancelled job again from the start."""
+    def requeue(self, job_id: int, reason: str = "retried by an administrator",
+                force: bool = False) -> Job:
+        """Process a failed, rejected or cancelled job again from the start; ``force`` (a job
+        screening refused) processes it whatever screening says, the verdict saying so."""
         job = self.get(job_id)
+        if force and job.state != REJECTED:
+            raise config.InputError(f"job {job_id} is {job.state}; --force is for a study "
+                                    "screening rejected")
         if job.state not in (FAILED, REJECTED, CANCELLED):
             raise config.InputError(
                 f"job {job_id} is {job.state}; only failed, rejected or cancelled jobs can be "
@@ -219,7 +228,8 @@ class JobQueue:
                 f"job {job_id} matched no route ({job.reason}); add a route that matches it, "
                 "then send the study again")
         return self._transition(job_id, READY, reason, expected=(FAILED, REJECTED, CANCELLED),
-                                attempts=0, next_attempt_at=0.0, sending_since=None)
+                                attempts=0, next_attempt_at=0.0, sending_since=None,
+                                forced=int(force))
 
     def recover(self) -> list[int]:
         """After a restart: jobs left ``running`` by a dead process become ``ready`` again and

@@ -15,6 +15,7 @@ receives a duplicate series.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -107,11 +108,15 @@ class Worker:
             else:  # a job created before inputs were recorded (schema version < 3)
                 t1w = self.spool.series_files(job.t1w_series_uid or "")
                 t2w = self.spool.series_files(job.t2w_series_uid or "")
-            done = self.service.process(t1w, t2w, out, model=job.model or "default")
+            done = self.service.process(t1w, t2w, out, model=job.model or "default",
+                                        enforce=not job.forced)
         except synthesis.RejectedStudy as rejected:
             log.warning("job %d rejected: %s", job.id, rejected.reason)
-            return self.queue.fail(job.id, rejected.reason, state=states.REJECTED,
-                                   expected=(states.RUNNING,))
+            reason = rejected.reason + self._notify(job, getattr(rejected, "notice", None))
+            result = json.loads((out / "result.json").read_text()) if (
+                out / "result.json").is_file() else {}
+            return self.queue.fail(job.id, reason, state=states.REJECTED,
+                                   expected=(states.RUNNING,), result=result)
         except (config.InputError, config.ModelError, config.ConfigError) as exc:
             log.error("job %d failed: %s", job.id, exc)
             return self.queue.fail(job.id, str(exc), expected=(states.RUNNING,))
@@ -130,6 +135,29 @@ class Worker:
         return self.queue.complete(job.id, states.SENDING,
                                    f"{len(outputs)} objects written; sending to {destinations}",
                                    expected=(states.RUNNING,), result=summary)
+
+    def _notify(self, job: Job, notice: Any) -> str:
+        """Send a refusal notice (planning.refusal_notice) to the job's destinations, once,
+        best effort; returns what to add to the job's reason."""
+        if notice is None or not job.destinations:
+            return ""
+        output = states.Output(notice.sop_instance_uid, notice.path, notice.sop_class_uid,
+                               notice.transfer_syntax_uid)
+        self.queue.record_outputs(job.id, [notice])
+        told, problems = [], []
+        for name in job.destinations:
+            destination = self.settings.destinations.get(name)
+            if destination is None:
+                continue
+            try:
+                send([output], destination, name, calling_ae=self.settings.dicom.ae_title,
+                     timeouts=self.settings.dicom.timeouts,
+                     on_sent=lambda uid, name=name: self.queue.record_delivery(job.id, name, uid))
+                told.append(name)
+            except config.PeerError as exc:
+                problems.append(exc.reason)
+        return "".join([f"; refusal notice sent to {', '.join(told)}" if told else "",
+                        f"; refusal notice not sent: {'; '.join(problems)}" if problems else ""])
 
     # -- delivery -----------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 
 Panels at the slice where the enhancement helper is largest (else the middle slice): T1w,
 T2w, synthetic CE-T1w, confidence, and the synthetic CE-T1w with the helper contours; each
-panel at the slice's physical aspect ratio. The caption says SYNTHETIC, the institution
-decision and the EDM factors.
+panel at the slice's physical aspect ratio. The caption says SYNTHETIC, the verdict, the
+institution decision and the EDM factors.
 """
 
 from __future__ import annotations
@@ -26,8 +26,13 @@ from .identity import output_uid
 if TYPE_CHECKING:
     from synthesis import SynthesisResult
 
+    from .verdict import Verdict
+
 PANEL_HEIGHT = 256
-CAPTION_LINES = 3
+#: Caption colour of each verdict state.
+VERDICT_COLOURS = {"accepted": "white", "accepted with low-confidence regions": "orange",
+                   "refused": "red"}
+CAPTION_LINES = 4
 LINE = 14
 
 
@@ -57,8 +62,9 @@ def review_slice(helpers: Sequence[Helper], slices: int) -> int:
     return slices // 2
 
 
-def montage(result: SynthesisResult, helpers: Sequence[Helper], k: int) -> np.ndarray:
-    """The review montage as an RGB array."""
+def montage(result: SynthesisResult, helpers: Sequence[Helper], k: int,
+            verdict: Verdict) -> np.ndarray:
+    """The review montage as an RGB array, its caption stating the verdict."""
     spacing = result.vce.image.GetSpacing()
     vce = sitk.GetArrayFromImage(result.vce.image)[k]
     rows, columns = vce.shape
@@ -95,20 +101,31 @@ def montage(result: SynthesisResult, helpers: Sequence[Helper], k: int) -> np.nd
     lines = [
         "SYNTHETIC contrast-enhanced T1w (VCE-MRI): no contrast agent was given; "
         "not for diagnosis without review",
+        f"verdict: {verdict.line()}",
         f"{where}, confidence {decision.confidence:.2f}; EDM T1w x{result.edm.t1w:.3f}, "
         f"T2w x{result.edm.t2w:.3f}; model {result.model.get('architecture')}",
         f"slice {k + 1}/{result.vce.shape[0]}; helpers: "
         + (", ".join(h.name for h in helpers) or "none"),
     ]
     for i, line in enumerate(lines):
-        draw.text((4, PANEL_HEIGHT + LINE + 3 + i * LINE), line,
-                  fill="yellow" if i == 0 else "white")
+        colour = {0: "yellow", 1: VERDICT_COLOURS.get(verdict.state, "white")}.get(i, "white")
+        draw.text((4, PANEL_HEIGHT + LINE + 3 + i * LINE), line, fill=colour)
+    return np.asarray(sheet)
+
+
+def notice(lines: Sequence[str], width: int = 900) -> np.ndarray:
+    """Text on a black page, as an RGB array (a refusal notice for the TPS)."""
+    sheet = Image.new("RGB", (width, LINE * (len(lines) + 2)), "black")
+    draw = ImageDraw.Draw(sheet)
+    for i, line in enumerate(lines):
+        draw.text((8, LINE * (i + 1)), line, fill="red" if i == 0 else "white")
     return np.asarray(sheet)
 
 
 def secondary_capture(rgb: np.ndarray, t1w_header: Dataset, key: str,
-                      series_number: int, model: str) -> hd.sc.SCImage:
-    """The montage as a DICOM Secondary Capture in the T1w's study."""
+                      series_number: int, model: str,
+                      description: str = "VCE review (SYNTHETIC)") -> hd.sc.SCImage:
+    """The montage (or a notice) as a DICOM Secondary Capture in the T1w's study."""
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=t1w_header,
         pixel_array=np.ascontiguousarray(rgb, dtype=np.uint8),
@@ -121,7 +138,7 @@ def secondary_capture(rgb: np.ndarray, t1w_header: Dataset, key: str,
         instance_number=1,
         manufacturer=synthesis.MANUFACTURER,
         patient_orientation=("L", "P"),
-        series_description="VCE review (SYNTHETIC)",
+        series_description=description,
     )
     image.BurnedInAnnotation = "YES"
     if "Laterality" not in image:

@@ -71,40 +71,52 @@ class SynthesisService:
     def synthesize(self, t1w: synthesis.Volume, t2w: synthesis.Volume, *,
                    model: str = "default", checkpoint: str | None = None,
                    device: str | None = None, align: str = "never",
-                   screen: bool = True) -> synthesis.SynthesisResult:
-        """The synthesis result the TPS would receive for these volumes. ``screen=False``
-        skips fitness screening (evaluation scores every patient, refused or not)."""
+                   enforce: bool = True) -> synthesis.SynthesisResult:
+        """The synthesis result the TPS would receive for these volumes. With ``enforce``
+        False screening is recorded, not enforced: evaluation scores every patient, and an
+        administrator can force a refused study through."""
         synthesizer, lock = self.synthesizer(model, checkpoint, device, align)
         with lock:
-            return synthesizer.run(t1w, t2w, screen=screen)
+            return synthesizer.run(t1w, t2w, enforce=enforce)
 
     def process(self, t1w_files: list[Path], t2w_files: list[Path], out: Path, *,
                 model: str = "default", checkpoint: str | None = None,
                 device: str | None = None, align: str = "never",
-                nifti: bool = False) -> ProcessedStudy:
+                nifti: bool = False, enforce: bool = True) -> ProcessedStudy:
         """Synthesize and write the synthetic series, RTSTRUCT helpers and review image (plus
-        the VCE and confidence as NIfTI with ``nifti``) into ``out``, and ``result.json``.
+        the VCE and confidence as NIfTI with ``nifti``) into ``out``, and ``result.json``,
+        every object stating the verdict; ``enforce`` False processes a study screening
+        refuses (forced: the verdict says so).
 
-        Raises ``synthesis.RejectedStudy`` (``result.json`` then holds the screening), or
-        ``config.InputError`` / ``config.ModelError`` with the reason."""
+        Raises ``synthesis.RejectedStudy`` when screening refuses the study (``result.json``
+        then holds the screening and the verdict; the exception's ``notice`` is the refusal
+        notice written for the TPS when ``planning.refusal_notice`` asks for one, else
+        None), or ``config.InputError`` / ``config.ModelError`` with the reason."""
         import pydicom
         import SimpleITK as sitk
 
         import synthesis
 
-        from .write import write_outputs
+        from .verdict import refused
+        from .write import refusal_notice, write_outputs
 
         t1w, t2w = synthesis.read_series(t1w_files), synthesis.read_series(t2w_files)
         out.mkdir(parents=True, exist_ok=True)
         synthesizer, _ = self.synthesizer(model, checkpoint, device, align)
         try:
             result = self.synthesize(t1w, t2w, model=model, checkpoint=checkpoint,
-                                     device=device, align=align)
+                                     device=device, align=align, enforce=enforce)
         except synthesis.RejectedStudy as rejected:
+            verdict = refused(rejected.screening)
+            rejected.notice = None  # type: ignore[attr-defined]
+            if self.settings.planning.refusal_notice:
+                header = pydicom.dcmread(t1w_files[0], stop_before_pixels=True)
+                rejected.notice = refusal_notice(  # type: ignore[attr-defined]
+                    header, t1w, t2w, synthesizer.model_info, verdict, out / "refusal.dcm")
             (out / "result.json").write_text(json.dumps(
                 {"t1w_series_uid": t1w.info.series_uid, "t2w_series_uid": t2w.info.series_uid,
-                 "screening": rejected.screening.as_dict(), "model": synthesizer.model_info},
-                indent=1))
+                 "screening": rejected.screening.as_dict(), "verdict": verdict.as_dict(),
+                 "model": synthesizer.model_info}, indent=1))
             raise
         header = pydicom.dcmread(t1w_files[0], stop_before_pixels=True)
         written = write_outputs(result, header, out, self.settings.planning)
@@ -117,6 +129,7 @@ class SynthesisService:
                                 useCompression=True)
                 extras.append(out / "confidence.nii.gz")
         summary = result.summary()
+        summary["verdict"] = written.verdict.as_dict()
         summary["outputs"] = {
             "synthetic_series": str(written.series[0].path.parent),
             "rtstruct": None if written.rtstruct is None else str(written.rtstruct.path),

@@ -8,7 +8,8 @@ geometry and frame of reference, labelled synthetic everywhere a viewer or TPS l
   writer the simulator uses too);
 - no contrast agent attribute (nothing was injected);
 - pixels in the T1w's scanner units (the T1w's RescaleSlope/Intercept when it has them);
-- optional "SYNTHETIC" burned into the pixels, with BurnedInAnnotation to match.
+- optional "SYNTHETIC" burned into the pixels, with BurnedInAnnotation to match;
+- the verdict (planning.verdict) in every image's ImageComments.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from .identity import output_uid, result_key
 
 if TYPE_CHECKING:
     from synthesis import SynthesisResult
+
+    from .verdict import Verdict
 
 #: MR acquisition attributes copied from the T1w the synthetic image imitates.
 MR_COPIED = ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType",
@@ -82,8 +85,9 @@ def _burn_in(pixels: np.ndarray, value: int) -> np.ndarray:
 
 
 def synthetic_series(result: SynthesisResult, t1w_header: Dataset,
-                     settings: PlanningSettings) -> list[synthesis.MRImage]:
-    """The synthetic series' datasets, ascending along the slice normal."""
+                     settings: PlanningSettings, verdict: Verdict) -> list[synthesis.MRImage]:
+    """The synthetic series' datasets, ascending along the slice normal; every image's
+    ImageComments states the ``verdict``."""
     image = result.vce.image
     values = sitk.GetArrayFromImage(image)
     storage = pixel_storage(values, t1w_header)
@@ -107,6 +111,7 @@ def synthetic_series(result: SynthesisResult, t1w_header: Dataset,
     equipment = synthesis.synthesizing_equipment(model)
     attributes = {k: t1w_header.data_element(k).value for k in MR_COPIED if k in t1w_header}
     attributes["WindowCenterWidthExplanation"] = "synthetic CE-T1w"
+    attributes["ImageComments"] = f"SYNTHETIC (no contrast agent given). Verdict: {verdict.line()}"
     window = synthesis.display_window(values)
     created = _dt.datetime.now()
     datasets = []

@@ -24,6 +24,8 @@ _LAZY = {
     "FeatureProbe": "screening", "calibrate_ood": "screening", "MIN_OVERLAP": "screening",
     "Architecture": "checkpoint", "NormalizationMeta": "checkpoint",
     "SequenceRange": "checkpoint", "OODCalibration": "checkpoint",
+    "FitnessMeta": "checkpoint", "ConfidenceMeta": "checkpoint",
+    "AcquisitionRanges": "checkpoint",
     "MODEL_GRID": "preprocess", "inference_device": "inference",
     "edm_dataset_mean": "edm",
     "SourceInstance": "series",

@@ -83,6 +83,14 @@ class InstitutionProfile(_Meta):
     patients: int = 0
 
 
+class AcquisitionRanges(_Meta):
+    """The geometry of the training T1w series (mm), (lowest, highest): what the model has
+    seen, for screening (synthesis.checks.geometry)."""
+
+    slice_spacing_mm: tuple[float, float] | None = None
+    pixel_spacing_mm: tuple[float, float] | None = None
+
+
 class OODCalibration(_Meta):
     """Fitness screening: a Mahalanobis distance on pooled generator features, with the
     threshold set on training data (``quantile`` of the training studies' distances)."""
@@ -92,6 +100,27 @@ class OODCalibration(_Meta):
     precision: list[list[float]] = Field(default_factory=list)
     threshold: float | None = None
     quantile: float = 0.99
+
+
+class FitnessMeta(_Meta):
+    """The fitness classifier (synthesis/models/fitness.py): its architecture, the study
+    score (mean slice logit) below which a study is refused, and how it was calibrated."""
+
+    architecture: Architecture
+    #: study logit threshold: at most ``false_refusal_target`` of the internal patients below
+    threshold: float
+    false_refusal_target: float = 0.05
+    #: what the calibration measured: internal patients' scores, detection per fault kind
+    calibration: dict[str, Any] = Field(default_factory=dict)
+    faults: list[str] = Field(default_factory=list)
+
+
+class ConfidenceMeta(_Meta):
+    """Seed 002's confidence module as trained: the final lambda of its loss, so that a
+    learned confidence c means an expected half-resolution error of lambda / c (normalised
+    T1w units; synthesis.inference turns it into the delivered confidence)."""
+
+    loss_lambda: float
 
 
 class CheckpointMeta(_Meta):
@@ -107,7 +136,10 @@ class CheckpointMeta(_Meta):
     background: str = "triangle"
     normalization: NormalizationMeta = Field(default_factory=NormalizationMeta)
     institutions: list[InstitutionProfile] = Field(default_factory=list)
+    acquisition: AcquisitionRanges = Field(default_factory=AcquisitionRanges)
     ood: OODCalibration = Field(default_factory=OODCalibration)
+    fitness: FitnessMeta | None = None
+    confidence: ConfidenceMeta | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     description: str = ""
@@ -130,13 +162,18 @@ def _package_version() -> str:
 
 
 def save_checkpoint(path: Path, generator: nn.Module, meta: CheckpointMeta,
-                    discriminator: nn.Module | None = None) -> Path:
-    """Write the generator (and optionally the discriminator) with ``meta``, atomically."""
-    tensors = {f"generator.{k}": v.detach().contiguous().cpu()
-               for k, v in generator.state_dict().items()}
-    if discriminator is not None:
-        tensors.update({f"discriminator.{k}": v.detach().contiguous().cpu()
-                        for k, v in discriminator.state_dict().items()})
+                    discriminator: nn.Module | None = None,
+                    fitness: nn.Module | None = None) -> Path:
+    """Write the generator (and optionally the discriminator and the fitness classifier,
+    whose threshold ``meta.fitness`` holds) with ``meta``, atomically."""
+    if (fitness is None) != (meta.fitness is None):
+        raise ValueError("a fitness classifier and its metadata go together")
+    tensors = {}
+    for prefix, module in (("generator", generator), ("discriminator", discriminator),
+                           ("fitness", fitness)):
+        if module is not None:
+            tensors.update({f"{prefix}.{k}": v.detach().contiguous().cpu()
+                            for k, v in module.state_dict().items()})
     meta = meta.model_copy(update={
         "package_version": meta.package_version or _package_version(),
         "created": meta.created or _dt.datetime.now(_dt.timezone.utc).isoformat(
@@ -158,12 +195,14 @@ class Checkpoint:
     saved, ``discriminator``."""
 
     def __init__(self, path: Path, meta: CheckpointMeta, generator: nn.Module,
-                 discriminator: nn.Module | None, weights_sha256: str = "") -> None:
+                 discriminator: nn.Module | None, weights_sha256: str = "",
+                 fitness: nn.Module | None = None) -> None:
         self.path = path
         self.meta = meta
         self.generator = generator
         self.discriminator = discriminator
         self.weights_sha256 = weights_sha256
+        self.fitness = fitness
 
 
 def _header(path: Path) -> dict[str, str]:
@@ -220,7 +259,9 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
                              f"statistics for {', '.join(absent)}")
     discriminator = (None if meta.discriminator is None
                      else _restore(path, meta.discriminator, tensors, "discriminator"))
-    return Checkpoint(path, meta, generator, discriminator, header["weights_sha256"])
+    fitness = (None if meta.fitness is None
+               else _restore(path, meta.fitness.architecture, tensors, "fitness"))
+    return Checkpoint(path, meta, generator, discriminator, header["weights_sha256"], fitness)
 
 
 def _restore(path: Path, architecture: Architecture, tensors: dict[str, torch.Tensor],

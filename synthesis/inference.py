@@ -1,26 +1,37 @@
 """Running a generator on slices: device selection, batching in bounded chunks, mixed precision
-and channels-last on CUDA, inference mode, deterministic on CPU, and a confidence map from
-test-time augmentation.
+and channels-last on CUDA, inference mode, deterministic on CPU, and the confidence map.
 
-Confidence: the model also sees each slice mirrored left-right (the head is nearly
-symmetric); the disagreement d = |y - flip(y_flipped)| / 2 in normalized units becomes
-confidence = exp(-d / CONFIDENCE_SCALE), 1 where the two agree. Our choice; seed 002's
-confidence module is the learned alternative the registry leaves room for.
+Confidence is an expected error turned into [0, 1]: confidence = min(1, TOLERANCE / e), where
+e is the expected absolute error of the synthetic value in normalised units (standard
+deviations of the study's T1w inside the head). So a confidence of 0.5 means the model
+expects the synthetic intensity there to be off by 2 x TOLERANCE = 0.5 T1w standard
+deviations (result.json gives that in scanner units for each study), 1 means at most
+TOLERANCE, 0.25 means 1 standard deviation. e is the larger of two estimates:
+
+- the learned one (seed 002's confidence module, CG-SAMR): its confidence c_model was trained
+  as min(1, lambda / E|error|) of the half-resolution intermediate image, so e = lambda /
+  c_model (lambda stored in the checkpoint);
+- test-time augmentation: the model also sees each slice mirrored left-right (the head is
+  nearly symmetric); half the disagreement, |y - flip(y_flipped)| / 2, is an error estimate.
+
+The delivered VCE is the mean of the plain and the mirrored pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from config import ModelError
 
-#: Disagreement (normalized units, about one z-score) at which confidence falls to 1/e.
-CONFIDENCE_SCALE = 0.25
+#: The expected error (normalised units) that a confidence of 1 allows; 0.5 means twice it.
+TOLERANCE = 0.25
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -59,10 +70,17 @@ class Predictor:
             return torch.autocast("cuda", dtype=self.dtype)
         return nullcontext()
 
-    def predict(self, inputs: np.ndarray, mirror: bool = False) -> np.ndarray:
+    @property
+    def guided(self) -> bool:
+        """Whether the model has seed 002's confidence module."""
+        return getattr(self.model, "guidance", None) is not None
+
+    def predict(self, inputs: np.ndarray, mirror: bool = False,
+                aux: bool = False) -> Any:
         """(N, C, H, W) -> (N, H, W) float32; ``mirror`` runs on left-right mirrored inputs
-        and mirrors the outputs back."""
-        outputs = []
+        and mirrors the outputs back; ``aux`` (a model with the confidence module) also
+        returns its learned confidence, upsampled to (N, H, W)."""
+        outputs, confidences = [], []
         with torch.inference_mode(), self._autocast():  # type: ignore[attr-defined]
             for part in _chunks(len(inputs), self.batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(inputs[part])).to(self.device)
@@ -70,16 +88,46 @@ class Predictor:
                     batch = torch.flip(batch, dims=[-1])
                 if self.cuda:
                     batch = batch.contiguous(memory_format=torch.channels_last)
-                out = self.model(batch).float()
+                if aux:
+                    out, _, confidence = self.model(batch, aux=True)
+                    confidence = F.interpolate(confidence.float(), size=out.shape[-2:],
+                                               mode="bilinear", align_corners=False)
+                    if mirror:
+                        confidence = torch.flip(confidence, dims=[-1])
+                    confidences.append(confidence[:, 0].cpu())
+                else:
+                    out = self.model(batch)
+                out = out.float()
                 if mirror:
                     out = torch.flip(out, dims=[-1])
                 outputs.append(out[:, 0].cpu())
+        if aux:
+            return torch.cat(outputs).numpy(), torch.cat(confidences).numpy()
         return torch.cat(outputs).numpy()
 
+    def score(self, classifier: nn.Module, inputs: np.ndarray) -> float:
+        """A study's fitness score: the mean logit of ``classifier`` over its slices."""
+        classifier = classifier.to(self.device).eval()
+        logits = []
+        with torch.inference_mode():
+            for part in _chunks(len(inputs), self.batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(inputs[part])).to(self.device)
+                logits.append(classifier(batch).float().cpu())
+        return float(torch.cat(logits).mean())
 
 
-def with_confidence(plain: np.ndarray, mirrored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Prediction (mean of the plain and mirrored passes) and confidence in [0, 1]."""
-    disagreement = np.abs(plain - mirrored) / 2.0
-    return ((plain + mirrored) / 2.0).astype(np.float32), np.exp(
-        -disagreement / CONFIDENCE_SCALE).astype(np.float32)
+
+def confidence_of(expected_error: np.ndarray) -> np.ndarray:
+    """Confidence in [0, 1] from an expected absolute error (normalised units)."""
+    return np.clip(TOLERANCE / np.maximum(expected_error, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def with_confidence(plain: np.ndarray, mirrored: np.ndarray,
+                    learned: np.ndarray | None = None,
+                    loss_lambda: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Prediction (mean of the plain and mirrored passes) and confidence in [0, 1] from the
+    larger of the two error estimates (see the module docstring)."""
+    expected = np.abs(plain - mirrored) / 2.0
+    if learned is not None and loss_lambda is not None:
+        expected = np.maximum(expected, loss_lambda / np.maximum(learned, 1e-6))
+    return ((plain + mirrored) / 2.0).astype(np.float32), confidence_of(expected)

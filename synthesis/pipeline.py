@@ -21,11 +21,11 @@ import SimpleITK as sitk
 
 from config import InputError, ModelError
 
-from . import edm
+from . import checks, edm
 from .alignment import Alignment, AlignMode, align, field_overlap
 from .checkpoint import Checkpoint, load_checkpoint
 from .edm import EDMFactors
-from .inference import Predictor, resolve_device, with_confidence
+from .inference import TOLERANCE, Predictor, resolve_device, with_confidence
 from .institutions import InstitutionDecision, classify
 from .normalization import Normalization, Statistics
 from .preprocess import clean_pair, mask_to_model_grid
@@ -78,6 +78,9 @@ class SynthesisResult:
     #: the VCE on the model's 256 x 224 grid before the way back (scanner units, (slices,
     #: rows, columns), 0 outside the head): where the seeds compute their metrics
     model_grid: np.ndarray | None = None
+    #: scanner units of one normalised unit (the T1w's head standard deviation, EDM undone):
+    #: a confidence c means an expected error of TOLERANCE / c of these
+    confidence_unit: float | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-able record (UIDs only: no patient identity)."""
@@ -91,6 +94,12 @@ class SynthesisResult:
             "edm": self.edm.as_dict(),
             "screening": self.screening.as_dict(),
             "alignment": self.alignment.as_dict(),
+            "confidence": None if self.confidence_unit is None else {
+                "meaning": "confidence c: the expected |VCE - CE| is TOLERANCE / c normalised "
+                           "units (T1w head standard deviations); 0.5 means 2 x TOLERANCE",
+                "tolerance_normalized": TOLERANCE,
+                "expected_error_at_0_5_scanner_units": round(
+                    2 * TOLERANCE * self.confidence_unit, 3)},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
@@ -135,13 +144,18 @@ class Synthesizer:
         return None if stats is None else Statistics(stats.mean, stats.std, stats.minimum,
                                                      stats.maximum)
 
-    def run(self, t1w: Volume, t2w: Volume, screen: bool | None = None) -> SynthesisResult:
+    def run(self, t1w: Volume, t2w: Volume, screen: bool | None = None,
+            enforce: bool = True) -> SynthesisResult:
         """Synthesize the VCE-T1w for one study; raises :class:`RejectedStudy` (with every
         reason) when screening refuses it and :class:`InputError` for unusable input.
-        ``screen`` overrides the options' (evaluation scores every patient)."""
+        ``screen`` overrides the options' (False: no screening at all); with ``enforce``
+        False screening is recorded in the result but refuses nothing (a study an
+        administrator forces through)."""
         screen = self.options.screen if screen is None else screen
         timings: dict[str, float] = {}
         clock = time.perf_counter()
+        reasons: list[str] = []
+        evidence: dict[str, object] = {}
 
         def lap(name: str) -> None:
             nonlocal clock
@@ -149,26 +163,39 @@ class Synthesizer:
             timings[name] = now - clock
             clock = now
 
+        def refuse_if_unfit() -> None:
+            if reasons and enforce:
+                raise RejectedStudy(judge(reasons, None, None, evidence=evidence))
+
         check_pair(t1w, t2w)
         overlap = field_overlap(t1w, t2w)
+        meta = self.checkpoint.meta
         if screen:  # before registering: registration needs overlap
-            reasons = input_checks(t1w.shape[0], t1w.info.body_part, overlap,
-                                   min_slices=self.options.min_slices)
-            if reasons:
-                raise RejectedStudy(judge(reasons, None, None))
+            reasons += input_checks(t1w.shape[0], t1w.info.body_part, overlap,
+                                    min_slices=self.options.min_slices)
+            reasons += checks.header(t1w.info, t2w.info)
+            spacing = t1w.image.GetSpacing()
+            reasons += checks.geometry(spacing[2], min(spacing[:2]), meta.acquisition)
+            refuse_if_unfit()
         t2w_on_grid, alignment = align(t1w, t2w, self.options.align,
                                        self.options.align_tolerance_mm)
         # An implausible registration is not applied and says so (alignment.note): the
         # scanner's alignment is kept and the study is not rejected for it.
         lap("align")
 
-        arrays, masks = clean_pair(np.asarray(t1w.array, np.float32),
-                                   np.asarray(t2w_on_grid.array, np.float32))
+        raw = {"t1w": np.asarray(t1w.array, np.float32),
+               "t2w": np.asarray(t2w_on_grid.array, np.float32)}
+        arrays, masks = clean_pair(raw["t1w"], raw["t2w"])
+        if screen:
+            spacing = t1w.image.GetSpacing()
+            found, evidence = checks.content_checks(raw, masks["t1w"], (spacing[1], spacing[0]))
+            reasons += found
+            refuse_if_unfit()
         means = {k: float(arrays[k][masks[k]].mean()) if masks[k].any() else 0.0
                  for k in arrays}
         lap("background")
 
-        profiles = self.checkpoint.meta.institutions
+        profiles = meta.institutions
         decision = classify(t1w.info, t2w.info, means, profiles)
         factors = EDMFactors()
         if not decision.known and decision.closest is not None:
@@ -180,33 +207,47 @@ class Synthesizer:
 
         # the way there and, in reverse, the way back (synthesis.transforms)
         to_grid = ModelGrid()
-        steps = Chain([
-            ExternalDistributionMatching(factors),
-            Normalize(self.normalization, masks,
-                      {m: self._dataset_stats(m) for m in arrays}),
-            to_grid,
-        ])
+        normalize = Normalize(self.normalization, masks,
+                              {m: self._dataset_stats(m) for m in arrays})
+        steps = Chain([ExternalDistributionMatching(factors), normalize, to_grid])
         grid = steps.forward(arrays)
+        # one normalised unit of the output in the T1w's scanner units (what confidence means)
+        unit = float(np.mean([s.std for s in normalize.statistics["t1w"]])) / factors.t1w
         model_inputs = np.stack([grid[m] for m in self.inputs], 1)
         lap("normalize")
 
-        calibration = self.checkpoint.meta.ood
+        fitness = fitness_threshold = None
+        if screen and self.checkpoint.fitness is not None and meta.fitness is not None:
+            fitness = self.predictor.score(self.checkpoint.fitness,
+                                           np.stack([grid[m] for m in ("t1w", "t2w")], 1))
+            fitness_threshold = meta.fitness.threshold
+        calibration = meta.ood
         probe = None
         if screen and calibration.threshold is not None:
             probe = FeatureProbe(self.predictor.model, calibration.feature)
+        guided = self.predictor.guided and meta.confidence is not None
+        learned = None
         try:
-            output = self.predictor.predict(model_inputs)
+            output = self.predictor.predict(model_inputs, aux=guided)
         finally:
             if probe is not None:
                 probe.close()
+        if guided:
+            output, learned = output
         score = None if probe is None else ood_score(probe.study_vector(), calibration)
         confidence = None
         if self.options.confidence:
+            mirrored = self.predictor.predict(model_inputs, mirror=True, aux=guided)
+            if guided:
+                mirrored, learned_mirrored = mirrored
+                learned = (learned + learned_mirrored) / 2.0
             output, confidence = with_confidence(
-                output, self.predictor.predict(model_inputs, mirror=True))
+                output, mirrored, learned,
+                meta.confidence.loss_lambda if meta.confidence is not None else None)
         lap("model")
-        screening = judge([], score, calibration if probe is not None else None)
-        if not screening.accepted:
+        screening = judge(reasons, score, calibration if probe is not None else None,
+                          fitness, fitness_threshold, evidence)
+        if not screening.accepted and enforce:
             raise RejectedStudy(screening)
 
         def in_head(values: np.ndarray, head: np.ndarray) -> np.ndarray:
@@ -229,4 +270,5 @@ class Synthesizer:
         timings["total"] = sum(timings.values())
         return SynthesisResult(Volume(vce_image, t1w.info, t1w.sources), confidence_image, t1w,
                                t2w_on_grid, decision, factors, screening, alignment,
-                               self.model_info, head, timings, model_grid)
+                               self.model_info, head, timings, model_grid,
+                               unit if confidence is not None else None)

@@ -1,11 +1,16 @@
 """Fitness screening (seed 000: a classification network that screens out data the model is
 not fit for, e.g. rare tumour sizes or morphologies, or data unlike the training set).
 
-Two stages, each rejection with a specific reason:
+Three stages, each refusal with a specific reason:
 1. checks for unusable input: too few slices, a body part that is not head and neck, T1w and
    T2w that do not cover the same anatomy (a registration beyond the plausible bound is not
-   applied, see synthesis.alignment, rather than a reason to refuse);
-2. an out-of-distribution score on the generator's own features: per study, the spatial mean
+   applied, see synthesis.alignment, rather than a reason to refuse), and the checks of
+   ``synthesis.checks`` that need no model (contrast, copies, noise, artefacts, header and
+   geometry);
+2. the fitness classifier stored with the model (seed 000's classification network,
+   synthesis/models/fitness.py): a study whose mean slice logit is below its calibrated
+   threshold is refused;
+3. an out-of-distribution score on the generator's own features: per study, the spatial mean
    and standard deviation of every channel of a named layer (decoder block 1 of MMgSN-Net),
    averaged over slices; the score is the RMS z-distance to the training studies' features
    (diagonal covariance with a floor: training sets are far smaller than the feature count),
@@ -36,18 +41,38 @@ THRESHOLD_MARGIN = 1.5
 
 @dataclass(frozen=True)
 class Screening:
-    """Whether the study may be synthesized, why not, and the OOD score."""
+    """Whether the study may be synthesized, why not, the OOD and fitness scores, and (when
+    screening was recorded but not enforced, e.g. a forced job) that it was overridden."""
 
     accepted: bool
     reasons: list[str] = field(default_factory=list)
     ood_score: float | None = None
     ood_threshold: float | None = None
+    fitness_score: float | None = None
+    fitness_threshold: float | None = None
+    evidence: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def combined(self) -> float | None:
+        """One score for both model-based stages: the larger of the OOD score over its
+        threshold and exp(fitness threshold - fitness score); above 1 is refused by one of
+        them (what benchmarks/screening.py ranks for its AUROC)."""
+        parts = []
+        if self.ood_score is not None and self.ood_threshold:
+            parts.append(self.ood_score / self.ood_threshold)
+        if self.fitness_score is not None and self.fitness_threshold is not None:
+            parts.append(float(np.exp(self.fitness_threshold - self.fitness_score)))
+        return max(parts) if parts else None
 
     def as_dict(self) -> dict[str, object]:
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 4)
+
         return {"accepted": self.accepted, "reasons": list(self.reasons),
-                "ood_score": None if self.ood_score is None else round(self.ood_score, 4),
-                "ood_threshold": None if self.ood_threshold is None
-                else round(self.ood_threshold, 4)}
+                "ood_score": rounded(self.ood_score), "ood_threshold": rounded(self.ood_threshold),
+                "fitness_score": rounded(self.fitness_score),
+                "fitness_threshold": rounded(self.fitness_threshold),
+                "combined_score": rounded(self.combined), "evidence": dict(self.evidence)}
 
 
 def input_checks(slices: int, body_part: str, overlap: float, *,
@@ -125,11 +150,17 @@ def ood_score(vector: np.ndarray, calibration: OODCalibration) -> float:
 
 
 def judge(reasons: list[str], score: float | None,
-          calibration: OODCalibration | None) -> Screening:
-    """The screening outcome from the input checks and the OOD score."""
+          calibration: OODCalibration | None, fitness: float | None = None,
+          fitness_threshold: float | None = None,
+          evidence: dict[str, object] | None = None) -> Screening:
+    """The screening outcome from the input checks, the fitness score and the OOD score."""
     reasons = list(reasons)
+    if fitness is not None and fitness_threshold is not None and fitness < fitness_threshold:
+        reasons.append(f"the fitness classifier finds the study unfit for this model (score "
+                       f"{fitness:.2f}, below its calibrated threshold {fitness_threshold:.2f})")
     threshold = calibration.threshold if calibration is not None else None
     if score is not None and threshold is not None and score > threshold:
         reasons.append(f"unlike the training data: out-of-distribution score {score:.2f} "
                        f"above the calibrated threshold {threshold:.2f}")
-    return Screening(not reasons, reasons, score, threshold)
+    return Screening(not reasons, reasons, score, threshold, fitness, fitness_threshold,
+                     dict(evidence or {}))

@@ -65,6 +65,8 @@ class SeriesInfo:
     series_number: int | None = None
     #: the instances the series announces (ImagesInAcquisition); None: unknown
     images_in_acquisition: int | None = None
+    #: ScanningSequence (SE, GR, IR, EP, RM)
+    scanning_sequence: tuple[str, ...] = ()
 
     def header(self) -> dict[str, Any]:
         """DICOM-keyword view used by the configured series rules and routes, and kept in the
@@ -172,6 +174,14 @@ def _contrast_agent(ds: Dataset) -> str:
     return ""
 
 
+def _values(value: Any) -> list[Any]:
+    """A multi-valued element's values (one value, or none, as a list)."""
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) \
+        else [value]
+
+
 def _count(ds: Dataset) -> int | None:
     """The instances a series announces (ImagesInAcquisition); a value that is not a plausible
     count is ignored."""
@@ -210,6 +220,7 @@ def series_info(ds: Dataset) -> SeriesInfo:
         image_type=tuple(str(v) for v in (ds.get("ImageType") or [])),
         series_number=int(number) if number is not None and number.is_integer() else None,
         images_in_acquisition=_count(ds),
+        scanning_sequence=tuple(str(v) for v in _values(ds.get("ScanningSequence"))),
     )
 
 

@@ -169,11 +169,11 @@ def test_a_database_of_the_previous_release_is_upgraded_in_place(tmp_path: Path)
 
     queue = JobQueue(root)
     done, waiting = queue.get(1), queue.get(2)
-    assert _user_version(path) == database.SCHEMA_VERSION == 3
+    assert _user_version(path) == database.SCHEMA_VERSION == len(database.MIGRATIONS) == 4
     assert (done.state, done.study_uid, done.t1w_series_uid, done.t2w_series_uid) == (
         "done", STUDY, T1W, T2W)
     assert done.destinations == ["tps"] and done.result == {"sent": 2}
-    assert done.inputs == {}  # recorded since version 3; the worker then reads the series
+    assert done.inputs == {} and not done.forced  # columns of versions 3 and 4
     assert (done.input_key, done.route, done.sending_since, done.keyed_at) == (
         "key1", "default", 150, 90)
     assert (waiting.state, waiting.reason) == ("waiting", "T2w series not received")

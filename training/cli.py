@@ -12,7 +12,7 @@ from typing import Any
 import synthesis
 
 #: What ``vcemri train`` and ``vcemri evaluate`` need beyond the node (the training extra).
-TRAINING_EXTRA = ("scipy", "matplotlib", "tensorboard")
+TRAINING_EXTRA = ("matplotlib", "tensorboard")
 
 
 def require_training_extra() -> None:
@@ -65,7 +65,8 @@ def _train(args: argparse.Namespace) -> int:
         width=args.width, seed=args.seed, device=args.device, max_steps=args.max_steps,
         checkpoint_every=args.checkpoint_every, crop=args.crop, architecture=args.architecture,
         inputs=args.inputs, fusion=args.fusion, multi_level=not args.no_multi_level,
-        attention=not args.no_attention, amp=not args.no_amp, l1_weight=args.l1_weight,
+        attention=not args.no_attention, confidence=not args.no_confidence,
+        amp=not args.no_amp, l1_weight=args.l1_weight,
         adversarial_weight=args.adversarial_weight, cycle_weight=args.cycle_weight,
         decay_epochs=args.decay_epochs,
         learning_rate=args.learning_rate, init=args.init, micro_batches=args.micro_batches)
@@ -168,6 +169,10 @@ def add_commands(commands: Any) -> None:
                          help="MMgSN-Net ablation: fuse at the bottleneck only")
     trainer.add_argument("--no-attention", action="store_true",
                          help="MMgSN-Net ablation: no self-attention")
+    trainer.add_argument("--no-confidence", action="store_true",
+                         help="MMgSN-Net without seed 002's confidence module (the seed's "
+                         "plain network; the node then estimates confidence from a mirrored "
+                         "pass only)")
     trainer.add_argument("--l1-weight", type=float, default=100.0, help="default 100")
     trainer.add_argument("--adversarial-weight", type=float, default=1.0,
                          help="least-squares GAN loss weight (0 trains without the "

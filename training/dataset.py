@@ -168,6 +168,10 @@ class SliceCache:
         return np.concatenate(parts) if parts else np.zeros(0, int)
 
 
+#: Bumped when what a cache holds changes, so that an older cache is never reused.
+CACHE_FORMAT = 2
+
+
 def _key(entries: list[PatientEntry], normalization: synthesis.Normalization) -> str:
     digest = hashlib.sha256()
     for entry in entries:
@@ -176,7 +180,7 @@ def _key(entries: list[PatientEntry], normalization: synthesis.Normalization) ->
             files = sorted(folder.rglob("*")) if folder.is_dir() else [folder]
             stamp = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
             digest.update(f"{entry.patient}|{entry.institution}|{role}|{stamp}".encode())
-    digest.update(f"{normalization.method}|{normalization.level}".encode())
+    digest.update(f"{normalization.method}|{normalization.level}|{CACHE_FORMAT}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -235,7 +239,9 @@ def prepare(entries: list[PatientEntry], cache_root: Path,
              "station_name": info.station_name,
              "t1w_tr": info.repetition_time_ms, "t1w_te": info.echo_time_ms,
              "t2w_tr": volumes["t2w"].info.repetition_time_ms,
-             "t2w_te": volumes["t2w"].info.echo_time_ms}))
+             "t2w_te": volumes["t2w"].info.echo_time_ms,
+             "slice_spacing_mm": float(t1.image.GetSpacing()[2]),
+             "pixel_spacing_mm": float(min(t1.image.GetSpacing()[:2]))}))
         offsets.append(total)
         total += len(grid_target)
         if progress is not None:

@@ -249,6 +249,23 @@ class InternalEvaluation(Handler):
                                 "internal/l1_t1w_copy_normalized": copy}, loop.state.step)
 
 
+class FitnessTraining(Handler):
+    """At the end: the fitness classifier (training/fitness.py), trained on the training
+    patients' slices against faults made from them and calibrated on the internal ones."""
+
+    def __init__(self, cache: SliceCache, train: Sequence[str], internal: Sequence[str],
+                 device: torch.device, steps: int, seed: int) -> None:
+        self.cache, self.train, self.internal = cache, list(train), list(internal)
+        self.device, self.steps, self.seed = device, steps, seed
+        self.result: Any = None
+
+    def completed(self, loop: Loop) -> None:
+        from .fitness import FitnessOptions, train_fitness
+
+        self.result = train_fitness(self.cache, self.train, self.internal, self.device,
+                                    FitnessOptions(steps=self.steps, seed=self.seed))
+
+
 class OODCalibration(Handler):
     """At the end: the OOD screening calibration (``synthesis.calibrate_ood``) from the
     pooled features of ``layer`` on every training patient (empty for models without it)."""

@@ -2,7 +2,11 @@
 
 - :class:`PairedObjective` (seed 000 "Examples (B)"; also U-Net, Hi-Net and pix2pix): the
   generator maps T1w/T2w to the CE-T1w of the same slice; L1 (weight 100, as pix2pix; the seed
-  gives none) plus the least-squares adversarial loss against a conditional PatchGAN.
+  gives none) plus the least-squares adversarial loss against a conditional PatchGAN; with
+  seed 002's confidence module (MMgSN-Net ``confidence=True``) also CG-SAMR's confidence map
+  loss on the half-resolution intermediate image, L_CM = mean(c |y_half - y|) - lambda
+  mean(log c), weighted like the L1 term, with lambda 0.1 until the mean confidence exceeds
+  0.7 and 0.03 from then on (seed 002, section IV-B).
 - :class:`CycleObjective` (CycleGAN, Zhu et al. 2017, a baseline of seed 000 Table 2): one
   modality and the CE-T1w as two unpaired domains; generators both ways, one unconditional
   PatchGAN per domain, least-squares adversarial losses, cycle-consistency L1 (weight 10) and
@@ -28,6 +32,39 @@ import synthesis
 #: CycleGAN's identity loss weight relative to its cycle weight (Zhu et al. 2017, sec. 5.2:
 #: 0.5 x lambda).
 IDENTITY_FRACTION = 0.5
+
+#: CG-SAMR's confidence regulariser weight: 0.1, then 0.03 once the mean confidence is above
+#: 0.7 (seed 002, section IV-B).
+CONFIDENCE_LAMBDA = (0.1, 0.03)
+CONFIDENCE_SWITCH = 0.7
+
+
+class ConfidenceRegularizer:
+    """The current lambda of the confidence map loss, kept in the resumable training state
+    (it switches once, when the mean confidence first exceeds :data:`CONFIDENCE_SWITCH`)."""
+
+    def __init__(self) -> None:
+        self.value = CONFIDENCE_LAMBDA[0]
+
+    def update(self, mean_confidence: float) -> None:
+        if mean_confidence > CONFIDENCE_SWITCH:
+            self.value = CONFIDENCE_LAMBDA[1]
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+def confidence_loss(intermediate: torch.Tensor, confidence: torch.Tensor, target: torch.Tensor,
+                    weight: float) -> torch.Tensor:
+    """CG-SAMR's L_CM (seed 002 eq. 1), averaged over pixels: the target at the intermediate
+    image's half resolution (2 x 2 mean), its absolute error weighted by the confidence, minus
+    ``weight`` times the mean log confidence (which keeps c from collapsing to 0)."""
+    half = F.avg_pool2d(target.float(), 2)
+    c = confidence.float().clamp_min(1e-6)
+    return (c * (intermediate.float() - half).abs()).mean() - weight * torch.log(c).mean()
 
 
 class _Step:
@@ -104,6 +141,10 @@ class PairedObjective(_Step):
         self.generator, self.discriminator = generator, discriminator
         self.channels = channels
         self.l1_weight, self.adversarial_weight = l1_weight, adversarial_weight
+        self.guided = getattr(generator, "guidance", None) is not None
+        self.regularizer = ConfidenceRegularizer()
+        if self.guided:
+            self.losses = (*self.losses, "loss_cm", "confidence")
         self._adam("opt_g", generator)
         self._adam("opt_d", discriminator)
         self.g = self._wrap("generator", generator)
@@ -113,6 +154,8 @@ class PairedObjective(_Step):
     def modules(self) -> dict[str, Any]:
         modules: dict[str, Any] = {"generator": self.generator,
                                    "discriminator": self.discriminator, **self.optimizers}
+        if self.guided:
+            modules["confidence_lambda"] = self.regularizer
         if self.scaling:
             modules.update(scaler_g=self.scalers["opt_g"], scaler_d=self.scalers["opt_d"])
         return modules
@@ -122,7 +165,11 @@ class PairedObjective(_Step):
         parts = list(zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches), strict=True))
         n = len(parts)
         with self._precision():
-            fakes = [self.g(xi[:, self.channels]) for xi, _ in parts]
+            if self.guided:
+                outputs = [self.g(xi[:, self.channels], aux=True) for xi, _ in parts]
+                fakes = [out[0] for out in outputs]
+            else:
+                fakes = [self.g(xi[:, self.channels]) for xi, _ in parts]
             loss_d = sum(0.5 * (_lsgan(self.d(yi, xi), True)
                                 + _lsgan(self.d(fake.detach(), xi), False))
                          for (xi, yi), fake in zip(parts, fakes, strict=True)) / n
@@ -133,8 +180,18 @@ class PairedObjective(_Step):
             loss_l1 = sum(F.l1_loss(fake.float(), yi)
                           for (_, yi), fake in zip(parts, fakes, strict=True)) / n
             loss_g = self.adversarial_weight * loss_adv + self.l1_weight * loss_l1
+            extra: list[torch.Tensor] = []
+            if self.guided:
+                loss_cm = sum(confidence_loss(out[1], out[2], yi, self.regularizer.value)
+                              for (_, yi), out in zip(parts, outputs, strict=True)) / n
+                loss_g = loss_g + self.l1_weight * loss_cm
+                mean_confidence = sum(out[2].detach().float().mean() for out in outputs) / n
+                extra = [loss_cm, mean_confidence]
         self._optimize("opt_g", loss_g)
-        return torch.stack([v.detach().float() for v in (loss_g, loss_l1, loss_adv, loss_d)])
+        if self.guided:
+            self.regularizer.update(float(extra[1]))
+        return torch.stack([v.detach().float()
+                            for v in (loss_g, loss_l1, loss_adv, loss_d, *extra)])
 
 
 class CycleObjective(_Step):

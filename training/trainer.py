@@ -42,6 +42,7 @@ from .dataset import SliceCache, prepare, read_manifest
 from .handlers import (
     BatchNormRecalibration,
     CSVLog,
+    FitnessTraining,
     InternalEvaluation,
     LearningRateSchedule,
     OODCalibration,
@@ -90,6 +91,9 @@ class TrainOptions:
     fusion: str = "sgs"
     multi_level: bool = True
     attention: bool = True
+    #: MMgSN-Net with seed 002's confidence module (CG-SAMR), whose learned per-pixel
+    #: confidence the node delivers; off: the seed's plain MMgSN-Net
+    confidence: bool = True
     #: the last N epochs decay the learning rate linearly towards 0 (pix2pix's n_epochs_decay;
     #: 0: constant, the seed's setting)
     decay_epochs: int = 0
@@ -99,6 +103,8 @@ class TrainOptions:
     #: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); no effect
     #: on CPU
     amp: bool = True
+    #: steps of the fitness classifier's training after the generator's (0: none)
+    fitness_steps: int = 1500
     #: split each process's batch into this many parts with their own BatchNorm statistics
     #: and average their losses: one process then computes what as many DistributedDataParallel
     #: processes would (each part is the share of the rank it stands for)
@@ -195,7 +201,7 @@ def build_generator(options: TrainOptions) -> torch.nn.Module:
     config: dict[str, Any] = {"width_multiplier": options.width, "output": "linear"}
     if name == "mmgsn":
         config.update(fusion=options.fusion, multi_level=options.multi_level,
-                      attention=options.attention)
+                      attention=options.attention, confidence=options.confidence)
     elif name in ("unet", "pix2pix", "cyclegan"):
         config["inputs"] = tuple(options.inputs)
     if name == "cyclegan" and len(options.inputs) != 1:
@@ -303,17 +309,33 @@ def _data(manifest: Path, out: Path, options: TrainOptions, place: Distributed,
     return split, cache
 
 
+def _acquisition(cache: SliceCache, patients: set[str]) -> synthesis.AcquisitionRanges:
+    """The geometry of the training T1w series."""
+    def span(key: str) -> tuple[float, float] | None:
+        values = [float(p.header[key]) for p in cache.patients
+                  if p.patient in patients and p.header.get(key) is not None]
+        return (round(min(values), 4), round(max(values), 4)) if values else None
+
+    return synthesis.AcquisitionRanges(slice_spacing_mm=span("slice_spacing_mm"),
+                                       pixel_spacing_mm=span("pixel_spacing_mm"))
+
+
 def _metadata(options: TrainOptions, generator: torch.nn.Module,
               discriminator: torch.nn.Module, cache: SliceCache, split: dict[str, list[str]],
-              ood: synthesis.OODCalibration, details: dict[str, Any],
+              ood: synthesis.OODCalibration, fitness: synthesis.FitnessMeta | None,
+              objective: Any, details: dict[str, Any],
               metrics: dict[str, float]) -> synthesis.CheckpointMeta:
     """What the checkpoint carries besides the weights (see the module docstring)."""
     sites = sorted({p.institution for p in cache.patients if p.patient in set(split["train"])})
+    guided = getattr(objective, "guided", False)
     return synthesis.CheckpointMeta(
         architecture=synthesis.Architecture(name=options.architecture, config=generator.config),
         discriminator=synthesis.Architecture(name="patchgan", config=discriminator.config),
         normalization=synthesis.NormalizationMeta(method="zscore", level="patient"),
-        institutions=_profiles(cache, set(split["train"])), ood=ood,
+        institutions=_profiles(cache, set(split["train"])), ood=ood, fitness=fitness,
+        acquisition=_acquisition(cache, set(split["train"])),
+        confidence=synthesis.ConfidenceMeta(loss_lambda=objective.regularizer.value)
+        if guided else None,
         training={"options": asdict(options), "training_institutions": sites, **details,
                   "patients": {k: len(v) for k, v in split.items()}},
         metrics=metrics,
@@ -388,13 +410,16 @@ def train(manifest: Path, out: Path, options: TrainOptions,
                                     device, channels, board)
     ood = OODCalibration(generator, DECODER_PROBE if options.architecture == "mmgsn" else None,
                          cache, split["train"], device, channels)
+    fitness = (FitnessTraining(cache, split["train"], split["internal"], device,
+                               options.fitness_steps, options.seed)
+               if options.fitness_steps > 0 else None)
     recalibration = (BatchNormRecalibration(generator, lambda: data.whole_slices(channels),
                                             device) if options.crop is not None else None)
     # in this order: stop before saving, log before saving, recalibrate before evaluating
     handlers: list[Handler | None] = [StepLimit(options.max_steps), schedule,
                                       Progress(progress) if progress else None]
     if place.main:
-        handlers += [log, saver, recalibration, evaluation, ood, board]
+        handlers += [log, saver, recalibration, evaluation, ood, fitness, board]
     state = saver.restore(device) if resume else None
     loop = Loop(objective, data, [h for h in handlers if h is not None], options.epochs, state)
     loop.run()
@@ -404,11 +429,14 @@ def train(manifest: Path, out: Path, options: TrainOptions,
     seconds = time.perf_counter() - started
     if not place.main:
         return TrainResult(out / "model.safetensors", split, {}, loop.state.step, seconds)
-    meta = _metadata(options, generator, discriminator, cache, split, ood.calibration, {
+    classifier = fitness.result if fitness is not None else None
+    meta = _metadata(options, generator, discriminator, cache, split, ood.calibration,
+                     classifier.meta if classifier else None, objective, {
         **_provenance(manifest, command), "steps": loop.state.step, "seconds": round(seconds, 1),
         "processes": place.world, "rank_weights_sha256": ranks, "device": str(device),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"},
         evaluation.metrics)
-    checkpoint = synthesis.save_checkpoint(out / "model.safetensors", generator.cpu(), meta,
-                                           discriminator.cpu())
+    checkpoint = synthesis.save_checkpoint(
+        out / "model.safetensors", generator.cpu(), meta, discriminator.cpu(),
+        classifier.model.cpu() if classifier else None)
     return TrainResult(checkpoint, split, evaluation.metrics, loop.state.step, seconds)

@@ -5,7 +5,8 @@ from config import lazy_attributes
 
 from .registry import DISCRIMINATORS, GENERATORS, MODELS, build, model_class, parameter_count
 
-_CLASSES = {"HiNet": "hinet", "MMgSNNet": "mmgsn", "PatchGAN": "discriminator",
+_CLASSES = {"FitnessNet": "fitness", "HiNet": "hinet", "MMgSNNet": "mmgsn",
+            "PatchGAN": "discriminator",
             "Pix2PixUNet": "gan_generators", "ResnetGenerator": "gan_generators",
             "UNet": "unet"}
 

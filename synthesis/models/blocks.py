@@ -95,6 +95,34 @@ class SelfAttention(nn.Module):
         return x + self.gamma * attended.transpose(1, 2).reshape(b, c, h, w)
 
 
+class ConfidenceGuidance(nn.Module):
+    """CG-SAMR's synthesis and confidence map modules (seed 002, Fig. 3 and eq. 1) on a
+    decoder's half-resolution features f: SM, four convolution blocks, gives an intermediate
+    image y_half; CM, four convolution blocks on f and y_half, gives the confidence c in (0, 1)
+    of each of its pixels; the confidence-masked intermediate result y_half * c is returned
+    to be concatenated with f for the next decoder block. Trained with
+    L_CM = mean(c |y_half - y|) - lambda mean(log c) (training/objectives.py), whose optimum
+    is c = min(1, lambda / E|y_half - y|): a pixel's confidence says how large its error is
+    expected to be."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        inner = max(4, channels // 2)
+
+        def module(first: int) -> nn.Sequential:
+            return nn.Sequential(ConvBlock(first, inner, 1), ConvBlock(inner, inner, 1),
+                                 ConvBlock(inner, inner, 1), nn.Conv2d(inner, 1, 3, padding=1))
+
+        self.synthesis = module(channels)
+        self.confidence = module(channels + 1)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(intermediate image, confidence), each (B, 1, H, W) at the features' size."""
+        intermediate = self.synthesis(features)
+        confidence = torch.sigmoid(self.confidence(torch.cat([features, intermediate], 1)))
+        return intermediate, confidence
+
+
 def upsample(x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
     """Bilinear upsampling by 2, or to ``size`` (rows, columns)."""
     if size is None:

@@ -21,17 +21,31 @@ Two inputs, axial T1w and T2w slices (B, 2, 256, 224), one output, the VCE-T1w s
 Ablation switches as in the seed: ``fusion="concat"`` (SGS replaced by concatenation, which
 keeps every channel count), ``multi_level=False`` (1x1 convolution on the last block only),
 ``attention=False``. ``width`` scales every channel count (0.25 gives the small CPU model).
+
+``confidence=True`` adds seed 002's confidence guidance (CG-SAMR's synthesis and confidence
+map modules) at half resolution, after the attention: an intermediate VCE and its per-pixel
+confidence, whose product joins the last decoder block's input (the "confidence-masked
+intermediate result" CG-SAMR feeds back). ``forward(x, aux=True)`` also returns the
+intermediate image and the confidence, for the training loss and for the reviewer's map.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Concatenation, ConvBlock, SelfAttention, SynergisticGuidance, upsample, width
+from .blocks import (
+    Concatenation,
+    ConfidenceGuidance,
+    ConvBlock,
+    SelfAttention,
+    SynergisticGuidance,
+    upsample,
+    width,
+)
 
 
 class MMgSNNet(nn.Module):
@@ -48,13 +62,14 @@ class MMgSNNet(nn.Module):
         attention_pool: int = 4,
         output: Literal["tanh", "linear"] = "tanh",
         convs_per_block: int = 2,
+        confidence: bool = False,
     ) -> None:
         super().__init__()
         c1, c2, c3 = (width(c, width_multiplier) for c in (64, 128, 256))
         self.config = {
             "width_multiplier": width_multiplier, "fusion": fusion, "multi_level": multi_level,
             "attention": attention, "attention_pool": attention_pool, "output": output,
-            "convs_per_block": convs_per_block,
+            "convs_per_block": convs_per_block, "confidence": confidence,
         }
         if fusion == "sgs":
             self.sgs1: nn.Module = SynergisticGuidance(c1, c2, c2)  # SGS1: 128 & 128
@@ -71,13 +86,16 @@ class MMgSNNet(nn.Module):
         self.decode1 = ConvBlock(2 * c3, c3, n)
         self.decode2 = ConvBlock(c3 + f2, c2, n)
         self.attention = SelfAttention(c2, attention_pool) if attention else nn.Identity()
-        self.decode3 = ConvBlock(c2 + f1, c1, n)
+        self.guidance = ConfidenceGuidance(c2) if confidence else None
+        self.decode3 = ConvBlock(c2 + f1 + (1 if confidence else 0), c1, n)
         head_in = c3 + c2 + c1 if multi_level else c1
         self.head = nn.Conv2d(head_in, 1, 1)
         self.output_activation = nn.Tanh() if output == "tanh" else nn.Identity()
         self.multi_level = multi_level
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aux: bool = False) -> Any:
+        """The VCE (B, 1, H, W); with ``aux`` (and the confidence module) also the
+        half-resolution intermediate VCE and its confidence: (vce, intermediate, confidence)."""
         t1, t2 = x[:, 0:1], x[:, 1:2]
         a1, b1 = self.block1[0](t1), self.block1[1](t2)
         s1 = self.sgs1(a1, b1)
@@ -93,10 +111,16 @@ class MMgSNNet(nn.Module):
         d1 = self.decode1(torch.cat([a3, b3], 1))  # H/4
         d2 = self.decode2(torch.cat([upsample(d1), s2], 1))  # H/2
         d2 = self.attention(d2)
-        d3 = self.decode3(torch.cat([upsample(d2), s1], 1))  # H
+        intermediate = confidence = None
+        guided = d2
+        if self.guidance is not None:
+            intermediate, confidence = self.guidance(d2)
+            guided = torch.cat([d2, intermediate * confidence], 1)
+        d3 = self.decode3(torch.cat([upsample(guided), s1], 1))  # H
         if self.multi_level:
             size = (d3.shape[-2], d3.shape[-1])
             features = torch.cat([upsample(d1, size), upsample(d2, size), d3], 1)
         else:
             features = d3
-        return self.output_activation(self.head(features))
+        vce = self.output_activation(self.head(features))
+        return (vce, intermediate, confidence) if aux else vce

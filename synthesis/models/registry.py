@@ -25,10 +25,11 @@ MODELS: dict[str, str] = {
     "pix2pix": "gan_generators:Pix2PixUNet",
     "cyclegan": "gan_generators:ResnetGenerator",
     "patchgan": "discriminator:PatchGAN",
+    "fitness": "fitness:FitnessNet",
 }
 
-#: Models that judge images rather than make them.
-DISCRIMINATORS = ("patchgan",)
+#: Models that judge images rather than make them: the adversary, the fitness classifier.
+DISCRIMINATORS = ("patchgan", "fitness")
 #: Models that make a CE-T1w from input modalities: what ``vcemri train --architecture``
 #: accepts and what a checkpoint's architecture names.
 GENERATORS = tuple(name for name in MODELS if name not in DISCRIMINATORS)

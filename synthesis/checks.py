@@ -1,0 +1,229 @@
+"""Input checks that need no model: is this a T1w and a T2w of one head-and-neck study that a
+model trained on these acquisitions can work with? Each check returns the reasons it refuses,
+one line each, with the measured value and the bound.
+
+Thresholds were set on the simulator's seven fixed sites (two patients each, where the
+normal values lie, ``benchmarks/screening.py`` prints them) with wide margins, so that no
+acquisition the simulator can play is refused:
+
+- contrast: the T2w's brightest voxels (fluid) are dark on a true T1w, and the T1w's
+  brightest voxels (fat, marrow) are not darker on a true T2w than the fluid is on the T1w:
+  median T1w at the T2w's top 3 %, relative to the T1w's head median, 0.49-0.76; median T2w at
+  the T1w's top 3 % relative to the T2w's median, 0.66-0.76 (STIR) or 1.3-2.2 (FSE). A swapped
+  pair reverses the two (refused when the first is not below the second);
+- the same content twice: correlation of the two series inside the head, -0.12-0.71 for
+  real pairs; refused above 0.97;
+- noise only: correlation of neighbouring voxels inside the head, 0.90-0.94 for anatomy, 0
+  for noise; refused below 0.5; empty: no intensity variation at all;
+- ghosting: signal outside the (dilated) head that is both strong and structured: its mean
+  relative to the head's, 0.026-0.055 for Rician background noise, and the correlation of
+  neighbouring background voxels, -0.01-0.12 for noise, 0.83-0.98 once a ghost of 15 % of
+  the head's signal lies there; refused above 0.06 and 0.5 together;
+- extreme intensity non-uniformity: 95th / 5th percentile of the head's intensity smoothed
+  at 25 mm, 1.5-3.1; refused above 8;
+- not a head: the widest axial cross-section of the head mask, 137-210 mm; refused above
+  260 mm (a torso or pelvis);
+- header and content: TR/TE/TI that say the other weighting (T2-weighted: TE >= 60 ms, or
+  TE >= 45 ms with TR >= 2000 ms, or an inversion recovery with TI 80-300 ms, STIR;
+  T1-weighted: spin echo with TR <= 1200 ms and TE <= 30 ms, or a gradient echo with
+  TR < 100 ms and TE < 15 ms);
+- geometry the model never saw: slice spacing and in-plane pixel spacing more than a factor
+  of two outside the ranges of its training T1w series (stored in the checkpoint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from scipy import ndimage
+
+from .checkpoint import AcquisitionRanges
+from .series import SeriesInfo
+
+#: Fraction of the brightest head voxels whose intensity on the other series is compared.
+TOP_FRACTION = 0.03
+#: Correlation inside the head above which two series hold the same images.
+SAME_CONTENT_CORRELATION = 0.97
+#: Neighbour correlation inside the head below which a series is noise.
+NOISE_NEIGHBOUR_CORRELATION = 0.5
+#: Mean outside / mean inside the head, and neighbour correlation outside the head, above
+#: which a series has ghosts (or worse): structured signal where only noise should be.
+GHOST_RATIO = 0.06
+GHOST_NEIGHBOUR_CORRELATION = 0.5
+#: 95th / 5th percentile of the smoothed head intensity above which non-uniformity is extreme.
+BIAS_RATIO = 8.0
+#: Smoothing of the non-uniformity estimate (mm).
+BIAS_SMOOTHING_MM = 25.0
+#: Widest axial cross-section of a head and neck (mm); wider is another body part.
+MAX_HEAD_WIDTH_MM = 260.0
+#: How far outside the training ranges slice thickness and pixel spacing may lie (factor).
+GEOMETRY_FACTOR = 2.0
+
+NAMES = {"t1w": "T1w", "t2w": "T2w"}
+
+
+def _median_at(values: np.ndarray, where: np.ndarray, head: np.ndarray) -> float:
+    reference = float(np.median(values[head]))
+    return float(np.median(values[where])) / reference if reference > 0 else float("nan")
+
+
+def contrast(t1w: np.ndarray, t2w: np.ndarray, head: np.ndarray) -> tuple[list[str], dict]:
+    """Whether the T1w looks T1-weighted and the T2w T2-weighted (the tissue ordering in the
+    module docstring); the two ratios are returned as evidence."""
+    if head.sum() < 100:
+        return [], {}
+    bright_t2 = head & (t2w >= np.quantile(t2w[head], 1 - TOP_FRACTION))
+    bright_t1 = head & (t1w >= np.quantile(t1w[head], 1 - TOP_FRACTION))
+    fluid_on_t1 = _median_at(t1w, bright_t2, head)
+    fat_on_t2 = _median_at(t2w, bright_t1, head)
+    evidence = {"t1w_at_t2w_brightest": round(fluid_on_t1, 3),
+                "t2w_at_t1w_brightest": round(fat_on_t2, 3)}
+    if fluid_on_t1 >= fat_on_t2:
+        return [f"the series look swapped: the T2w's brightest voxels (fluid on a T2w) are "
+                f"{fluid_on_t1:.2f} x the T1w's median on the T1w, not darker than the T1w's "
+                f"brightest voxels are on the T2w ({fat_on_t2:.2f} x); check which series is "
+                "T1-weighted"], evidence
+    return [], evidence
+
+
+def same_content(t1w: np.ndarray, t2w: np.ndarray, head: np.ndarray) -> list[str]:
+    """Two series that hold the same images (one copied into the other's place)."""
+    a, b = t1w[head], t2w[head]
+    if a.size < 100 or a.std() == 0 or b.std() == 0:
+        return []
+    correlation = float(np.corrcoef(a, b)[0, 1])
+    if correlation > SAME_CONTENT_CORRELATION:
+        return [f"the T1w and T2w hold the same images (correlation {correlation:.3f} inside "
+                f"the head, above {SAME_CONTENT_CORRELATION}): one series was copied into the "
+                "other's place"]
+    return []
+
+
+def _neighbour_correlation(volume: np.ndarray, head: np.ndarray) -> float:
+    both = head[:, :-1, :] & head[:, 1:, :]
+    a, b = volume[:, :-1, :][both], volume[:, 1:, :][both]
+    if a.size < 100 or a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def signal(role: str, volume: np.ndarray, head: np.ndarray) -> list[str]:
+    """An empty series, or one of noise only."""
+    name = NAMES[role]
+    if not np.isfinite(volume).all() or float(volume.max() - volume.min()) == 0:
+        return [f"the {name} is empty (no intensity variation)"]
+    correlation = _neighbour_correlation(volume, head)
+    if correlation < NOISE_NEIGHBOUR_CORRELATION:
+        return [f"the {name} holds noise, not anatomy (neighbouring voxels correlate "
+                f"{correlation:.2f}, anatomy > {NOISE_NEIGHBOUR_CORRELATION})"]
+    return []
+
+
+def artefacts(role: str, volume: np.ndarray, head: np.ndarray,
+              spacing_mm: tuple[float, float]) -> list[str]:
+    """Ghosting (signal outside the head) and extreme intensity non-uniformity.
+    ``spacing_mm``: (between rows, between columns)."""
+    name, reasons = NAMES[role], []
+    inside = float(volume[head].mean()) if head.any() else 0.0
+    outside_mask = ~ndimage.binary_dilation(head, iterations=3)
+    if inside > 0 and outside_mask.any():
+        ratio = float(volume[outside_mask].mean()) / inside
+        structure = _neighbour_correlation(volume, outside_mask)
+        if ratio > GHOST_RATIO and structure > GHOST_NEIGHBOUR_CORRELATION:
+            reasons.append(f"the {name} has structured signal outside the head ({ratio:.2f} x "
+                           f"the head's mean, neighbouring voxels correlating {structure:.2f}; "
+                           f"background noise is below {GHOST_RATIO} and "
+                           f"{GHOST_NEIGHBOUR_CORRELATION}): ghosting or another severe "
+                           "artefact")
+    sigma = [0.0, BIAS_SMOOTHING_MM / spacing_mm[0], BIAS_SMOOTHING_MM / spacing_mm[1]]
+    weights = ndimage.gaussian_filter(head.astype(np.float32), sigma)
+    smooth = ndimage.gaussian_filter(np.where(head, volume, 0).astype(np.float32), sigma)
+    inner = head & (weights > 0.5)
+    if inner.sum() > 100:
+        field = smooth[inner] / weights[inner]
+        low, high = np.percentile(field, [5, 95])
+        if low > 0 and high / low > BIAS_RATIO:
+            reasons.append(f"the {name}'s intensity varies {high / low:.1f}-fold across the head "
+                           f"at {BIAS_SMOOTHING_MM:.0f} mm scale (at most {BIAS_RATIO:.0f}): "
+                           "extreme coil non-uniformity")
+    return reasons
+
+
+def body(head: np.ndarray, spacing_mm: tuple[float, float]) -> list[str]:
+    """Anatomy too wide for a head and neck. ``spacing_mm``: (between rows, columns)."""
+    if not head.any():
+        return []
+    width = max(float(head[k].any(0).sum()) * spacing_mm[1] for k in range(len(head)))
+    depth = max(float(head[k].any(1).sum()) * spacing_mm[0] for k in range(len(head)))
+    widest = max(width, depth)
+    if widest > MAX_HEAD_WIDTH_MM:
+        return [f"the imaged body is {widest:.0f} mm across (a head and neck is at most "
+                f"{MAX_HEAD_WIDTH_MM:.0f} mm): not a head-and-neck study"]
+    return []
+
+
+def header_weighting(info: SeriesInfo) -> str | None:
+    """'T1' or 'T2' when the series' TR/TE/TI say so (see the module docstring), else None."""
+    tr, te, ti = info.repetition_time_ms, info.echo_time_ms, info.inversion_time_ms
+    if te is not None and (te >= 60 or (te >= 45 and tr is not None and tr >= 2000)):
+        return "T2"
+    if ti is not None and 80 <= ti <= 300 and (tr is None or tr > 1500):
+        return "T2"  # STIR: fluid bright, fat suppressed
+    gradient = "GR" in "".join(info.scanning_sequence).upper() if info.scanning_sequence else False
+    if tr is not None and te is not None:
+        if gradient and tr < 100 and te < 15:
+            return "T1"
+        if not gradient and tr <= 1200 and te <= 30 and ti is None:
+            return "T1"
+    return None
+
+
+def header(t1w: SeriesInfo, t2w: SeriesInfo) -> list[str]:
+    """A series whose own TR/TE/TI say the other weighting than its role."""
+    reasons = []
+    for role, info, wrong in (("t1w", t1w, "T2"), ("t2w", t2w, "T1")):
+        if header_weighting(info) == wrong:
+            timing = ", ".join(f"{label} {value:g} ms" for label, value in (
+                ("TR", info.repetition_time_ms), ("TE", info.echo_time_ms),
+                ("TI", info.inversion_time_ms)) if value is not None)
+            described = info.description or "no description"
+            reasons.append(f"the series used as {NAMES[role]} ({described}) has {timing}: a "
+                           f"{wrong}-weighted protocol")
+    return reasons
+
+
+def geometry(slice_spacing_mm: float, pixel_spacing_mm: float,
+             ranges: AcquisitionRanges) -> list[str]:
+    """Slice spacing and (the finer) in-plane pixel spacing more than
+    :data:`GEOMETRY_FACTOR` outside the training ranges."""
+    reasons = []
+    for label, value, bounds in (("slice spacing", slice_spacing_mm, ranges.slice_spacing_mm),
+                                 ("in-plane pixel spacing", pixel_spacing_mm,
+                                  ranges.pixel_spacing_mm)):
+        if value is None or bounds is None:
+            continue
+        low, high = bounds[0] / GEOMETRY_FACTOR, bounds[1] * GEOMETRY_FACTOR
+        if not low <= value <= high:
+            reasons.append(f"{label} {value:.2f} mm is far outside what the model was trained "
+                           f"on ({bounds[0]:.2f}-{bounds[1]:.2f} mm; accepted "
+                           f"{low:.2f}-{high:.2f} mm)")
+    return reasons
+
+
+def content_checks(arrays: Mapping[str, np.ndarray], head: np.ndarray,
+                   spacing_mm: tuple[float, float]) -> tuple[list[str], dict]:
+    """Every content check on a T1w and T2w on one grid ((slices, rows, columns), scanner
+    units) with the T1w's head mask; returns the reasons and the contrast evidence."""
+    reasons: list[str] = []
+    for role in ("t1w", "t2w"):
+        reasons += signal(role, arrays[role], head)
+    if reasons:  # noise or nothing: the other checks would only repeat it
+        return reasons, {}
+    reasons += same_content(arrays["t1w"], arrays["t2w"], head)
+    found, evidence = contrast(arrays["t1w"], arrays["t2w"], head) if not reasons else ([], {})
+    reasons += found
+    for role in ("t1w", "t2w"):
+        reasons += artefacts(role, arrays[role], head, spacing_mm)
+    reasons += body(head, spacing_mm)
+    return reasons, evidence
