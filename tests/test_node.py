@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -391,6 +392,64 @@ def test_a_study_no_route_matches_is_kept_and_not_processed(cohort, tmp_path):
     assert job.state == "rejected" and "no route matches" in job.reason
     assert "calling AE ROUTER" in job.reason
     assert len(spool.series_files(job.t1w_series_uid)) == 8  # kept
+
+
+def test_a_refused_study_is_kept_announced_and_can_be_forced_through(cohort, tmp_path):
+    """Screening refuses a study (its T1w says PELVIS): nothing synthetic is sent, the TPS gets
+    the refusal notice, the job is rejected with the reason and every instance stays in the
+    spool; ``vcemri jobs retry --force`` (audited, with the user) processes it anyway and every
+    object it sends says it was refused and forced."""
+    study = tmp_path / "study"
+    t1, t2 = _series(cohort)
+    for folder, files in (("t1w", t1), ("t2w", t2)):
+        (study / folder).mkdir(parents=True)
+        for f in files:
+            ds = pydicom.dcmread(f)
+            if folder == "t1w":
+                ds.BodyPartExamined = "PELVIS"
+            ds.save_as(study / folder / f.name)
+    root = tmp_path / "root"
+    with StoreSCP(tmp_path / "tps") as tps:
+        cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                           destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
+                                                 "port": tps.port}},
+                           planning={"refusal_notice": True})
+        node = start_node(cfg)
+        try:
+            assert storescu(sorted(study.rglob("*.dcm")), node.scp.port, called_ae="VCEMRI").ok
+            job = wait_for(lambda: finished_jobs(root), 90, "the job")[0]
+            assert job["state"] == "rejected"
+            assert "body part 'PELVIS' is not head and neck" in job["reason"]
+            assert "refusal notice sent to tps" in job["reason"]
+            notices = [pydicom.dcmread(p) for p in tps.received()]
+            assert [ds.SeriesDescription for ds in notices] == ["VCE REFUSED: no synthetic series"]
+            assert len(query(root, "SELECT * FROM instances")) == 16  # kept
+            result = json.loads(job["result"])
+            assert result["verdict"]["state"] == "refused"
+            forced = subprocess.run(
+                [sys.executable, "-m", "vcemri", "--config", str(cfg), "jobs", "retry", "--force",
+                 str(job["id"])], capture_output=True, text=True, timeout=60, check=False)
+            assert forced.returncode == 0, forced.stderr
+            wait_for(lambda: jobs(root)[0]["state"] == "done", 90, "the forced job")
+        finally:
+            node.stop()
+        shown = subprocess.run([sys.executable, "-m", "vcemri", "--config", str(cfg), "jobs",
+                                "show", str(job["id"])], capture_output=True, text=True,
+                               timeout=60, check=False)
+        assert "forced through screening" in shown.stdout
+        assert "verdict:      REFUSED by screening, processed anyway" in shown.stdout
+        sent = [pydicom.dcmread(o["path"], stop_before_pixels=True)
+                for o in query(root, "SELECT * FROM outputs WHERE path LIKE '%synthetic%'")]
+        assert len(sent) == 8
+        for ds in sent:
+            assert "REFUSED by screening, processed anyway at an administrator's request: body " \
+                   "part 'PELVIS'" in ds.ImageComments
+        # the notice and then the forced job's objects, each delivered once
+        tps.assert_each_once(d["sop_instance_uid"]
+                             for d in query(root, "SELECT * FROM deliveries"))
+        assert len(tps.receipts()) == 1 + len(query(root, "SELECT * FROM outputs"))
+    forced_events = [e for e in _audit(root) if e["event"] == "job.forced"]
+    assert len(forced_events) == 1 and forced_events[0]["user"]
 
 
 # -- counting deliveries ----------------------------------------------------------------------

@@ -246,6 +246,25 @@ def test_review_image_png_and_secondary_capture(outputs):
     np.testing.assert_array_equal(sc.pixel_array, np.asarray(png))
 
 
+def test_every_object_states_the_verdict(outputs):
+    from planning.verdict import LOW_CONFIDENCE
+
+    _, _, result, written = outputs["oblique"]
+    verdict = written.verdict
+    low = next((h for h in __import__("planning").helper_regions(result, SETTINGS)[0]
+                if h.name.endswith("LowConfidence")), None)
+    assert (verdict.state == LOW_CONFIDENCE) == (low is not None)
+    if low is not None:
+        head = result.vce.array > 0
+        expected = 100 * (low.mask & head).sum() / head.sum()
+        assert verdict.low_confidence_head_percent == pytest.approx(expected, abs=0.01)
+    line = verdict.line()
+    for o in written.series:
+        assert pydicom.dcmread(o.path, stop_before_pixels=True).ImageComments.endswith(
+            f"Verdict: {line}")
+    assert f"Verdict: {line}" in pydicom.dcmread(written.rtstruct.path).StructureSetDescription
+
+
 def test_reprocessing_gives_the_same_uids(outputs, tmp_path):
     study, _, result, written = outputs["signed"]
     header = pydicom.dcmread(sorted((study / "t1w").glob("*.dcm"))[0])
