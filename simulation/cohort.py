@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -38,6 +39,7 @@ from .acquisition import (
     scene,
 )
 from .export import PatientInfo, series_datasets, write_mask_nifti, write_mask_seg
+from .pelvis import pelvis_scene
 from .phantom import sample_patient
 from .preview import write_preview
 from .record import PatientRecord
@@ -107,12 +109,19 @@ def _nearest_slice(geometry: Geometry, point: np.ndarray) -> int:
 
 
 def simulate_patient(out: Path, key: str, index: int, options: SimulationOptions,
-                     with_preview: bool = False) -> PatientRecord:
-    """Simulate and write one patient; returns its record (paths relative to ``out``)."""
-    site = SITES[key]
+                     with_preview: bool = False, *, site: Site | None = None,
+                     body: Literal["head", "pelvis"] = "head",
+                     tumour_diameter_mm: float | None = None) -> PatientRecord:
+    """Simulate and write one patient; returns its record (paths relative to ``out``).
+
+    For screening's benchmarks and tests: ``site`` replaces the catalogue's site ``key``
+    (another protocol or geometry, the same patient), ``body="pelvis"`` images a pelvis
+    instead of the head (a wrong body part; no tumour, no ground-truth mask), and
+    ``tumour_diameter_mm`` fixes the tumour's size."""
+    site = site or SITES[key]
     rng = np.random.default_rng(
         np.random.SeedSequence([options.seed, list(SITES).index(key), index]))
-    patient = sample_patient(rng)
+    patient = sample_patient(rng, tumour_diameter_mm)
     protocols = draw_protocols(site, rng)
     info = _patient_info(site, index, options.seed, rng)
     gain = float(rng.lognormal(0.0, 0.08))  # per-session receiver gain
@@ -137,7 +146,8 @@ def simulate_patient(out: Path, key: str, index: int, options: SimulationOptions
                                  options.matrix_scale)
         cache_key = (id(subject), geometry.rows, geometry.columns, geometry.row_spacing_mm)
         if cache_key not in scenes:
-            scenes[cache_key] = scene(subject, geometry)
+            scenes[cache_key] = (scene(subject, geometry) if body == "head" else
+                                 pelvis_scene(geometry, np.random.default_rng(index)))
         acquired = scenes[cache_key]
         volumes[role] = acquire(acquired, subject, site, role, protocols[role], gain,
                                 noise_rng, protocols["t1w"])
@@ -149,10 +159,11 @@ def simulate_patient(out: Path, key: str, index: int, options: SimulationOptions
         if role == "t1w":
             tumour = acquired.tumour
 
-    write_mask_nifti(tumour, geometries["t1w"], folder / "tumour.nii.gz")
-    write_mask_seg(tumour, datasets["t1w"], info, site, folder / "tumour_seg.dcm")
-    paths["mask"] = str((folder / "tumour.nii.gz").relative_to(out))
-    paths["seg"] = str((folder / "tumour_seg.dcm").relative_to(out))
+    if tumour.any():
+        write_mask_nifti(tumour, geometries["t1w"], folder / "tumour.nii.gz")
+        write_mask_seg(tumour, datasets["t1w"], info, site, folder / "tumour_seg.dcm")
+        paths["mask"] = str((folder / "tumour.nii.gz").relative_to(out))
+        paths["seg"] = str((folder / "tumour_seg.dcm").relative_to(out))
 
     g = geometries["t1w"]
     voxel_ml = g.row_spacing_mm * g.column_spacing_mm * g.slice_spacing_mm / 1000.0

@@ -9,8 +9,11 @@ acquisition the simulator can play is refused:
 - contrast: the T2w's brightest voxels (fluid) are dark on a true T1w, and the T1w's
   brightest voxels (fat, marrow) are not darker on a true T2w than the fluid is on the T1w:
   median T1w at the T2w's top 3 %, relative to the T1w's head median, 0.49-0.76; median T2w at
-  the T1w's top 3 % relative to the T2w's median, 0.66-0.76 (STIR) or 1.3-2.2 (FSE). A swapped
-  pair reverses the two (refused when the first is not below the second);
+  the T1w's top 3 % relative to the T2w's median, 0.66-0.76 (STIR) or 1.3-2.2 (FSE) (56
+  patients, 24 slices reaching the brain's CSF). A swapped pair reverses the two: refused when
+  the first exceeds the second by 20 % and one of them shows fluid (below 0.85). A slab with
+  no fluid in it (e.g. 40 mm around the nasopharynx) leaves the check inconclusive: the
+  fitness classifier judges such pairs;
 - the same content twice: correlation of the two series inside the head, -0.12-0.71 for
   real pairs; refused above 0.97;
 - noise only: correlation of neighbouring voxels inside the head, 0.90-0.94 for anatomy, 0
@@ -19,10 +22,16 @@ acquisition the simulator can play is refused:
   relative to the head's, 0.026-0.055 for Rician background noise, and the correlation of
   neighbouring background voxels, -0.01-0.12 for noise, 0.83-0.98 once a ghost of 15 % of
   the head's signal lies there; refused above 0.06 and 0.5 together;
-- extreme intensity non-uniformity: 95th / 5th percentile of the head's intensity smoothed
-  at 25 mm, 1.5-3.1; refused above 8;
+- extreme intensity non-uniformity: a head is nearly symmetric left to right, so the mean
+  intensities of its left and right halves (median over slices of the larger over the
+  smaller) are 1.01-1.07; a coil field rising 6-fold across the field of view gives
+  1.44-1.87; refused above 1.4 (non-uniformity front to back or head to foot is not judged:
+  the anatomy differs there);
 - not a head: the widest axial cross-section of the head mask, 137-210 mm; refused above
   260 mm (a torso or pelvis);
+- misregistration: the in-plane distance between the centroids of the T1w's and the T2w's
+  head masks (median over the slices where both have one); beyond the plausible bound of
+  registration (synthesis.alignment.MAX_PLAUSIBLE_MM, 15 mm) the pair is refused;
 - header and content: TR/TE/TI that say the other weighting (T2-weighted: TE >= 60 ms, or
   TE >= 45 ms with TR >= 2000 ms, or an inversion recovery with TI 80-300 ms, STIR;
   T1-weighted: spin echo with TR <= 1200 ms and TE <= 30 ms, or a gradient echo with
@@ -38,11 +47,17 @@ from collections.abc import Mapping
 import numpy as np
 from scipy import ndimage
 
+from .alignment import MAX_PLAUSIBLE_MM
 from .checkpoint import AcquisitionRanges
 from .series import SeriesInfo
 
 #: Fraction of the brightest head voxels whose intensity on the other series is compared.
 TOP_FRACTION = 0.03
+#: Relative to the other series' median, brightest voxels darker than this show fluid (or
+#: suppressed fat); without such evidence the contrast check is inconclusive.
+FLUID_EVIDENCE = 0.85
+#: How much the swap evidence must exceed the normal ordering to refuse.
+SWAP_MARGIN = 1.2
 #: Correlation inside the head above which two series hold the same images.
 SAME_CONTENT_CORRELATION = 0.97
 #: Neighbour correlation inside the head below which a series is noise.
@@ -51,10 +66,9 @@ NOISE_NEIGHBOUR_CORRELATION = 0.5
 #: which a series has ghosts (or worse): structured signal where only noise should be.
 GHOST_RATIO = 0.06
 GHOST_NEIGHBOUR_CORRELATION = 0.5
-#: 95th / 5th percentile of the smoothed head intensity above which non-uniformity is extreme.
-BIAS_RATIO = 8.0
-#: Smoothing of the non-uniformity estimate (mm).
-BIAS_SMOOTHING_MM = 25.0
+#: Larger over smaller mean intensity of the head's left and right halves above which the
+#: coil's non-uniformity is extreme.
+LEFT_RIGHT_RATIO = 1.4
 #: Widest axial cross-section of a head and neck (mm); wider is another body part.
 MAX_HEAD_WIDTH_MM = 260.0
 #: How far outside the training ranges slice thickness and pixel spacing may lie (factor).
@@ -79,9 +93,11 @@ def contrast(t1w: np.ndarray, t2w: np.ndarray, head: np.ndarray) -> tuple[list[s
     fat_on_t2 = _median_at(t2w, bright_t1, head)
     evidence = {"t1w_at_t2w_brightest": round(fluid_on_t1, 3),
                 "t2w_at_t1w_brightest": round(fat_on_t2, 3)}
-    if fluid_on_t1 >= fat_on_t2:
+    conclusive = min(fluid_on_t1, fat_on_t2) < FLUID_EVIDENCE
+    evidence["conclusive"] = bool(conclusive)
+    if conclusive and fluid_on_t1 > SWAP_MARGIN * fat_on_t2:
         return [f"the series look swapped: the T2w's brightest voxels (fluid on a T2w) are "
-                f"{fluid_on_t1:.2f} x the T1w's median on the T1w, not darker than the T1w's "
+                f"{fluid_on_t1:.2f} x the T1w's median on the T1w, brighter than the T1w's "
                 f"brightest voxels are on the T2w ({fat_on_t2:.2f} x); check which series is "
                 "T1-weighted"], evidence
     return [], evidence
@@ -136,18 +152,28 @@ def artefacts(role: str, volume: np.ndarray, head: np.ndarray,
                            f"background noise is below {GHOST_RATIO} and "
                            f"{GHOST_NEIGHBOUR_CORRELATION}): ghosting or another severe "
                            "artefact")
-    sigma = [0.0, BIAS_SMOOTHING_MM / spacing_mm[0], BIAS_SMOOTHING_MM / spacing_mm[1]]
-    weights = ndimage.gaussian_filter(head.astype(np.float32), sigma)
-    smooth = ndimage.gaussian_filter(np.where(head, volume, 0).astype(np.float32), sigma)
-    inner = head & (weights > 0.5)
-    if inner.sum() > 100:
-        field = smooth[inner] / weights[inner]
-        low, high = np.percentile(field, [5, 95])
-        if low > 0 and high / low > BIAS_RATIO:
-            reasons.append(f"the {name}'s intensity varies {high / low:.1f}-fold across the head "
-                           f"at {BIAS_SMOOTHING_MM:.0f} mm scale (at most {BIAS_RATIO:.0f}): "
-                           "extreme coil non-uniformity")
+    asymmetry = _left_right(volume, head)
+    if asymmetry > LEFT_RIGHT_RATIO:
+        reasons.append(f"the {name}'s left and right halves differ {asymmetry:.2f}-fold in mean "
+                       f"intensity (a head is nearly symmetric; at most {LEFT_RIGHT_RATIO}): "
+                       "extreme coil non-uniformity")
     return reasons
+
+
+def _left_right(volume: np.ndarray, head: np.ndarray) -> float:
+    """Median over slices of the larger over the smaller mean intensity of the head's two
+    halves, split at its centroid column."""
+    ratios = []
+    columns = np.arange(head.shape[2])[None, :]
+    for k in range(len(volume)):
+        if head[k].sum() < 200:
+            continue
+        centre = ndimage.center_of_mass(head[k])[1]
+        halves = [volume[k][head[k] & side] for side in (columns < centre, columns >= centre)]
+        means = [float(h.mean()) if h.size else 0.0 for h in halves]
+        if min(means) > 0:
+            ratios.append(max(means) / min(means))
+    return float(np.median(ratios)) if ratios else 1.0
 
 
 def body(head: np.ndarray, spacing_mm: tuple[float, float]) -> list[str]:
@@ -160,6 +186,26 @@ def body(head: np.ndarray, spacing_mm: tuple[float, float]) -> list[str]:
     if widest > MAX_HEAD_WIDTH_MM:
         return [f"the imaged body is {widest:.0f} mm across (a head and neck is at most "
                 f"{MAX_HEAD_WIDTH_MM:.0f} mm): not a head-and-neck study"]
+    return []
+
+
+def misregistration(heads: Mapping[str, np.ndarray], spacing_mm: tuple[float, float]
+                    ) -> list[str]:
+    """T1w and T2w whose heads lie apart in plane further than registration may correct.
+    ``heads``: each series' head mask on the T1w grid; ``spacing_mm``: (rows, columns)."""
+    offsets = []
+    for k in range(len(heads["t1w"])):
+        a, b = heads["t1w"][k], heads["t2w"][k]
+        if a.sum() < 50 or b.sum() < 50:
+            continue
+        delta = (np.array(ndimage.center_of_mass(a)) - np.array(ndimage.center_of_mass(b)))
+        offsets.append(float(np.hypot(delta[0] * spacing_mm[0], delta[1] * spacing_mm[1])))
+    if not offsets:
+        return []
+    distance = float(np.median(offsets))
+    if distance > MAX_PLAUSIBLE_MM:
+        return [f"the T1w and T2w are misregistered: their heads lie {distance:.0f} mm apart "
+                f"in plane (registration corrects at most {MAX_PLAUSIBLE_MM:.0f} mm)"]
     return []
 
 
@@ -212,9 +258,11 @@ def geometry(slice_spacing_mm: float, pixel_spacing_mm: float,
 
 
 def content_checks(arrays: Mapping[str, np.ndarray], head: np.ndarray,
-                   spacing_mm: tuple[float, float]) -> tuple[list[str], dict]:
+                   spacing_mm: tuple[float, float],
+                   heads: Mapping[str, np.ndarray] | None = None) -> tuple[list[str], dict]:
     """Every content check on a T1w and T2w on one grid ((slices, rows, columns), scanner
-    units) with the T1w's head mask; returns the reasons and the contrast evidence."""
+    units) with the T1w's head mask (and, for the misregistration check, each series' own
+    head mask in ``heads``); returns the reasons and the contrast evidence."""
     reasons: list[str] = []
     for role in ("t1w", "t2w"):
         reasons += signal(role, arrays[role], head)
@@ -223,7 +271,11 @@ def content_checks(arrays: Mapping[str, np.ndarray], head: np.ndarray,
     reasons += same_content(arrays["t1w"], arrays["t2w"], head)
     found, evidence = contrast(arrays["t1w"], arrays["t2w"], head) if not reasons else ([], {})
     reasons += found
+    # each series' artefacts outside the head both show: a ghost enlarges its own series' mask
+    shared = head if heads is None else heads["t1w"] & heads["t2w"]
     for role in ("t1w", "t2w"):
-        reasons += artefacts(role, arrays[role], head, spacing_mm)
+        reasons += artefacts(role, arrays[role], shared, spacing_mm)
     reasons += body(head, spacing_mm)
+    if heads is not None:
+        reasons += misregistration(heads, spacing_mm)
     return reasons, evidence

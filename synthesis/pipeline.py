@@ -188,7 +188,8 @@ class Synthesizer:
         arrays, masks = clean_pair(raw["t1w"], raw["t2w"])
         if screen:
             spacing = t1w.image.GetSpacing()
-            found, evidence = checks.content_checks(raw, masks["t1w"], (spacing[1], spacing[0]))
+            found, evidence = checks.content_checks(raw, masks["t1w"], (spacing[1], spacing[0]),
+                                                    masks)
             reasons += found
             refuse_if_unfit()
         means = {k: float(arrays[k][masks[k]].mean()) if masks[k].any() else 0.0

@@ -33,7 +33,8 @@ def cohort(tmp_path_factory) -> Path:
 def run(cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     result = train(cohort / "manifest.csv", out, TrainOptions(
-        institutions=("inst2", "inst3"), epochs=6, batch_size=4, width=0.125, device="cpu"))
+        institutions=("inst2", "inst3"), epochs=6, batch_size=4, width=0.125, device="cpu",
+        fitness_steps=60))
     return out, result
 
 
@@ -170,6 +171,18 @@ def test_the_checkpoint_carries_what_inference_needs(run):
     assert meta.training["steps"] == result.steps
     assert "internal_l1_t1w_copy_normalized" in meta.metrics
     assert checkpoint.discriminator is not None
+    # seed 002's confidence module, with the lambda that says what its confidence means
+    assert meta.architecture.config["confidence"] is True
+    assert meta.confidence is not None and meta.confidence.loss_lambda in (0.1, 0.03)
+    # seed 000's fitness classifier, calibrated on the internal patients
+    assert checkpoint.fitness is not None and meta.fitness is not None
+    assert meta.fitness.calibration["patients"] == len(json.loads(
+        (out / "split.json").read_text())["internal"])
+    assert meta.fitness.calibration["false_refusals"] <= 0.05
+    assert set(meta.fitness.calibration["detected"]) == set(meta.fitness.faults)
+    assert meta.acquisition.slice_spacing_mm and meta.acquisition.pixel_spacing_mm
+    log = list(csv.DictReader(open(out / "training_log.csv")))
+    assert {"loss_cm", "confidence"} <= set(log[0])
 
 
 def test_train_then_process(run, cohort, tmp_path):
@@ -310,7 +323,8 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(cohort, tmp_
     # the learning rate decays over epochs 2 and 3, and the run is interrupted in epoch 2:
     # the scheduler's state must survive the interruption for epoch 3 to be right
     options = TrainOptions(institutions=("inst2", "inst3"), epochs=3, batch_size=4,
-                           width=0.125, device="cpu", checkpoint_every=2, decay_epochs=2)
+                           width=0.125, device="cpu", checkpoint_every=2, decay_epochs=2,
+                           fitness_steps=0)
     whole = train(cohort / "manifest.csv", tmp_path / "whole", options)
     stopped = train(cohort / "manifest.csv", tmp_path / "parts",
                     TrainOptions(**{**options.__dict__, "max_steps": whole.steps // 3 + 1}))
@@ -350,10 +364,10 @@ def test_ddp_with_two_cpu_processes_matches_one_process(cohort, tmp_path):
     assert torchrun is not None, "torchrun comes with torch"
     common = ["--manifest", str(cohort / "manifest.csv"), "--institutions", "inst2,inst3",
               "--epochs", "1", "--batch-size", "4", "--width", "0.125", "--device", "cpu",
-              "--max-steps", "4", "--quiet"]
+              "--max-steps", "4", "--fitness-steps", "0", "--quiet"]
     single = train(cohort / "manifest.csv", tmp_path / "single", TrainOptions(
         institutions=("inst2", "inst3"), epochs=1, batch_size=4, width=0.125, device="cpu",
-        max_steps=4, micro_batches=2))
+        max_steps=4, micro_batches=2, fitness_steps=0))
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("VCEMRI_")}
     env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "vcemri",
@@ -386,7 +400,7 @@ def test_the_same_command_trains_baselines_and_ablations(cohort, tmp_path):
                                    "attention": False})):
         result = train(cohort / "manifest.csv", tmp_path / name, TrainOptions(
             institutions=("inst2", "inst3"), epochs=1, batch_size=4, width=0.125,
-            device="cpu", max_steps=2, architecture=name, **extra))
+            device="cpu", max_steps=2, architecture=name, fitness_steps=0, **extra))
         checkpoint = load_checkpoint(result.checkpoint)
         assert checkpoint.meta.architecture.name == name
         for key, value in extra.items():
@@ -407,6 +421,7 @@ def test_cyclegan_trains_unpaired_from_one_modality(cohort, tmp_path):
         [sys.executable, "-m", "vcemri", "train", "--manifest", str(cohort / "manifest.csv"),
          "--out", str(tmp_path / "cyclegan"), "--institutions", "inst2,inst3", "--epochs", "1",
          "--batch-size", "2", "--width", "0.125", "--device", "cpu", "--max-steps", "2",
+         "--fitness-steps", "0",
          "--architecture", "cyclegan", "--inputs", "t2w", "--crop", "64x48"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -450,7 +465,8 @@ def test_fine_tuning_starts_from_the_given_checkpoint(run, cohort, tmp_path):
 
     _, result = run
     options = dict(institutions=("inst2", "inst3"), epochs=1, batch_size=4, width=0.125,
-                   device="cpu", max_steps=1, learning_rate=0.0, init=str(result.checkpoint))
+                   device="cpu", max_steps=1, learning_rate=0.0, init=str(result.checkpoint),
+                   fitness_steps=0)
     tuned = train(cohort / "manifest.csv", tmp_path / "tuned", TrainOptions(**options))
     before = load_checkpoint(result.checkpoint).generator.state_dict()
     after = load_checkpoint(tuned.checkpoint).generator.state_dict()

@@ -69,7 +69,8 @@ def _train(args: argparse.Namespace) -> int:
         amp=not args.no_amp, l1_weight=args.l1_weight,
         adversarial_weight=args.adversarial_weight, cycle_weight=args.cycle_weight,
         decay_epochs=args.decay_epochs,
-        learning_rate=args.learning_rate, init=args.init, micro_batches=args.micro_batches)
+        learning_rate=args.learning_rate, init=args.init, micro_batches=args.micro_batches,
+        fitness_steps=args.fitness_steps)
     bar = tqdm(unit="step", desc="training", file=sys.stderr,
                disable=args.quiet or int(os.environ.get("RANK", "0")) != 0)
 
@@ -187,6 +188,9 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--decay-epochs", type=int, default=0, metavar="N",
                          help="decay the learning rate linearly over the last N epochs "
                          "(default 0: constant)")
+    trainer.add_argument("--fitness-steps", type=int, default=1500, metavar="N",
+                         help="steps of the fitness classifier's training after the generator "
+                         "(seed 000's screening network; default 1500, 0: none)")
     trainer.add_argument("--micro-batches", type=int, default=1, metavar="N",
                          help="split each batch into N parts with their own BatchNorm "
                          "statistics (what N DistributedDataParallel processes would compute; "

@@ -214,7 +214,7 @@ def train_fitness(cache: SliceCache, train: Sequence[str], internal: Sequence[st
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return FitnessResult(model.eval(), calibrate(model, cache, internal or train, device,
                                                  options), losses)
 
