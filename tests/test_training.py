@@ -214,6 +214,11 @@ def test_evaluate_tabulates_internal_and_external_against_the_baseline(run, coho
             assert row[f"{grid}seed000_head_ssim"] < row[f"{grid}seed000_whole_ssim"]
             assert row[f"{grid}seed000_head_mae"] > row[f"{grid}seed000_whole_mae"]
             assert np.isfinite(row[f"{grid}seed000_tumour_mae"])  # the simulator's masks
+    for row in evaluation.rows:  # the confidence map against the actual error, per patient
+        assert np.isfinite(row["confidence_spearman"]) == (row["method"] == "model")
+        assert -1 <= row["tumour_excess_ce"] and row["screening_accepted"] in ("", 0, 1)
+    sites = {(r["group"], r["institution"]) for r in evaluation.reliability}
+    assert sites == groups and all(0 <= r["auroc_top10"] <= 1 for r in evaluation.reliability)
     training = set(json.loads((out / "split.json").read_text())["train"])
     assert set(evaluation.left_out) == training
     assert not training & {r["patient"] for r in evaluation.rows}
@@ -223,7 +228,9 @@ def test_evaluate_tabulates_internal_and_external_against_the_baseline(run, coho
     assert f"- {len(training)}: the model was trained on this patient" in markdown
     assert len(list(csv.DictReader(open(written["csv"])))) == len(evaluation.rows)
     page = written["html"].read_text()
-    for name in ("example-inst2.png", "example-inst5.png", "training-curves.png"):
+    assert "Confidence map against the actual error" in markdown
+    for name in ("example-inst2.png", "example-inst5.png", "training-curves.png",
+                 "reliability.png"):
         assert (tmp_path / name).stat().st_size > 10_000 and name in page
     tests = list(csv.DictReader(open(written["significance"])))
     assert {(t["group"], t["method"], t["versus"]) for t in tests} >= {

@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,6 +32,13 @@ from config import InputError
 
 from .dataset import PatientEntry, read_manifest
 from .metrics import study_metrics
+from .reliability import (
+    excess_contrast,
+    patient_reliability,
+    reliability_figure,
+    reliability_markdown,
+    site_reliability,
+)
 from .report import (
     BASELINE,
     Example,
@@ -54,7 +62,14 @@ TABLE = (
     (f"{ACQUIRED}seed000_head_mae", "head MAE, T1w grid"),
     (f"{ACQUIRED}seed000_head_ssim", "head SSIM, T1w grid"),
     (f"{ACQUIRED}seed000_tumour_mae", "tumour MAE, T1w grid"),
+    ("tumour_excess", "tumour excess contrast"),
+    ("tumour_excess_ce", "CE-T1w's tumour excess"),
 )
+#: Columns that describe the reference, not a method: no paired test between methods.
+REFERENCE_COLUMNS = ("tumour_excess_ce",)
+
+#: Per-patient confidence figures of each model (training/reliability.py).
+CONFIDENCE_KEYS = ("confidence_spearman", "tumour_excess_error", "tumour_low_confidence_share")
 
 #: Why a patient of the split is not evaluated (groups not asked for).
 LEFT_OUT = {"train": "the model was trained on this patient",
@@ -75,6 +90,8 @@ class Evaluation:
     models: dict[str, Path] = field(default_factory=dict)
     #: patients of the manifest not evaluated -> why
     left_out: dict[str, str] = field(default_factory=dict)
+    #: how well the first model's confidence map tells its errors, per site (reliability.py)
+    reliability: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _group(patient: str, split: dict[str, list[str]]) -> str:
@@ -162,6 +179,7 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
             chosen.append((entry, group))
     rows: list[dict[str, object]] = []
     examples: list[Example] = []
+    measured: list[tuple[str, str, Any]] = []
     if progress is not None:
         progress(None, len(chosen))
     for entry, group in chosen:
@@ -169,28 +187,46 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
         t2 = synthesis.read_volume(entry.paths["t2w"])
         ce = synthesis.resample_onto(synthesis.read_volume(entry.paths["ce"]), t1)
         tumour = _tumour(entry.paths.get("mask"), t1.image)
-        predictions, on_grid = {}, {}
+        predictions, on_grid, results = {}, {}, {}
         head = None
         for label, path in labelled.items():
-            result = service.synthesize(t1, t2, checkpoint=str(path), device=device,
-                                        screen=False)
+            # screening recorded, not enforced: every patient is scored, refusals counted
+            results[label] = service.synthesize(t1, t2, checkpoint=str(path), device=device,
+                                                enforce=False)
             if head is None:
-                head = sitk.GetArrayFromImage(result.foreground) > 0
-            predictions[label] = result.vce.array
-            on_grid[label] = result.model_grid
+                head = sitk.GetArrayFromImage(results[label].foreground) > 0
+            predictions[label] = results[label].vce.array
+            on_grid[label] = results[label].model_grid
         assert head is not None
         truth = np.where(head, ce.array, 0.0)
+        confidence = {label: patient_reliability(result, truth, head, tumour)
+                      for label, result in results.items()}
+        if confidence[first] is not None:
+            measured.append((group, entry.institution, confidence[first]))
         predictions[BASELINE] = np.where(head, t1.array, 0.0)
         grid_head = synthesis.mask_to_model_grid(head)
         grid_truth = np.where(grid_head, synthesis.to_model_grid(ce.array).numpy(), 0.0)
         on_grid[BASELINE] = np.where(grid_head, synthesis.to_model_grid(t1.array).numpy(), 0.0)
         grid_tumour = None if tumour is None else synthesis.mask_to_model_grid(tumour)
+
+        def excess(image: np.ndarray, tumour: np.ndarray | None = tumour,
+                   head: np.ndarray = head) -> float:
+            return float("nan") if tumour is None else excess_contrast(image, tumour, head)
+
         for name, prediction in predictions.items():
             acquired = study_metrics(truth, prediction, tumour, head)
+            found = confidence.get(name)
+            screening = results[name].screening if name in results else None
             rows.append({"patient": entry.patient, "institution": entry.institution,
                          "group": group, "method": name,
                          **study_metrics(grid_truth, on_grid[name], grid_tumour, grid_head),
-                         **{ACQUIRED + k: v for k, v in acquired.items()}})
+                         **{ACQUIRED + k: v for k, v in acquired.items()},
+                         "tumour_excess_ce": excess(truth),
+                         "tumour_excess": excess(prediction),
+                         **{k: (found.metrics[k] if found is not None else float("nan"))
+                            for k in CONFIDENCE_KEYS},
+                         "screening_accepted": "" if screening is None
+                         else int(screening.accepted)})
         if not any(e.institution == entry.institution for e in examples):
             k = _example_slice(tumour, truth.shape[0])
             t2_on_t1 = synthesis.resample_onto(t2, t1).array
@@ -199,8 +235,10 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
                                     predictions[next(iter(labelled))][k]))
         if progress is not None:
             progress(entry.patient, len(chosen))
-    tests = paired_tests(rows, TABLE) if rows else []
-    return Evaluation(rows, summary_markdown(rows), tests, examples, labelled, left_out)
+    tests = paired_tests(rows, tuple(c for c in TABLE if c[0] not in REFERENCE_COLUMNS)) \
+        if rows else []
+    return Evaluation(rows, summary_markdown(rows), tests, examples, labelled, left_out,
+                      site_reliability(measured))
 
 
 def summary_markdown(rows: list[dict[str, object]]) -> str:
@@ -228,8 +266,9 @@ TABLE_HEADING = (
     "Mean +- SD per institution (seed 000: L = 4095; seed 001: [0, 1]). Columns without a "
     "grid: on the model's 256 x 224 grid, as the seeds measure; 'T1w grid': on the acquired "
     "T1w grid, as the node delivers. 'head': inside the pipeline's head mask (the zeroed "
-    "background makes whole-image figures look better than they are). A single patient shows "
-    "no SD.")
+    "background makes whole-image figures look better than they are). Tumour excess contrast: "
+    "mean tumour / mean other head tissue - 1 on the T1w grid, next to the acquired CE-T1w's. A "
+    "single patient shows no SD.")
 
 
 def left_out_markdown(left_out: dict[str, str]) -> str:
@@ -257,9 +296,13 @@ def write(evaluation: Evaluation, out: Path) -> dict[str, Path]:
         writer.writerows(evaluation.rows)
     tests = tests_markdown(evaluation.tests) if evaluation.tests else ""
     left_out = left_out_markdown(evaluation.left_out)
+    confidence = (reliability_markdown(evaluation.reliability) if evaluation.reliability
+                  else "")
     written["markdown"].write_text(
         evaluation.markdown + ("\nPaired tests (Wilcoxon signed-rank, two-sided):\n\n" + tests
-                               if tests else "") + (f"\n{left_out}" if left_out else ""))
+                               if tests else "")
+        + (f"\nConfidence map against the actual error:\n\n{confidence}" if confidence else "")
+        + (f"\n{left_out}" if left_out else ""))
     with open(written["significance"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, ["group", "method", "versus", "metric", "n",
                                          "mean_difference", "p_value"])
@@ -270,6 +313,12 @@ def write(evaluation: Evaluation, out: Path) -> dict[str, Path]:
         path = example_figure(example, out / f"example-{example.institution}.png")
         images.append((f"{example.institution} ({example.group}): T1w, T2w, real CE-T1w, VCE "
                        "and |VCE - CE| in [0, 0.2] (seed 000 FIG. 3/9)", path))
+    if evaluation.reliability:
+        from synthesis.inference import TOLERANCE
+
+        figure = reliability_figure(evaluation.reliability, out / "reliability.png", TOLERANCE)
+        images.append(("reliability of the confidence map: mean |VCE - CE| per confidence bin "
+                       "and site, against what the confidence says", figure))
     for label, model in evaluation.models.items():
         suffix = "" if len(evaluation.models) == 1 else f"-{label}"
         curves = training_curves(model.with_name("training_log.csv"),
@@ -279,6 +328,10 @@ def write(evaluation: Evaluation, out: Path) -> dict[str, Path]:
     sections = [(TABLE_HEADING, evaluation.markdown)]
     if tests:
         sections.append(("Paired tests (Wilcoxon signed-rank, two-sided)", tests))
+    reliability = reliability_markdown(evaluation.reliability) if evaluation.reliability else ""
+    if reliability:
+        sections.append(("Does the confidence map tell where the VCE is wrong? (first model; "
+                         "T1w grid, inside the head)", reliability))
     if left_out:
         sections.append(("Patients not evaluated", left_out))
     models = "\n".join(f"| {k} | {v} |" for k, v in evaluation.models.items())
