@@ -45,3 +45,57 @@ def test_the_shipped_model_beats_copying_the_t1w_in_the_tumour_on_unseen_patient
         copy = np.array([rows[(p, "VCE = T1w")][key] for p in patients], float)
         assert (model < copy).all(), (key, model, copy)
         assert model.mean() < 0.8 * copy.mean(), (key, model.mean(), copy.mean())
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from synthesis import PipelineOptions, Synthesizer
+
+    return Synthesizer(BUILTIN_CHECKPOINT, PipelineOptions(device="cpu"))
+
+
+def _pair(cohort: Path, site: str, index: int = 1):
+    from synthesis import read_series
+
+    folder = cohort / site / f"{site}-{index:03d}"
+    return read_series(folder / "t1w"), read_series(folder / "t2w")
+
+
+def test_the_shipped_model_accepts_unseen_patients_of_unseen_sites(unseen, shipped):
+    for site in EXTERNAL:
+        for index in (1, 2):
+            screening = shipped.run(*_pair(unseen, site, index), enforce=False).screening
+            assert screening.accepted, (site, index, screening.reasons)
+
+
+@pytest.mark.parametrize("fault", [
+    ("swapped labels", "T2w pixels as T1w and the reverse, headers kept"),
+    ("T2w copies the T1w", "identical pixels"),
+    ("noise", "T2w of Rician noise"),
+    ("misregistration beyond the bound", "20 mm"),
+])
+def test_the_shipped_model_refuses_an_unfit_pair(unseen, shipped, fault):
+    """Each fault benchmarks/screening.py measures, made from an unseen patient, is refused
+    with a reason (the benchmark gives the rates over many patients and sites)."""
+    from benchmarks.screening import TRANSFORMS
+    from synthesis import RejectedStudy
+
+    faulty = TRANSFORMS[fault](_pair(unseen, "inst6"), np.random.default_rng(0))
+    with pytest.raises(RejectedStudy) as refused:
+        shipped.run(*faulty)
+    assert refused.value.screening.reasons
+
+
+def test_the_shipped_model_refuses_a_pelvis_labelled_head_and_neck(tmp_path, shipped):
+    from benchmarks.screening import SIMULATED
+    from simulation import simulate_patient
+    from synthesis import RejectedStudy, read_series
+
+    keywords = SIMULATED[("wrong body part", "a pelvis labelled head and neck")]("inst4")
+    record = simulate_patient(tmp_path, "inst4", 1, SimulationOptions(
+        institutions=("inst4",), seed=UNSEEN_SEED, slices=12), **keywords)
+    pelvis = (read_series(tmp_path / record.paths["t1w"]),
+              read_series(tmp_path / record.paths["t2w"]))
+    assert pelvis[0].info.body_part == "HEADNECK"  # the header claims head and neck
+    with pytest.raises(RejectedStudy, match="not a head-and-neck study"):
+        shipped.run(*pelvis)

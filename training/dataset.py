@@ -168,8 +168,9 @@ class SliceCache:
         return np.concatenate(parts) if parts else np.zeros(0, int)
 
 
-#: Bumped when what a cache holds changes, so that an older cache is never reused.
-CACHE_FORMAT = 2
+#: Bumped when what a cache holds or how it is preprocessed changes (3: smoothed head masks),
+#: so that an older cache is never reused.
+CACHE_FORMAT = 3
 
 
 def _key(entries: list[PatientEntry], normalization: synthesis.Normalization) -> str:
