@@ -8,9 +8,10 @@ expects the synthetic intensity there to be off by 2 x TOLERANCE = 0.5 T1w stand
 deviations (result.json gives that in scanner units for each study), 1 means at most
 TOLERANCE, 0.25 means 1 standard deviation. e is the larger of two estimates:
 
-- the learned one (seed 002's confidence module, CG-SAMR): its confidence c_model was trained
-  as min(1, lambda / E|error|) of the half-resolution intermediate image, so e = lambda /
-  c_model (lambda stored in the checkpoint);
+- the learned one: the confidence module's error head (synthesis/models/mmgsn.py), trained
+  with CG-SAMR's confidence loss (a Laplace likelihood) on the VCE's own error at full
+  resolution, predicts E|error| per pixel. (CG-SAMR's own half-resolution confidence guides
+  the network; it describes the intermediate image, not the delivered one.)
 - test-time augmentation: the model also sees each slice mirrored left-right (the head is
   nearly symmetric); half the disagreement, |y - flip(y_flipped)| / 2, is an error estimate.
 
@@ -79,7 +80,8 @@ class Predictor:
                 aux: bool = False) -> Any:
         """(N, C, H, W) -> (N, H, W) float32; ``mirror`` runs on left-right mirrored inputs
         and mirrors the outputs back; ``aux`` (a model with the confidence module) also
-        returns its learned confidence, upsampled to (N, H, W)."""
+        returns its learned maps, (N, 2, H, W): the confidence of the half-resolution
+        intermediate image (upsampled) and the expected absolute error of the VCE."""
         outputs, confidences = [], []
         with torch.inference_mode(), self._autocast():  # type: ignore[attr-defined]
             for part in _chunks(len(inputs), self.batch_size):
@@ -89,12 +91,13 @@ class Predictor:
                 if self.cuda:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 if aux:
-                    out, _, confidence = self.model(batch, aux=True)
+                    out, _, confidence, log_error = self.model(batch, aux=True)
                     confidence = F.interpolate(confidence.float(), size=out.shape[-2:],
                                                mode="bilinear", align_corners=False)
+                    maps = torch.cat([confidence, torch.exp(log_error.float())], 1)
                     if mirror:
-                        confidence = torch.flip(confidence, dims=[-1])
-                    confidences.append(confidence[:, 0].cpu())
+                        maps = torch.flip(maps, dims=[-1])
+                    confidences.append(maps.cpu())
                 else:
                     out = self.model(batch)
                 out = out.float()
@@ -123,11 +126,11 @@ def confidence_of(expected_error: np.ndarray) -> np.ndarray:
 
 
 def with_confidence(plain: np.ndarray, mirrored: np.ndarray,
-                    learned: np.ndarray | None = None,
-                    loss_lambda: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    learned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Prediction (mean of the plain and mirrored passes) and confidence in [0, 1] from the
-    larger of the two error estimates (see the module docstring)."""
+    larger of the error estimates (see the module docstring); ``learned``: the model's maps
+    (predict's ``aux``), averaged over both passes."""
     expected = np.abs(plain - mirrored) / 2.0
-    if learned is not None and loss_lambda is not None:
-        expected = np.maximum(expected, loss_lambda / np.maximum(learned, 1e-6))
+    if learned is not None:
+        expected = np.maximum(expected, learned[:, 1])
     return ((plain + mirrored) / 2.0).astype(np.float32), confidence_of(expected)

@@ -242,9 +242,7 @@ class Synthesizer:
             if guided:
                 mirrored, learned_mirrored = mirrored
                 learned = (learned + learned_mirrored) / 2.0
-            output, confidence = with_confidence(
-                output, mirrored, learned,
-                meta.confidence.loss_lambda if meta.confidence is not None else None)
+            output, confidence = with_confidence(output, mirrored, learned)
         lap("model")
         screening = judge(reasons, score, calibration if probe is not None else None,
                           fitness, fitness_threshold, evidence)

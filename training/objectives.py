@@ -6,7 +6,9 @@
   seed 002's confidence module (MMgSN-Net ``confidence=True``) also CG-SAMR's confidence map
   loss on the half-resolution intermediate image, L_CM = mean(c |y_half - y|) - lambda
   mean(log c), weighted like the L1 term, with lambda 0.1 until the mean confidence exceeds
-  0.7 and 0.03 from then on (seed 002, section IV-B).
+  0.7 and 0.03 from then on (seed 002, section IV-B); and the Laplace likelihood of the
+  VCE's own error for the full-resolution error head (on detached inputs: it cannot change
+  the VCE).
 - :class:`CycleObjective` (CycleGAN, Zhu et al. 2017, a baseline of seed 000 Table 2): one
   modality and the CE-T1w as two unpaired domains; generators both ways, one unconditional
   PatchGAN per domain, least-squares adversarial losses, cycle-consistency L1 (weight 10) and
@@ -55,6 +57,15 @@ class ConfidenceRegularizer:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
+
+
+def error_loss(vce: torch.Tensor, log_error: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Laplace negative log-likelihood of the VCE's error, |y - y_hat| / b + log b with
+    b = exp(log_error) (the VCE detached: only the error head learns from it); its optimum is
+    b = E|y - y_hat|, the expected absolute error."""
+    log_b = log_error.float().clamp(-9.0, 5.0)
+    error = (vce.detach().float() - target.float()).abs()
+    return (error * torch.exp(-log_b) + log_b).mean()
 
 
 def confidence_loss(intermediate: torch.Tensor, confidence: torch.Tensor, target: torch.Tensor,
@@ -144,7 +155,7 @@ class PairedObjective(_Step):
         self.guided = getattr(generator, "guidance", None) is not None
         self.regularizer = ConfidenceRegularizer()
         if self.guided:
-            self.losses = (*self.losses, "loss_cm", "confidence")
+            self.losses = (*self.losses, "loss_cm", "confidence", "loss_error")
         self._adam("opt_g", generator)
         self._adam("opt_d", discriminator)
         self.g = self._wrap("generator", generator)
@@ -184,9 +195,11 @@ class PairedObjective(_Step):
             if self.guided:
                 loss_cm = sum(confidence_loss(out[1], out[2], yi, self.regularizer.value)
                               for (_, yi), out in zip(parts, outputs, strict=True)) / n
-                loss_g = loss_g + self.l1_weight * loss_cm
+                loss_error = sum(error_loss(out[0], out[3], yi)
+                                 for (_, yi), out in zip(parts, outputs, strict=True)) / n
+                loss_g = loss_g + self.l1_weight * loss_cm + loss_error
                 mean_confidence = sum(out[2].detach().float().mean() for out in outputs) / n
-                extra = [loss_cm, mean_confidence]
+                extra = [loss_cm, mean_confidence, loss_error]
         self._optimize("opt_g", loss_g)
         if self.guided:
             self.regularizer.update(float(extra[1]))

@@ -25,8 +25,13 @@ keeps every channel count), ``multi_level=False`` (1x1 convolution on the last b
 ``confidence=True`` adds seed 002's confidence guidance (CG-SAMR's synthesis and confidence
 map modules) at half resolution, after the attention: an intermediate VCE and its per-pixel
 confidence, whose product joins the last decoder block's input (the "confidence-masked
-intermediate result" CG-SAMR feeds back). ``forward(x, aux=True)`` also returns the
-intermediate image and the confidence, for the training loss and for the reviewer's map.
+intermediate result" CG-SAMR feeds back). It also adds an error head at full resolution on
+the last decoder block's features and the VCE (both detached: it never changes the VCE) that
+predicts, per pixel, the expected absolute error of the VCE itself, trained with the same
+loss as CG-SAMR's confidence (a Laplace likelihood: L_CM with c = lambda / b is
+|y - y_hat| / b + log b up to constants). ``forward(x, aux=True)`` also returns the
+intermediate image, its confidence and the log expected error, for the training losses and
+for the reviewer's map.
 """
 
 from __future__ import annotations
@@ -88,6 +93,9 @@ class MMgSNNet(nn.Module):
         self.attention = SelfAttention(c2, attention_pool) if attention else nn.Identity()
         self.guidance = ConfidenceGuidance(c2) if confidence else None
         self.decode3 = ConvBlock(c2 + f1 + (1 if confidence else 0), c1, n)
+        self.error_head = nn.Sequential(
+            ConvBlock(c1 + 1, max(4, c1 // 2), 1), nn.Conv2d(max(4, c1 // 2), 1, 3, padding=1),
+        ) if confidence else None
         head_in = c3 + c2 + c1 if multi_level else c1
         self.head = nn.Conv2d(head_in, 1, 1)
         self.output_activation = nn.Tanh() if output == "tanh" else nn.Identity()
@@ -95,7 +103,8 @@ class MMgSNNet(nn.Module):
 
     def forward(self, x: torch.Tensor, aux: bool = False) -> Any:
         """The VCE (B, 1, H, W); with ``aux`` (and the confidence module) also the
-        half-resolution intermediate VCE and its confidence: (vce, intermediate, confidence)."""
+        half-resolution intermediate VCE, its confidence, and the log of the VCE's expected
+        absolute error: (vce, intermediate, confidence, log_error)."""
         t1, t2 = x[:, 0:1], x[:, 1:2]
         a1, b1 = self.block1[0](t1), self.block1[1](t2)
         s1 = self.sgs1(a1, b1)
@@ -123,4 +132,9 @@ class MMgSNNet(nn.Module):
         else:
             features = d3
         vce = self.output_activation(self.head(features))
-        return (vce, intermediate, confidence) if aux else vce
+        if not aux:
+            return vce
+        log_error = None
+        if self.error_head is not None:
+            log_error = self.error_head(torch.cat([d3.detach(), vce.detach()], 1))
+        return vce, intermediate, confidence, log_error
