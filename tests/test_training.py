@@ -280,6 +280,14 @@ def test_evaluate_recomputes_the_split_of_a_checkpoint_without_its_run(run, coho
         (out / "split.json").read_text())
     elsewhere = [e for e in entries if e.institution == "inst5"]  # no training institution
     assert _split(alone, load_checkpoint(alone), elsewhere) == {}
+    # another simulated cohort (another seed): the same patient IDs are other people
+    other = tmp_path / "other"
+    other.mkdir()
+    options = json.loads((cohort / "cohort.json").read_text())["options"]
+    (other / "cohort.json").write_text(json.dumps({"options": {**options, "seed": 99}}))
+    unseen = _split(alone, load_checkpoint(alone), entries, other / "manifest.csv")
+    assert set(unseen) == {"internal", "external"} and not unseen["internal"] == []
+    assert {e.patient for e in entries if e.institution == "inst5"} == set(unseen["external"])
 
 
 def test_paired_tests_give_the_exact_wilcoxon_p_values_computed_by_hand():

@@ -101,12 +101,38 @@ def _group(patient: str, split: dict[str, list[str]]) -> str:
     return "unlisted"
 
 
-def _split(path: Path, checkpoint: synthesis.Checkpoint,
-           entries: list[PatientEntry]) -> dict[str, list[str]]:
+def _unseen_split(checkpoint: synthesis.Checkpoint,
+                  entries: list[PatientEntry]) -> dict[str, list[str]]:
+    """Every patient of a cohort the model never saw: those of its training institutions are
+    internal (unseen patients of a known site), the others external."""
+    sites = set(checkpoint.meta.training.get("training_institutions") or
+                [p.key for p in checkpoint.meta.institutions])
+    split: dict[str, list[str]] = {"internal": [], "external": []}
+    for entry in entries:
+        split["internal" if entry.institution in sites else "external"].append(entry.patient)
+    return split
+
+
+def _foreign(checkpoint: synthesis.Checkpoint, manifest: Path) -> bool:
+    """Whether ``manifest`` is a simulated cohort other than the one the model trained on
+    (its cohort.json names other options, e.g. another seed): its patients share IDs with the
+    training cohort's but are other people."""
+    trained = checkpoint.meta.training.get("cohort")
+    beside = Path(manifest).with_name("cohort.json")
+    if trained is None or not beside.is_file():
+        return False
+    return json.loads(beside.read_text()).get("options") != trained
+
+
+def _split(path: Path, checkpoint: synthesis.Checkpoint, entries: list[PatientEntry],
+           manifest: Path | None = None) -> dict[str, list[str]]:
     """The split of the run that trained the model: ``split.json`` beside the checkpoint, else
     (the built-in model, a copied checkpoint) the same split recomputed from the seed, training
     institutions and internal fraction the checkpoint records (the study design depends on
-    nothing else), else none: every patient is then in the group 'all'."""
+    nothing else), else none: every patient is then in the group 'all'. A simulated cohort
+    other than the training one is all unseen (:func:`_unseen_split`)."""
+    if manifest is not None and _foreign(checkpoint, manifest):
+        return _unseen_split(checkpoint, entries)
     beside = path.with_name("split.json")
     if str(path) != "builtin" and beside.is_file():
         return dict(json.loads(beside.read_text()))
@@ -169,7 +195,7 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
     entries = read_manifest(manifest)
     first = next(iter(labelled))
     synthesizer, _ = service.synthesizer(checkpoint=str(labelled[first]), device=device)
-    split = _split(labelled[first], synthesizer.checkpoint, entries)
+    split = _split(labelled[first], synthesizer.checkpoint, entries, manifest)
     chosen, left_out = [], {}
     for entry in entries:
         group = _group(entry.patient, split) if split else "all"
