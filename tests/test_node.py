@@ -124,6 +124,10 @@ def test_storescu_to_node_to_storescp_end_to_end(cohort, tmp_path):
         modalities = sorted(pydicom.dcmread(f, stop_before_pixels=True).Modality
                             for f in received)
         assert modalities.count("MR") == 8 and "RTSTRUCT" in modalities
+        # in arrival order: the images before the structure set and the review that use them
+        arrival = [pydicom.dcmread(f, stop_before_pixels=True).Modality
+                   for f in sorted(received, key=lambda f: f.stat().st_mtime_ns)]
+        assert arrival == ["MR"] * 8 + ["RTSTRUCT", "OT"]
     spooled = query(tmp_path / "root", "SELECT * FROM instances")
     assert len(spooled) == 16
     by_uid = {r["sop_instance_uid"]: Path(r["path"]) for r in spooled}
