@@ -27,6 +27,7 @@ _LAZY = {
     "FitnessMeta": "checkpoint", "ConfidenceMeta": "checkpoint",
     "AcquisitionRanges": "checkpoint",
     "MODEL_GRID": "preprocess", "inference_device": "inference",
+    "CONFIDENCE_TOLERANCE": "inference",
     "edm_dataset_mean": "edm",
     "SourceInstance": "series",
     "MANUFACTURER": "writer", "MRImage": "writer", "ImagePlane": "writer",
@@ -38,7 +39,8 @@ _LAZY = {
 }
 
 _RENAMED = {"build_model": "build", "calibrate_ood": "calibrate",
-            "inference_device": "resolve_device", "edm_dataset_mean": "dataset_mean"}
+            "inference_device": "resolve_device", "edm_dataset_mean": "dataset_mean",
+            "CONFIDENCE_TOLERANCE": "TOLERANCE"}
 
 
 __getattr__ = lazy_attributes(__name__, _LAZY, _RENAMED)

@@ -367,8 +367,11 @@ def test_ddp_with_two_cpu_processes_matches_one_process(cohort, tmp_path):
     agree with them to float32 arithmetic: gradients are averaged by gloo's all-reduce in one
     run and by autograd's sum in the other; their rounding (~1e-7 relative) is what differs,
     and Adam's normalisation (m / sqrt(v)) amplifies it for parameters whose gradient is near
-    zero, where a rounding can turn a whole lr-sized step. Measured 3e-4 of the training update
-    over 4 steps; asserted < 2e-3."""
+    zero, where a rounding can turn a whole lr-sized step. Measured 1.1e-3 of the training
+    update over 4 steps, spread over every block (3e-4 before the confidence module, whose
+    guided loss weights each pixel by a predicted confidence); asserted < 5e-3. A rank that
+    skipped the all-reduce would differ from its peer (the checksums) and from the single
+    process by the update of a different half-batch, of the order of the update itself."""
     import shutil
 
     import torch
@@ -393,15 +396,17 @@ def test_ddp_with_two_cpu_processes_matches_one_process(cohort, tmp_path):
     assert ddp.meta.training["processes"] == 2 and ddp.meta.training["steps"] == 4
     ranks = ddp.meta.training["rank_weights_sha256"]
     assert len(ranks) == 2 and ranks[0] == ranks[1]
+    single_checkpoint = load_checkpoint(single.checkpoint)
     torch.manual_seed(0)
-    initial = build_model("mmgsn", width_multiplier=0.125, output="linear").state_dict()
-    one = load_checkpoint(single.checkpoint).generator.state_dict()
+    initial = build_model("mmgsn", **single_checkpoint.meta.architecture.config).state_dict()
+    one = single_checkpoint.generator.state_dict()
     two = ddp.generator.state_dict()
     learned = [k for k in one if one[k].is_floating_point() and "running" not in k]
     update = sum(float((one[k] - initial[k]).float().norm()) for k in learned)
     apart = sum(float((one[k] - two[k]).float().norm()) for k in learned)
     print(f"DDP against one process: {apart / update:.1e} of the training update")
-    assert update > 0 and apart < 2e-3 * update, (apart, update)
+
+    assert update > 0 and apart < 5e-3 * update, (apart, update)
     log = list(csv.DictReader(open(tmp_path / "ddp" / "training_log.csv")))
     assert [int(r["step"]) for r in log] == [1, 2, 3, 4]
     assert list((tmp_path / "ddp" / "tensorboard").glob("events.out.tfevents.*"))

@@ -340,9 +340,8 @@ def write(evaluation: Evaluation, out: Path) -> dict[str, Path]:
         images.append((f"{example.institution} ({example.group}): T1w, T2w, real CE-T1w, VCE "
                        "and |VCE - CE| in [0, 0.2] (seed 000 FIG. 3/9)", path))
     if evaluation.reliability:
-        from synthesis.inference import TOLERANCE
-
-        figure = reliability_figure(evaluation.reliability, out / "reliability.png", TOLERANCE)
+        figure = reliability_figure(evaluation.reliability, out / "reliability.png",
+                                    synthesis.CONFIDENCE_TOLERANCE)
         images.append(("reliability of the confidence map: mean |VCE - CE| per confidence bin "
                        "and site, against what the confidence says", figure))
     for label, model in evaluation.models.items():
