@@ -1,12 +1,13 @@
 """Running a generator on slices: device selection, batching in bounded chunks, mixed precision
 and channels-last on CUDA, inference mode, deterministic on CPU, and the confidence map.
 
-Confidence is an expected error turned into [0, 1]: confidence = min(1, TOLERANCE / e), where
-e is the expected absolute error of the synthetic value in normalised units (standard
+Confidence is an expected error turned into (0, 1]: confidence = TOLERANCE / (TOLERANCE + e),
+where e is the expected absolute error of the synthetic value in normalised units (standard
 deviations of the study's T1w inside the head). So a confidence of 0.5 means the model
-expects the synthetic intensity there to be off by 2 x TOLERANCE = 0.5 T1w standard
-deviations (result.json gives that in scanner units for each study), 1 means at most
-TOLERANCE, 0.25 means 1 standard deviation. e is the larger of two estimates:
+expects the synthetic intensity there to be off by TOLERANCE = 0.5 T1w standard deviations
+(result.json gives that in scanner units for each study); c means e = TOLERANCE (1 - c) / c:
+0.8 a quarter of it, 0.25 three times it. The map never saturates, so it ranks every pixel
+(a min(1, T / e) map ties all confident pixels at 1). e is the larger of two estimates:
 
 - the learned one: the confidence module's error head (synthesis/models/mmgsn.py), trained
   with CG-SAMR's confidence loss (a Laplace likelihood) on the VCE's own error at full
@@ -31,8 +32,8 @@ from torch import nn
 
 from config import ModelError
 
-#: The expected error (normalised units) that a confidence of 1 allows; 0.5 means twice it.
-TOLERANCE = 0.25
+#: The expected error (normalised units, T1w head SDs) at which the confidence is 0.5.
+TOLERANCE = 0.5
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -121,8 +122,14 @@ class Predictor:
 
 
 def confidence_of(expected_error: np.ndarray) -> np.ndarray:
-    """Confidence in [0, 1] from an expected absolute error (normalised units)."""
-    return np.clip(TOLERANCE / np.maximum(expected_error, 1e-6), 0.0, 1.0).astype(np.float32)
+    """Confidence in (0, 1] from an expected absolute error (normalised units)."""
+    return (TOLERANCE / (TOLERANCE + np.maximum(expected_error, 0.0))).astype(np.float32)
+
+
+def expected_error_of(confidence: np.ndarray | float) -> np.ndarray:
+    """The expected absolute error (normalised units) that a confidence says."""
+    c = np.clip(np.asarray(confidence, np.float64), 1e-6, 1.0)
+    return TOLERANCE * (1.0 - c) / c
 
 
 def with_confidence(plain: np.ndarray, mirrored: np.ndarray,

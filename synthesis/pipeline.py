@@ -79,7 +79,7 @@ class SynthesisResult:
     #: rows, columns), 0 outside the head): where the seeds compute their metrics
     model_grid: np.ndarray | None = None
     #: scanner units of one normalised unit (the T1w's head standard deviation, EDM undone):
-    #: a confidence c means an expected error of TOLERANCE / c of these
+    #: a confidence c means an expected error of TOLERANCE (1 - c) / c of these
     confidence_unit: float | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -95,11 +95,12 @@ class SynthesisResult:
             "screening": self.screening.as_dict(),
             "alignment": self.alignment.as_dict(),
             "confidence": None if self.confidence_unit is None else {
-                "meaning": "confidence c: the expected |VCE - CE| is TOLERANCE / c normalised "
-                           "units (T1w head standard deviations); 0.5 means 2 x TOLERANCE",
+                "meaning": "confidence c: the expected |VCE - CE| is TOLERANCE (1 - c) / c "
+                           "normalised units (T1w head standard deviations); 0.5 means "
+                           "TOLERANCE",
                 "tolerance_normalized": TOLERANCE,
                 "expected_error_at_0_5_scanner_units": round(
-                    2 * TOLERANCE * self.confidence_unit, 3)},
+                    TOLERANCE * self.confidence_unit, 3)},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 

@@ -497,3 +497,26 @@ def test_fine_tuning_starts_from_the_given_checkpoint(run, cohort, tmp_path):
     with pytest.raises(InputError, match="differs from the one asked for"):
         train(cohort / "manifest.csv", tmp_path / "wider",
               TrainOptions(**{**options, "width": 0.25}))
+
+
+def test_batchnorm_recalibration_after_crops_covers_the_error_head():
+    """update_bn resets every BatchNorm it is given; the confidence module's error head runs
+    only in auxiliary passes, so the recalibration must make those, or the head would keep
+    the defaults (mean 0, variance 1) and predict the wrong errors (the first model trained
+    with it expected 3-6 times its actual error)."""
+    import torch
+
+    from synthesis import build_model
+    from training.handlers import BatchNormRecalibration
+
+    torch.manual_seed(0)
+    generator = build_model("mmgsn", width_multiplier=0.125, output="linear", confidence=True)
+    slices = [torch.randn(2, 2, 64, 48) * 3 + 1 for _ in range(2)]
+    BatchNormRecalibration(generator, lambda: slices, torch.device("cpu")).completed(None)
+    norms = {name: m for name, m in generator.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert any(name.startswith("error_head") for name in norms)
+    for name, module in norms.items():
+        assert int(module.num_batches_tracked) > 0, name
+        assert float(module.running_var.sub(1).abs().max()) > 1e-3, name
+    assert not generator.training

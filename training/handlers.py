@@ -196,15 +196,32 @@ class StateSaver(Handler):
 class BatchNormRecalibration(Handler):
     """After training on crops the BatchNorm running statistics describe crops, not the whole
     256 x 224 slices inference sees: recompute them exactly (a cumulative average, no
-    momentum) on whole training slices with ``torch.optim.swa_utils.update_bn``."""
+    momentum) on whole training slices with ``torch.optim.swa_utils.update_bn``. update_bn
+    resets every BatchNorm of the module it is given, so the passes include the confidence
+    module's error head (``aux``), which a plain forward pass skips: otherwise its statistics
+    would be left at their defaults (mean 0, variance 1) and its expected errors wrong."""
 
     def __init__(self, generator: torch.nn.Module, slices: Callable[[], Any],
                  device: torch.device) -> None:
         self.generator, self.slices, self.device = generator, slices, device
 
     def completed(self, loop: Loop) -> None:
-        torch.optim.swa_utils.update_bn(self.slices(), self.generator, self.device)
+        every_layer = (_WithAux(self.generator)
+                       if getattr(self.generator, "error_head", None) is not None
+                       else self.generator)
+        torch.optim.swa_utils.update_bn(self.slices(), every_layer, self.device)
         self.generator.eval()
+
+
+class _WithAux(torch.nn.Module):
+    """A generator whose forward pass runs its auxiliary outputs too."""
+
+    def __init__(self, generator: torch.nn.Module) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.generator(x, aux=True)
 
 
 def internal_l1(generator: torch.nn.Module, cache: SliceCache, rows: np.ndarray,

@@ -8,7 +8,7 @@ head):
   the CE-T1w's, and where it is off by more than :data:`WRONG_ENHANCEMENT` (30 %), the share of
   the tumour the low-confidence helper covers (planning.helper_regions, as delivered);
 - a reliability curve: the mean actual error per confidence bin next to what the confidence
-  says (synthesis.inference: confidence c means an expected error of TOLERANCE / c).
+  says (synthesis.inference: confidence c means an expected error of T (1 - c) / c).
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def reliability_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def reliability_figure(rows: list[dict[str, Any]], path: Path, tolerance: float) -> Path:
-    """Mean actual error per confidence bin for each site, next to TOLERANCE / c."""
+    """Mean actual error per confidence bin for each site, next to what the confidence says
+    (``tolerance`` (1 - c) / c, synthesis.inference)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +136,7 @@ def reliability_figure(rows: list[dict[str, Any]], path: Path, tolerance: float)
 
     figure, axis = plt.subplots(figsize=(6, 4.5), dpi=110)
     c = np.linspace(0.05, 1.0, 100)
-    axis.plot(c, tolerance / c, "k--", label="what confidence c says: TOLERANCE / c")
+    axis.plot(c, tolerance * (1 - c) / c, "k--", label="what confidence c says: T (1 - c) / c")
     for r in rows:
         if r["curve"]:
             x, y, _ = zip(*r["curve"], strict=True)
