@@ -354,6 +354,9 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(cohort, tmp_
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     log = list(csv.DictReader(open(tmp_path / "parts" / "training_log.csv")))
     assert [int(r["step"]) for r in log] == list(range(1, whole.steps + 1))
+    # the training time counts on across the interruption
+    seconds = [float(r["seconds"]) for r in log]
+    assert seconds == sorted(seconds) and resumed.seconds >= seconds[stopped.steps - 1]
     with pytest.raises(InputError, match="other training options"):
         train(cohort / "manifest.csv", tmp_path / "parts",
               TrainOptions(**{**options.__dict__, "width": 0.25}), resume=True)

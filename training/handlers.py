@@ -66,12 +66,20 @@ class LearningRateSchedule(Handler):
 
 
 class CSVLog(Handler):
-    """``training_log.csv``: one row per step (step, epoch, losses, seconds since the start);
-    a resumed run first drops the rows written after the state it resumes from."""
+    """``training_log.csv``: one row per step (step, epoch, losses, seconds of training); a
+    resumed run first drops the rows written after the state it resumes from and counts its
+    seconds on from that state's row (``offset``), so the last row holds the whole training
+    time of the run however often it was interrupted."""
 
     def __init__(self, path: Path, losses: Sequence[str], clock_start: float) -> None:
         self.path, self.losses, self.clock_start = path, tuple(losses), clock_start
         self.handle: Any = None
+        #: seconds the run had trained before this process resumed it
+        self.offset = 0.0
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, interrupted runs included."""
+        return self.offset + time.perf_counter() - self.clock_start
 
     def started_at(self, step: int) -> None:
         """Open the log for a run that continues after ``step`` (0: a fresh run)."""
@@ -80,9 +88,11 @@ class CSVLog(Handler):
         elif self.path.exists():
             with open(self.path, newline="") as handle:
                 rows = list(csv.reader(handle))
+            kept = [r for r in rows[1:] if int(r[0]) <= step]
             with open(self.path, "w", newline="") as handle:
-                csv.writer(handle).writerows(
-                    [rows[0], *[r for r in rows[1:] if int(r[0]) <= step]] if rows else [])
+                csv.writer(handle).writerows([rows[0], *kept] if rows else [])
+            if kept:
+                self.offset = float(kept[-1][-1])
         fresh = not self.path.exists()
         self.handle = open(self.path, "a", newline="")  # noqa: SIM115 - closed at completion
         if fresh:
@@ -95,7 +105,7 @@ class CSVLog(Handler):
         state = loop.state
         csv.writer(self.handle).writerow(
             [state.step, state.epoch, *(round(state.losses[k], 6) for k in self.losses),
-             round(time.perf_counter() - self.clock_start, 2)])
+             round(self.elapsed(), 2)])
 
     def flush(self) -> None:
         if self.handle is not None:

@@ -426,7 +426,7 @@ def train(manifest: Path, out: Path, options: TrainOptions,
     ranks = _rank_checksums(generator, place)
     if place.world > 1:
         torch.distributed.destroy_process_group()
-    seconds = time.perf_counter() - started
+    seconds = log.elapsed() if log is not None else time.perf_counter() - started
     if not place.main:
         return TrainResult(out / "model.safetensors", split, {}, loop.state.step, seconds)
     classifier = fitness.result if fitness is not None else None
