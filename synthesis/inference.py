@@ -126,11 +126,6 @@ def confidence_of(expected_error: np.ndarray) -> np.ndarray:
     return (TOLERANCE / (TOLERANCE + np.maximum(expected_error, 0.0))).astype(np.float32)
 
 
-def expected_error_of(confidence: np.ndarray | float) -> np.ndarray:
-    """The expected absolute error (normalised units) that a confidence says."""
-    c = np.clip(np.asarray(confidence, np.float64), 1e-6, 1.0)
-    return TOLERANCE * (1.0 - c) / c
-
 
 def with_confidence(plain: np.ndarray, mirrored: np.ndarray,
                     learned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
