@@ -121,6 +121,9 @@ class ConfidenceMeta(_Meta):
     T1w units; synthesis.inference turns it into the delivered confidence)."""
 
     loss_lambda: float
+    #: how ``vcemri refit-confidence`` refitted the error head afterwards (training/
+    #: confidence.py: steps, augmentation, patients, command, seconds), if it did
+    refit: dict[str, Any] | None = None
 
 
 class CheckpointMeta(_Meta):

@@ -219,6 +219,8 @@ def test_evaluate_tabulates_internal_and_external_against_the_baseline(run, coho
         assert -1 <= row["tumour_excess_ce"] and row["screening_accepted"] in ("", 0, 1)
     sites = {(r["group"], r["institution"]) for r in evaluation.reliability}
     assert sites == groups and all(0 <= r["auroc_top10"] <= 1 for r in evaluation.reliability)
+    assert all(r["model"] == "model" and 0 <= r["head_flagged_percent"] <= 100
+               for r in evaluation.reliability)
     training = set(json.loads((out / "split.json").read_text())["train"])
     assert set(evaluation.left_out) == training
     assert not training & {r["patient"] for r in evaluation.rows}
@@ -336,10 +338,11 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(cohort, tmp_
     import torch
 
     # the learning rate decays over epochs 2 and 3, and the run is interrupted in epoch 2:
-    # the scheduler's state must survive the interruption for epoch 3 to be right
+    # the scheduler's state must survive the interruption for epoch 3 to be right; the
+    # augmentation's draws must not depend on where the run restarted
     options = TrainOptions(institutions=("inst2", "inst3"), epochs=3, batch_size=4,
                            width=0.125, device="cpu", checkpoint_every=2, decay_epochs=2,
-                           fitness_steps=0)
+                           fitness_steps=0, augment=0.3)
     whole = train(cohort / "manifest.csv", tmp_path / "whole", options)
     stopped = train(cohort / "manifest.csv", tmp_path / "parts",
                     TrainOptions(**{**options.__dict__, "max_steps": whole.steps // 3 + 1}))
@@ -365,7 +368,8 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(cohort, tmp_
 def test_ddp_with_two_cpu_processes_matches_one_process(cohort, tmp_path):
     """torchrun, gloo, 2 processes x 2 slices against 1 process x 4 slices in 2 micro-batches
     of the same 2 slices each (--micro-batches 2: per-part BatchNorm statistics, as each rank
-    has; SyncBatchNorm does not exist on CPU). Both ranks end with identical parameters (their
+    has; SyncBatchNorm does not exist on CPU), both augmented (each slice's draws keyed by
+    the slice, not by the rank that reads it). Both ranks end with identical parameters (their
     checksums, recorded in the checkpoint, are equal), and the single process's parameters
     agree with them to float32 arithmetic: gradients are averaged by gloo's all-reduce in one
     run and by autograd's sum in the other; their rounding (~1e-7 relative) is what differs,
@@ -385,10 +389,10 @@ def test_ddp_with_two_cpu_processes_matches_one_process(cohort, tmp_path):
     assert torchrun is not None, "torchrun comes with torch"
     common = ["--manifest", str(cohort / "manifest.csv"), "--institutions", "inst2,inst3",
               "--epochs", "1", "--batch-size", "4", "--width", "0.125", "--device", "cpu",
-              "--max-steps", "4", "--fitness-steps", "0", "--quiet"]
+              "--max-steps", "4", "--fitness-steps", "0", "--augment", "0.3", "--quiet"]
     single = train(cohort / "manifest.csv", tmp_path / "single", TrainOptions(
         institutions=("inst2", "inst3"), epochs=1, batch_size=4, width=0.125, device="cpu",
-        max_steps=4, micro_batches=2, fitness_steps=0))
+        max_steps=4, micro_batches=2, fitness_steps=0, augment=0.3))
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("VCEMRI_")}
     env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "vcemri",
@@ -523,3 +527,43 @@ def test_batchnorm_recalibration_after_crops_covers_the_error_head():
         assert int(module.num_batches_tracked) > 0, name
         assert float(module.running_var.sub(1).abs().max()) > 1e-3, name
     assert not generator.training
+
+
+def test_refit_confidence_changes_the_error_head_alone_and_records_how(run, cohort, tmp_path,
+                                                                        capsys):
+    """``vcemri refit-confidence``: the error head learns on augmented training slices; the
+    VCE, the screening and the fitness classifier stay bit for bit those of the input model."""
+    import torch
+    from support.models import make_checkpoint
+
+    from vcemri.cli import main
+
+    out, result = run
+    assert main(["refit-confidence", "--model", str(result.checkpoint), "--manifest",
+                 str(cohort / "manifest.csv"), "--out", str(tmp_path / "refit"), "--steps", "12",
+                 "--device", "cpu", "--quiet"]) == 0
+    assert "12 steps on" in capsys.readouterr().out
+    before = load_checkpoint(result.checkpoint)
+    after = load_checkpoint(tmp_path / "refit" / "model.safetensors")
+    a, b = before.generator.state_dict(), after.generator.state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith("error_head.") and "running" not in k for k in changed)
+    for old, new in ((before.discriminator, after.discriminator),
+                     (before.fitness, after.fitness)):
+        assert all(torch.equal(x, y) for x, y in zip(old.state_dict().values(),
+                                                     new.state_dict().values(), strict=True))
+    assert after.meta.ood == before.meta.ood and after.meta.fitness == before.meta.fitness
+    x = torch.randn(2, 2, 64, 64)
+    with torch.no_grad():
+        plain, refitted = before.generator(x, aux=True), after.generator(x, aux=True)
+    assert torch.equal(plain[0], refitted[0]) and not torch.equal(plain[3], refitted[3])
+    record = after.meta.confidence.refit
+    training = json.loads((out / "split.json").read_text())["train"]
+    assert record["steps"] == 12 and record["patients"] == len(training)
+    assert record["source_weights_sha256"] == before.weights_sha256
+    assert record["command"].startswith("vcemri refit-confidence --model")
+    # a model without a confidence module is refused with the reason
+    plain_model = make_checkpoint(tmp_path / "plain.safetensors", cohort, ("inst2",))
+    assert main(["refit-confidence", "--model", str(plain_model), "--manifest",
+                 str(cohort / "manifest.csv"), "--out", str(tmp_path / "no"), "--quiet"]) != 0
+    assert "has no confidence module" in capsys.readouterr().err

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import synthesis
 
+from .augmentation import PROBABILITY
+
 #: What ``vcemri train`` and ``vcemri evaluate`` need beyond the node (the training extra).
-TRAINING_EXTRA = ("matplotlib", "tensorboard")
+TRAINING_EXTRA = ("matplotlib", "tensorboard", "monai")
 
 
 def require_training_extra() -> None:
@@ -40,6 +41,16 @@ def _modalities(text: str) -> tuple[str, ...]:
             values):
         raise argparse.ArgumentTypeError(f"{text!r}: give t1w, t2w or t1w,t2w")
     return values
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability between 0 and 1")
+    return value
 
 
 def _crop(text: str) -> tuple[int, int]:
@@ -70,7 +81,7 @@ def _train(args: argparse.Namespace) -> int:
         adversarial_weight=args.adversarial_weight, cycle_weight=args.cycle_weight,
         decay_epochs=args.decay_epochs,
         learning_rate=args.learning_rate, init=args.init, micro_batches=args.micro_batches,
-        fitness_steps=args.fitness_steps)
+        fitness_steps=args.fitness_steps, augment=args.augment)
     bar = tqdm(unit="step", desc="training", file=sys.stderr,
                disable=args.quiet or int(os.environ.get("RANK", "0")) != 0)
 
@@ -86,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
 
     with bar:
         result = train(Path(args.manifest), Path(args.out), options, progress,
-                       resume=args.resume, command=shlex.join(["vcemri", *sys.argv[1:]]))
+                       resume=args.resume, command=args.command_line)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun rank 0 reports
     print(f"model: {result.checkpoint} ({result.steps} steps, {result.seconds:.0f} s)")
@@ -128,6 +139,33 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(left_out_markdown(evaluation.left_out), end="")
     print(f"written: {written['csv']}, {written['markdown']}, {written['significance']} and "
           f"{written['html']} (with {len(written) - 4} figures)")
+    return 0
+
+
+def _refit(args: argparse.Namespace) -> int:
+    require_training_extra()
+    from tqdm import tqdm
+
+    from .confidence import RefitOptions, refit_confidence
+
+    if args.steps < 1:
+        from config import InputError
+
+        raise InputError(f"--steps {args.steps}: at least one step")
+    options = RefitOptions(steps=args.steps, augment=args.augment, seed=args.seed,
+                           device=args.device)
+    with tqdm(total=args.steps, unit="step", desc="refitting the confidence map",
+              file=sys.stderr, disable=args.quiet) as bar:
+
+        def progress(step: int, loss: float) -> None:
+            bar.set_postfix_str(f"loss {loss:.3f}")
+            bar.update(1)
+
+        result = refit_confidence(args.model, Path(args.manifest), Path(args.out), options,
+                                  progress, command=args.command_line)
+    print(f"model: {result.checkpoint} ({result.steps} steps on {result.patients} training "
+          f"patients, {result.seconds:.0f} s; error head loss {result.loss_first:.3f} -> "
+          f"{result.loss_last:.3f})")
     return 0
 
 
@@ -195,6 +233,11 @@ def add_commands(commands: Any) -> None:
                          help="split each batch into N parts with their own BatchNorm "
                          "statistics (what N DistributedDataParallel processes would compute; "
                          "default 1)")
+    trainer.add_argument("--augment", type=_probability, nargs="?", const=PROBABILITY,
+                         default=0.0, metavar="P",
+                         help="augment the training slices on the fly (geometry, contrast, "
+                         "resolution, artefacts; each transform with probability P, default "
+                         f"{PROBABILITY} when given without P); default: off")
     trainer.add_argument("--no-amp", action="store_true",
                          help="full precision on CUDA (default: bf16/fp16 mixed precision)")
     trainer.add_argument("--crop", type=_crop, default=None, metavar="ROWSxCOLS",
@@ -233,3 +276,27 @@ def add_commands(commands: Any) -> None:
     evaluator.add_argument("--device", default="auto")
     evaluator.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluator.set_defaults(handler=_evaluate)
+
+    refit = commands.add_parser(
+        "refit-confidence",
+        help="refit a model's confidence map on augmented training slices",
+        description="Teach a trained model's confidence module (seed 002) what its errors look "
+        "like on inputs unlike its training sites: its error head is refitted on the "
+        "checkpoint's own training patients of the manifest, augmented to look like other "
+        "scanners and protocols (contrast curves, gamma, bias field, resolution, artefacts, "
+        "noise). The VCE, the screening and the fitness classifier stay exactly those of the "
+        "input model. Writes OUT/model.safetensors and OUT/refit.json.",
+    )
+    refit.add_argument("--model", required=True, metavar="CKPT",
+                       help="checkpoint with a confidence module (builtin: the shipped model)")
+    refit.add_argument("--manifest", required=True, metavar="CSV",
+                       help="the cohort the model was trained on")
+    refit.add_argument("--out", required=True, metavar="DIR")
+    refit.add_argument("--steps", type=int, default=1500, metavar="N",
+                       help="optimization steps of the error head (default 1500)")
+    refit.add_argument("--augment", type=_probability, default=0.5, metavar="P",
+                       help="probability of each augmentation transform (default 0.5)")
+    refit.add_argument("--seed", type=int, default=0)
+    refit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    refit.add_argument("--quiet", action="store_true", help="no progress bar")
+    refit.set_defaults(handler=_refit)

@@ -69,7 +69,8 @@ TABLE = (
 REFERENCE_COLUMNS = ("tumour_excess_ce",)
 
 #: Per-patient confidence figures of each model (training/reliability.py).
-CONFIDENCE_KEYS = ("confidence_spearman", "tumour_excess_error", "tumour_low_confidence_share")
+CONFIDENCE_KEYS = ("confidence_spearman", "tumour_excess_error", "tumour_low_confidence_share",
+                   "low_confidence_head_share")
 
 #: Why a patient of the split is not evaluated (groups not asked for).
 LEFT_OUT = {"train": "the model was trained on this patient",
@@ -90,7 +91,7 @@ class Evaluation:
     models: dict[str, Path] = field(default_factory=dict)
     #: patients of the manifest not evaluated -> why
     left_out: dict[str, str] = field(default_factory=dict)
-    #: how well the first model's confidence map tells its errors, per site (reliability.py)
+    #: how well each model's confidence map tells its errors, per site (reliability.py)
     reliability: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -227,8 +228,8 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
         truth = np.where(head, ce.array, 0.0)
         confidence = {label: patient_reliability(result, truth, head, tumour)
                       for label, result in results.items()}
-        if confidence[first] is not None:
-            measured.append((group, entry.institution, confidence[first]))
+        measured += [(label, group, entry.institution, found)
+                     for label, found in confidence.items() if found is not None]
         predictions[BASELINE] = np.where(head, t1.array, 0.0)
         grid_head = synthesis.mask_to_model_grid(head)
         grid_truth = np.where(grid_head, synthesis.to_model_grid(ce.array).numpy(), 0.0)

@@ -20,6 +20,7 @@ from torch.utils.data import DistributedSampler
 
 from config import InputError
 
+from .augmentation import Augmentation
 from .dataset import SliceCache
 
 
@@ -60,18 +61,21 @@ class Handler:
 
 
 class EpochData:
-    """The batches of an epoch for this process: slices of the cache, crops, and (CycleGAN)
-    CE-T1w slices of an independent permutation."""
+    """The batches of an epoch for this process: slices of the cache, crops, augmentation
+    (``training/augmentation.py``; the unpaired CE-T1w slices are not augmented), and
+    (CycleGAN) CE-T1w slices of an independent permutation."""
 
     def __init__(self, cache: SliceCache, rows: np.ndarray, *, batch_size: int, seed: int,
                  rank: int, world: int, crop: tuple[int, int] | None, unpaired: bool,
-                 device: torch.device, parts: int = 1) -> None:
+                 device: torch.device, parts: int = 1,
+                 augmentation: Augmentation | None = None) -> None:
         if batch_size % (world * parts):
             raise InputError(f"--batch-size {batch_size} (the global batch) must be a multiple "
                              f"of the {world} process(es) times {parts} micro-batch(es)")
         self.cache, self.rows = cache, np.asarray(rows)
         self.local_batch, self.parts = batch_size // world, parts
         self.seed, self.crop, self.unpaired, self.device = seed, crop, unpaired, device
+        self.augmentation = augmentation
         self.samplers = [DistributedSampler(range(len(self.rows)), num_replicas=world,
                                             rank=rank, shuffle=True, seed=seed + k,
                                             drop_last=True)
@@ -108,8 +112,12 @@ class EpochData:
         for index in range(first, len(parts[0])):
             top, left = self._window(epoch, index)
             rows = parts[0][index]
-            x = self._tensor(self.cache.inputs[rows][..., top, left])
-            y = self._tensor(self.cache.targets[rows][:, top, left])[:, None]
+            inputs = np.asarray(self.cache.inputs[rows][..., top, left], np.float32)
+            targets = np.asarray(self.cache.targets[rows][:, top, left], np.float32)
+            if self.augmentation is not None:
+                inputs, targets = self.augmentation.batch(inputs, targets,
+                                                          [(epoch, row) for row in rows])
+            x, y = self._tensor(inputs), self._tensor(targets)[:, None]
             apart = (self._tensor(self.cache.targets[parts[1][index]][:, top, left])[:, None]
                      if self.unpaired else None)
             yield index, (x, y, apart)

@@ -59,13 +59,18 @@ class ConfidenceRegularizer:
         self.value = float(state["value"])
 
 
-def error_loss(vce: torch.Tensor, log_error: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def error_loss(vce: torch.Tensor, log_error: torch.Tensor, target: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
     """Laplace negative log-likelihood of the VCE's error, |y - y_hat| / b + log b with
     b = exp(log_error) (the VCE detached: only the error head learns from it); its optimum is
-    b = E|y - y_hat|, the expected absolute error."""
+    b = E|y - y_hat|, the expected absolute error. With ``mask``, the mean over its pixels."""
     log_b = log_error.float().clamp(-9.0, 5.0)
     error = (vce.detach().float() - target.float()).abs()
-    return (error * torch.exp(-log_b) + log_b).mean()
+    likelihood = error * torch.exp(-log_b) + log_b
+    if mask is None:
+        return likelihood.mean()
+    weight = mask.float()
+    return (likelihood * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def confidence_loss(intermediate: torch.Tensor, confidence: torch.Tensor, target: torch.Tensor,

@@ -7,6 +7,8 @@ head):
 - the tumour's excess contrast (mean tumour / mean other head tissue - 1) of the VCE against
   the CE-T1w's, and where it is off by more than :data:`WRONG_ENHANCEMENT` (30 %), the share of
   the tumour the low-confidence helper covers (planning.helper_regions, as delivered);
+- the share of the head that helper covers (a helper that covers the whole head would cover
+  every tumour and tell nothing);
 - a reliability curve: the mean actual error per confidence bin next to what the confidence
   says (synthesis.inference: confidence c means an expected error of T (1 - c) / c).
 """
@@ -62,13 +64,13 @@ def patient_reliability(result: Any, truth: np.ndarray, head: np.ndarray,
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(error), min(SAMPLE, len(error)), replace=False)
     spearman = float(spearmanr(1.0 - confidence[pick], error[pick]).statistic)
+    helpers, _ = planning.helper_regions(result, PlanningSettings())
+    low = next((h.mask for h in helpers if h.name.endswith("LowConfidence")),
+               np.zeros(head.shape, bool))
     metrics = {"confidence_spearman": spearman, "tumour_excess_error": float("nan"),
-               "tumour_low_confidence_share": float("nan")}
+               "tumour_low_confidence_share": float("nan"),
+               "low_confidence_head_share": float((low & head).sum() / max(head.sum(), 1))}
     if tumour is not None and tumour.any():
-        settings = PlanningSettings()
-        helpers, _ = planning.helper_regions(result, settings)
-        low = next((h.mask for h in helpers if h.name.endswith("LowConfidence")),
-                   np.zeros(head.shape, bool))
         wanted, made = excess_contrast(truth, tumour, head), excess_contrast(vce, tumour, head)
         metrics["tumour_excess_error"] = abs(made - wanted) / max(abs(wanted), 1e-6)
         metrics["tumour_low_confidence_share"] = float((low & tumour).sum() / tumour.sum())
@@ -86,18 +88,22 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def site_reliability(patients: list[tuple[str, str, PatientReliability]]
+def site_reliability(patients: list[tuple[str, str, str, PatientReliability]]
                      ) -> list[dict[str, Any]]:
-    """Per (group, site): pooled Spearman, AUROC for the site's top-10 % errors, the tumours
-    whose enhancement is wrong and how many the low-confidence helper covers by half, and the
-    reliability curve."""
+    """Per (model, group, site) of ``patients`` (model, group, site, figures): pooled
+    Spearman, AUROC for the site's top-10 % errors, the tumours whose enhancement is wrong and
+    how many the low-confidence helper covers by half, the median share of the head it
+    covers, and the reliability curve."""
     from scipy.stats import spearmanr
 
-    by_site: dict[tuple[str, str], list[PatientReliability]] = defaultdict(list)
-    for group, site, reliability in patients:
-        by_site[(group, site)].append(reliability)
+    by_site: dict[tuple[str, str, str], list[PatientReliability]] = defaultdict(list)
+    for model, group, site, reliability in patients:
+        by_site[(model, group, site)].append(reliability)
+    order = list(dict.fromkeys(model for model, _, _, _ in patients))
     rows = []
-    for (group, site), members in sorted(by_site.items()):
+    for (model, group, site), members in sorted(by_site.items(),
+                                                key=lambda kv: (order.index(kv[0][0]),
+                                                                kv[0][1:])):
         confidence = np.concatenate([m.confidence for m in members])
         error = np.concatenate([m.error for m in members])
         wrong = [m for m in members if m.metrics["tumour_excess_error"] > WRONG_ENHANCEMENT]
@@ -106,23 +112,26 @@ def site_reliability(patients: list[tuple[str, str, PatientReliability]]
         curve = [(float(confidence[index == b].mean()), float(error[index == b].mean()),
                   int((index == b).sum())) for b in range(len(BINS) - 1) if (index == b).any()]
         rows.append({
-            "group": group, "institution": site, "patients": len(members),
+            "model": model, "group": group, "institution": site, "patients": len(members),
             "spearman": float(spearmanr(1.0 - confidence, error).statistic),
             "auroc_top10": auroc(1.0 - confidence, error > np.quantile(error, 0.9)),
             "tumours_wrong": len(wrong), "tumours_wrong_covered": len(covered),
+            "head_flagged_percent": 100.0 * float(np.median(
+                [m.metrics["low_confidence_head_share"] for m in members])),
             "curve": curve})
     return rows
 
 
 def reliability_markdown(rows: list[dict[str, Any]]) -> str:
     """The per-site table."""
-    lines = ["| group | institution | n | Spearman (1 - c, error) | AUROC top 10 % errors | "
-             "tumours with enhancement off > 30 % | of them >= half covered by the "
-             "low-confidence helper |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | group | institution | n | Spearman (1 - c, error) | AUROC top 10 % "
+             "errors | tumours with enhancement off > 30 % | of them >= half covered by the "
+             "low-confidence helper | head in that helper (median %) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['group']} | {r['institution']} | {r['patients']} | "
+        lines.append(f"| {r['model']} | {r['group']} | {r['institution']} | {r['patients']} | "
                      f"{r['spearman']:.2f} | {r['auroc_top10']:.2f} | {r['tumours_wrong']} | "
-                     f"{r['tumours_wrong_covered']} |")
+                     f"{r['tumours_wrong_covered']} | {r['head_flagged_percent']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -140,7 +149,8 @@ def reliability_figure(rows: list[dict[str, Any]], path: Path, tolerance: float)
     for r in rows:
         if r["curve"]:
             x, y, _ = zip(*r["curve"], strict=True)
-            axis.plot(x, y, "o-", ms=3, label=f"{r['institution']} ({r['group']})")
+            axis.plot(x, y, "o-", ms=3,
+                      label=f"{r['model']}: {r['institution']} ({r['group']})")
     axis.set_xlabel("confidence")
     axis.set_ylabel("mean |VCE - CE| (T1w head SDs)")
     axis.set_ylim(0, 2.0)

@@ -38,6 +38,7 @@ import torch
 import synthesis
 from config import InputError
 
+from .augmentation import Augmentation
 from .dataset import SliceCache, prepare, read_manifest
 from .handlers import (
     BatchNormRecalibration,
@@ -109,6 +110,9 @@ class TrainOptions:
     #: and average their losses: one process then computes what as many DistributedDataParallel
     #: processes would (each part is the share of the rank it stands for)
     micro_batches: int = 1
+    #: training augmentation (``training/augmentation.py``): the probability with which each
+    #: of its transforms acts on a sample (0: none)
+    augment: float = 0.0
 
 
 @dataclass
@@ -400,7 +404,9 @@ def train(manifest: Path, out: Path, options: TrainOptions,
                                 place.world, autocast, amp_dtype == torch.float16)
     data = EpochData(cache, cache.rows(set(split["train"])), batch_size=options.batch_size,
                      seed=options.seed, rank=place.rank, world=place.world, crop=options.crop,
-                     unpaired=objective.unpaired, device=device, parts=options.micro_batches)
+                     unpaired=objective.unpaired, device=device, parts=options.micro_batches,
+                     augmentation=(Augmentation(options.seed, options.augment)
+                                   if options.augment > 0 else None))
     schedule = LearningRateSchedule(objective.optimizers, options.epochs, options.decay_epochs)
     log = CSVLog(out / "training_log.csv", objective.losses, started) if place.main else None
     board = TensorBoard(out / "tensorboard") if place.main else None

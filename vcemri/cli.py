@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import platform
+import shlex
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -138,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the program; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(arguments)
+    #: the command line as run, for what a command records about itself (a checkpoint's)
+    args.command_line = shlex.join(["vcemri", *arguments])
     config.setup_logging(args.log_format, "DEBUG" if args.debug else args.log_level)
     handler: Handler = args.handler
     try:
