@@ -33,10 +33,14 @@ def test_the_shipped_model_was_trained_elsewhere():
     assert not set(EXTERNAL) & {p.key for p in shipped.meta.institutions}
 
 
-def test_the_shipped_model_beats_copying_the_t1w_in_the_tumour_on_unseen_patients(unseen):
+@pytest.fixture(scope="module")
+def evaluation(unseen):
     from training.evaluate import evaluate
 
-    evaluation = evaluate({"model": BUILTIN_CHECKPOINT}, unseen / "manifest.csv", device="cpu")
+    return evaluate({"model": BUILTIN_CHECKPOINT}, unseen / "manifest.csv", device="cpu")
+
+
+def test_the_shipped_model_beats_copying_the_t1w_in_the_tumour_on_unseen_patients(evaluation):
     rows = {(r["patient"], r["method"]): r for r in evaluation.rows}
     patients = sorted({p for p, _ in rows})
     assert len(patients) == 2 * len(EXTERNAL)
@@ -45,6 +49,22 @@ def test_the_shipped_model_beats_copying_the_t1w_in_the_tumour_on_unseen_patient
         copy = np.array([rows[(p, "VCE = T1w")][key] for p in patients], float)
         assert (model < copy).all(), (key, model, copy)
         assert model.mean() < 0.8 * copy.mean(), (key, model.mean(), copy.mean())
+
+
+def test_the_low_confidence_helper_covers_the_tumours_the_shipped_model_gets_wrong(evaluation):
+    """Seed 002's confidence as refitted (vcemri refit-confidence): where the synthetic
+    tumour's excess contrast is off by more than 30 % (the model under-enhances at unseen
+    sites), the low-confidence helper covers at least half of the tumour, and it does so
+    without flagging the head wholesale (measured on these patients: the tumours 68-75 %
+    covered with 0.8-2.8 % of the head flagged; before the refit 4-34 % covered, so this test
+    failed). The per-pixel correlation is reported by ``vcemri evaluate`` (README), not
+    asserted: on these 12-slice patients it is 0.14-0.30."""
+    model = [r for r in evaluation.rows if r["method"] == "model"]
+    wrong = [r for r in model if r["tumour_excess_error"] > 0.3]
+    assert wrong  # the shipped model does under-enhance here (see the README)
+    for row in wrong:
+        assert row["tumour_low_confidence_share"] >= 0.5, (row["patient"], row)
+    assert all(r["low_confidence_head_share"] < 0.05 for r in model)
 
 
 @pytest.fixture(scope="module")
