@@ -41,7 +41,7 @@ from .augmentation import Augmentation
 from .dataset import prepare, read_manifest
 from .loop import EpochData
 from .objectives import error_loss
-from .trainer import TrainOptions, design
+from .trainer import recorded_design
 
 
 @dataclass(frozen=True)
@@ -86,20 +86,6 @@ def _head(target: torch.Tensor) -> torch.Tensor:
     return target > floor + HEAD_MARGIN
 
 
-def _training_patients(checkpoint: synthesis.Checkpoint, patients: list[tuple[str, str]]
-                       ) -> list[str]:
-    """The checkpoint's training split, recomputed as ``vcemri train`` made it."""
-    training = checkpoint.meta.training
-    options = training.get("options") or {}
-    sites = options.get("institutions") or training.get("training_institutions")
-    if "seed" not in options or not sites:
-        raise InputError("the checkpoint does not record how it was trained (seed and "
-                         "institutions), so its training patients cannot be found")
-    return design(patients, TrainOptions(
-        institutions=tuple(sites), seed=int(options["seed"]),
-        internal_fraction=float(options.get("internal_fraction", 0.3))))["train"]
-
-
 def refit_confidence(model: str | Path, manifest: Path, out: Path,
                      options: RefitOptions = RefitOptions(),
                      progress: Callable[[int, float], None] | None = None,
@@ -114,7 +100,8 @@ def refit_confidence(model: str | Path, manifest: Path, out: Path,
         raise InputError(f"{model} has no confidence module (train it without "
                          "--no-confidence)")
     entries = read_manifest(Path(manifest))
-    train = set(_training_patients(checkpoint, [(e.patient, e.institution) for e in entries]))
+    train = set(recorded_design(checkpoint.meta.training,
+                                [(e.patient, e.institution) for e in entries])["train"])
     cache = prepare([e for e in entries if e.patient in train], out / "cache",
                     synthesis.Normalization("zscore", "patient"))
     device = synthesis.inference_device(options.device)

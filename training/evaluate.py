@@ -48,7 +48,7 @@ from .report import (
     training_curves,
     write_html,
 )
-from .trainer import TrainOptions, design
+from .trainer import recorded_design
 
 #: Metric keys of the acquired T1w grid carry this prefix (the others: the model grid).
 ACQUIRED = "acquired_"
@@ -137,16 +137,10 @@ def _split(path: Path, checkpoint: synthesis.Checkpoint, entries: list[PatientEn
     beside = path.with_name("split.json")
     if str(path) != "builtin" and beside.is_file():
         return dict(json.loads(beside.read_text()))
-    training = checkpoint.meta.training
-    options = training.get("options") or {}
-    if "seed" not in options:
-        return {}
-    sites = options.get("institutions") or training.get("training_institutions")
     try:
-        return design([(e.patient, e.institution) for e in entries], TrainOptions(
-            institutions=tuple(sites) if sites else None, seed=int(options["seed"]),
-            internal_fraction=float(options.get("internal_fraction", 0.3))))
-    except InputError:  # none of the model's training institutions is in this manifest
+        return recorded_design(checkpoint.meta.training,
+                               [(e.patient, e.institution) for e in entries])
+    except InputError:  # too little recorded, or none of its institutions in this manifest
         return {}
 
 

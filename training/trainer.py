@@ -153,6 +153,22 @@ def design(patients: list[tuple[str, str]], options: TrainOptions) -> dict[str, 
     return split
 
 
+def recorded_design(training: dict[str, Any], patients: list[tuple[str, str]]
+                    ) -> dict[str, list[str]]:
+    """The split :func:`design` made for a checkpoint, recomputed from what its metadata's
+    ``training`` records (seed, institutions, internal fraction: the design depends on nothing
+    else); :class:`config.InputError` when it records no seed or none of its training
+    institutions is among ``patients``."""
+    options = training.get("options") or {}
+    sites = options.get("institutions") or training.get("training_institutions")
+    if "seed" not in options:
+        raise InputError("the checkpoint does not record how it was trained (its seed), so "
+                         "its split cannot be recomputed")
+    return design(patients, TrainOptions(
+        institutions=tuple(sites) if sites else None, seed=int(options["seed"]),
+        internal_fraction=float(options.get("internal_fraction", 0.3))))
+
+
 def _profiles(cache: SliceCache, patients: set[str]) -> list[Any]:
     groups: dict[str, list[Any]] = defaultdict(list)
     for p in cache.patients:
