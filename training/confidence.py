@@ -39,7 +39,8 @@ from config import InputError
 
 from .augmentation import Augmentation
 from .dataset import prepare, read_manifest
-from .loop import EpochData
+from .handlers import Progress, StepLimit
+from .loop import EpochData, Loop
 from .objectives import error_loss
 from .trainer import recorded_design
 
@@ -86,6 +87,34 @@ def _head(target: torch.Tensor) -> torch.Tensor:
     return target > floor + HEAD_MARGIN
 
 
+class _ErrorHeadObjective:
+    """One step of the error head alone (the rest of the generator frozen, in eval mode): the
+    loop's objective (training/loop.py)."""
+
+    losses = ("loss_error",)
+
+    def __init__(self, generator: torch.nn.Module, options: RefitOptions) -> None:
+        self.generator = generator
+        self.channels = [("t1w", "t2w").index(m)
+                         for m in getattr(generator, "inputs", ("t1w", "t2w"))]
+        head = [p for p in generator.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(head, options.learning_rate, betas=(0.5, 0.999))
+        # the loss on augmented slices is heavy-tailed (a few draws make errors far above the
+        # rest): a rate annealed to 0 keeps the last of them from deciding the result
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
+                                                                   T_max=options.steps)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor,
+             unpaired: torch.Tensor | None = None) -> torch.Tensor:
+        vce, _, _, log_error = self.generator(x[:, self.channels], aux=True)
+        loss = error_loss(vce, log_error, y, _head(y))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        return loss.detach().float()[None]
+
+
 def refit_confidence(model: str | Path, manifest: Path, out: Path,
                      options: RefitOptions = RefitOptions(),
                      progress: Callable[[int, float], None] | None = None,
@@ -108,32 +137,19 @@ def refit_confidence(model: str | Path, manifest: Path, out: Path,
     generator = generator.to(device).eval()
     for name, parameter in generator.named_parameters():
         parameter.requires_grad_(name.startswith("error_head."))
-    head = [p for p in generator.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(head, options.learning_rate, betas=(0.5, 0.999))
-    # the loss on augmented slices is heavy-tailed (a few draws make errors far above the
-    # rest): a rate annealed to 0 keeps the last of them from deciding the result
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.steps)
-    channels = [("t1w", "t2w").index(m) for m in getattr(generator, "inputs", ("t1w", "t2w"))]
+    objective = _ErrorHeadObjective(generator, options)
     data = EpochData(cache, cache.rows(train), batch_size=options.batch_size,
                      seed=options.seed, rank=0, world=1, crop=options.crop, unpaired=False,
                      device=device, augmentation=Augmentation(options.seed, options.augment))
-    torch.manual_seed(options.seed)
     losses: list[float] = []
-    epoch = 1
-    while len(losses) < options.steps:
-        for _, (x, y, _) in data.epoch(epoch):
-            vce, _, _, log_error = generator(x[:, channels], aux=True)
-            loss = error_loss(vce, log_error, y, _head(y))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-            if progress is not None:
-                progress(len(losses), losses[-1])
-            if len(losses) >= options.steps:
-                break
-        epoch += 1
+
+    def report(stage: str, values: dict[str, Any]) -> None:
+        losses.append(values["loss_error"])
+        if progress is not None:
+            progress(len(losses), losses[-1])
+
+    # every epoch has at least one batch, so `steps` epochs are never the limit
+    Loop(objective, data, [StepLimit(options.steps), Progress(report)], options.steps).run()
     for parameter in generator.parameters():
         parameter.requires_grad_(True)
     seconds = time.perf_counter() - started
@@ -141,8 +157,8 @@ def refit_confidence(model: str | Path, manifest: Path, out: Path,
         **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(options).items()},
         "patients": len(train), "manifest": str(manifest), "command": command,
         "seconds": round(seconds, 1), "source_weights_sha256": checkpoint.weights_sha256,
-        "loss_first_100": round(float(np.mean(losses[:100])), 4) if losses else None,
-        "loss_last_100": round(float(np.mean(losses[-100:])), 4) if losses else None}
+        "loss_first_100": round(float(np.mean(losses[:100])), 4),
+        "loss_last_100": round(float(np.mean(losses[-100:])), 4)}
     meta = checkpoint.meta
     confidence = (meta.confidence or synthesis.ConfidenceMeta(loss_lambda=0.0)).model_copy(
         update={"refit": record})
@@ -151,6 +167,5 @@ def refit_confidence(model: str | Path, manifest: Path, out: Path,
     saved = synthesis.save_checkpoint(out / "model.safetensors", generator.cpu(), meta,
                                       checkpoint.discriminator, checkpoint.fitness)
     (out / "refit.json").write_text(json.dumps(record, indent=1))
-    return RefitResult(saved, len(losses), seconds, len(train),
-                       record["loss_first_100"] or float("nan"),
-                       record["loss_last_100"] or float("nan"))
+    return RefitResult(saved, len(losses), seconds, len(train), record["loss_first_100"],
+                       record["loss_last_100"])
