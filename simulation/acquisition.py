@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .mr_physics import bias_field, flow_factor, rician, signal, with_gadolinium
+from .mr_physics import bias_field, rician, sequence_factor, signal, with_gadolinium
 from .phantom import Anatomy, Patient, anatomy
 from .sites import Grid, PulseSequence, Role, Site
 from .tissues import Tissue, property_maps
@@ -116,6 +116,46 @@ def draw_protocols(site: Site, rng: np.random.Generator) -> dict[Role, Protocol]
 
 
 @dataclass(frozen=True)
+class Artefacts:
+    """Artefacts beyond noise and bias that randomised protocols add (none by default):
+
+    - a dental susceptibility artefact: a signal void of ``dental_radius_mm`` around a point of
+      the patient's canonical anatomy (a filling or a crown, mm), with a bright rim where the
+      field distortion piles signal up; gradient echoes, which do not refocus the dephasing,
+      show it 1.6 times wider;
+    - motion ghosts: two copies of the image shifted by +-``ghost_shift`` of the matrix along
+      the phase-encoding (anterior-posterior, row) direction, each half of ``ghost_fraction``
+      of the signal (swallowing or breathing during the acquisition), in every series of
+      the patient.
+    """
+
+    dental_centre_mm: tuple[float, float, float] | None = None
+    dental_radius_mm: float = 0.0
+    ghost_fraction: float = 0.0
+    ghost_shift: float = 0.33
+
+    def susceptibility(self, scene: Scene, patient: Patient,
+                       sequence: PulseSequence) -> np.ndarray | float:
+        """Multiplier of the signal (slices x rows x columns), or 1.0 without a filling."""
+        if self.dental_centre_mm is None or self.dental_radius_mm <= 0:
+            return 1.0
+        radius = self.dental_radius_mm * (1.6 if sequence.kind == "GRE" else 1.0)
+        canonical = patient.to_canonical(scene.geometry.points())
+        d = np.linalg.norm(canonical - np.asarray(self.dental_centre_mm, np.float32), axis=1)
+        void = 1.0 - 0.95 * np.exp(-((d / radius) ** 6))
+        rim = 0.6 * np.exp(-(((d - 1.15 * radius) / (0.15 * radius)) ** 2))
+        return (void + rim).astype(np.float32).reshape(scene.shape)
+
+    def ghosts(self, image: np.ndarray) -> np.ndarray:
+        """``image`` plus its motion ghosts along the rows (axis 1)."""
+        if self.ghost_fraction <= 0:
+            return image
+        shift = max(1, int(round(image.shape[1] * self.ghost_shift)))
+        copies = np.roll(image, shift, axis=1) + np.roll(image, -shift, axis=1)
+        return (image + 0.5 * self.ghost_fraction * copies).astype(np.float32)
+
+
+@dataclass(frozen=True)
 class Scene:
     """A patient's anatomy on one geometry, at each through-slice sub-plane; the series that
     share a geometry (T1w and CE, often T2w) share a scene."""
@@ -158,17 +198,18 @@ def _signal(scene: Scene, sequence: PulseSequence, protocol: Protocol, field_t: 
             gd = maps["gd_mmol"] * np.where(plane.tumour, np.clip(1.0 + 0.6 * plane.uptake,
                                                                   0.25, 1.8), 1.0)
             t1, t2 = with_gadolinium(t1, t2, gd.astype(np.float32), field_t)
-        total += signal(sequence, protocol.tr_ms, protocol.te_ms, t1, t2, pd) * flow_factor(
+        total += signal(sequence, protocol.tr_ms, protocol.te_ms, t1, t2, pd) * sequence_factor(
             sequence, plane.labels)
     return (total / len(scene.planes)).reshape(scene.shape)
 
 
 def acquire(scene: Scene, patient: Patient, site: Site, role: Role,
             protocol: Protocol, gain: float, rng: np.random.Generator,
-            protocol_t1w: Protocol | None = None) -> np.ndarray:
+            protocol_t1w: Protocol | None = None,
+            artefacts: Artefacts | None = None) -> np.ndarray:
     """Simulate one series in scanner units (float32, slices x rows x columns): physics, the
     patient's coil bias (the same for all their series), the scanner's scale times the
-    patient's ``gain``, and Rician noise drawn from ``rng``."""
+    patient's ``gain``, ``artefacts`` if any, and Rician noise drawn from ``rng``."""
     sequence = site.sequence(role)
     clean = _signal(scene, sequence, protocol, site.field_t, contrast=(role == "ce"))
     if role == "ce" and sequence != site.t1w:
@@ -183,6 +224,8 @@ def acquire(scene: Scene, patient: Patient, site: Site, role: Role,
     bias = bias_field(scene.geometry.points(), site.bias,
                       np.random.default_rng(patient.bias_seed)).reshape(scene.shape)
     scaled = clean * bias * (site.intensity_scale * gain)
+    if artefacts is not None:
+        scaled = artefacts.ghosts(scaled * artefacts.susceptibility(scene, patient, sequence))
     foreground = scaled[scene.labels != Tissue.AIR]
     sigma = site.noise * float(foreground.mean() if foreground.size else 1.0)
     return rician(scaled, sigma, rng)

@@ -12,6 +12,8 @@ from .sites import SITES
 
 
 def _institutions(text: str) -> tuple[str, ...]:
+    if text.strip().lower() == "none":
+        return ()
     keys = tuple(k.strip() for k in text.split(",") if k.strip())
     unknown = [k for k in keys if k not in SITES]
     if unknown or not keys:
@@ -20,6 +22,19 @@ def _institutions(text: str) -> tuple[str, ...]:
             f"known: {', '.join(SITES)}"
         )
     return keys
+
+
+def _families(role: str) -> Any:
+    def parse(text: str) -> tuple[str, ...]:
+        from .randomized import check_families
+
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        try:
+            check_families({role: names})  # type: ignore[dict-item]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return names
+    return parse
 
 
 def _advance(bar: Any, patient: str) -> None:
@@ -41,9 +56,15 @@ def _simulate(args: argparse.Namespace) -> int:
         matrix_scale=args.matrix_scale,
         slices=args.slices,
         misalign_mm=args.misalign,
+        randomized=args.randomize,
+        random_name=args.random_name,
+        random_groups=args.random_groups,
+        lesions=args.lesions,
+        families=tuple((role, names) for role, names in
+                       (("t1w", args.t1w_families), ("t2w", args.t2w_families)) if names),
     )
     check_output_directory(Path(args.out), args.overwrite)
-    total = len(options.institutions) * options.patients_per_institution
+    total = len(options.institutions) * options.patients_per_institution + options.randomized
     with tqdm(total=total, unit="patient", desc="simulating", file=sys.stderr,
               disable=args.quiet) as bar:
         records = simulate_cohort(
@@ -52,8 +73,10 @@ def _simulate(args: argparse.Namespace) -> int:
             progress=lambda record: _advance(bar, record.patient),
         )
     volumes = sorted(r.tumour_volume_ml for r in records)
-    print(f"simulated {len(records)} patients from {len(options.institutions)} institutions "
-          f"into {args.out}")
+    randomized = (f" and {options.randomized} with randomised protocols"
+                  if options.randomized else "")
+    print(f"simulated {len(records)} patients from {len(options.institutions)} institutions"
+          f"{randomized} into {args.out}")
     print(f"manifest: {Path(args.out) / 'manifest.csv'}")
     print(f"tumour volumes: {volumes[0]:.1f}-{volumes[-1]:.1f} ml")
     if args.preview:
@@ -77,7 +100,8 @@ def add_commands(commands: Any) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument(
         "--institutions", type=_institutions, default=tuple(SITES), metavar="LIST",
-        help=f"comma-separated institution keys (default: all of {','.join(SITES)})",
+        help=f"comma-separated institution keys, or 'none' (default: all of "
+        f"{','.join(SITES)})",
     )
     parser.add_argument("--patients-per-institution", type=int, default=5, metavar="N",
                         help="patients simulated at each institution (default 5)")
@@ -89,6 +113,29 @@ def add_commands(commands: Any) -> None:
                         help="slices per series (default: ~120 mm of coverage)")
     parser.add_argument("--misalign", type=float, default=0.0, metavar="MM",
                         help="move the patient up to MM mm (MM/2 degrees) between series")
+    randomized = parser.add_argument_group(
+        "randomised protocols", "patients whose scanner, sequences, TR/TE/TI/flip, scaling, "
+        "geometry, bias, noise, obliquity and artefacts are drawn per patient from wide "
+        "ranges (docs/randomized-protocols.md)")
+    randomized.add_argument("--randomize", type=int, default=0, metavar="N",
+                            help="add N randomised-protocol patients (default 0)")
+    randomized.add_argument("--random-name", default="random", metavar="NAME",
+                            help="their institution in the manifest (default 'random'; use "
+                            "another name for a test cohort, so that evaluate counts it as "
+                            "external)")
+    randomized.add_argument("--random-groups", type=int, default=1, metavar="K",
+                            help="list them as K institutions NAME1..NAMEK, dealt in turn "
+                            "(training takes equal patients per institution; default 1)")
+    randomized.add_argument("--t1w-families", type=_families("t1w"), default=None,
+                            metavar="LIST", help="T1w families to draw from (default all: "
+                            "SE,TSE,GRE2D,GRE3D,IR)")
+    randomized.add_argument("--t2w-families", type=_families("t2w"), default=None,
+                            metavar="LIST", help="T2w families to draw from (default all: "
+                            "TSE,TSE-FS,STIR)")
+    parser.add_argument("--lesions", type=int, default=0, metavar="N",
+                        help="paint N extra lesions of random size (6-60 mm), shape, site and "
+                        "necrosis into every patient (seed 004's tumour augmentation; "
+                        "default 0)")
     parser.add_argument("--preview", action="store_true",
                         help="write preview.png: one patient per institution")
     parser.add_argument("--workers", type=int, default=_default_workers(), metavar="N",

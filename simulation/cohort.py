@@ -20,7 +20,7 @@ import datetime as _dt
 import json
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -39,9 +39,11 @@ from .acquisition import (
     scene,
 )
 from .export import PatientInfo, series_datasets, write_mask_nifti, write_mask_seg
+from .lesions import sample_lesion
 from .pelvis import pelvis_scene
 from .phantom import sample_patient
 from .preview import write_preview
+from .randomized import RandomDraw, check_families, draw, stream_key
 from .record import PatientRecord
 from .sites import ROLES, SITES, Role, Site
 
@@ -54,7 +56,18 @@ MANIFEST_COLUMNS = ("patient", "institution", "role", "path")
 class SimulationOptions:
     """What to simulate. ``matrix_scale`` < 1 and ``slices`` make small, fast test cohorts;
     ``misalign_mm`` moves the patient between series (rigid, up to that many mm and
-    ``misalign_mm / 2`` degrees), as seed 000 FIG. 10 shows for unregistered hospital data."""
+    ``misalign_mm / 2`` degrees), as seed 000 FIG. 10 shows for unregistered hospital data.
+
+    ``randomized`` adds that many patients with randomised protocols (simulation/randomized.py)
+    as the institution ``random_name``, their T1w and T2w drawn from ``families`` ((role,
+    names) pairs; default every family). With ``random_groups`` > 1 they are dealt in turn to
+    that many institutions ``<random_name>1``, ``<random_name>2``, ... (training takes equal
+    patients from each institution; every patient still draws its own protocol, and is the
+    same patient whatever the grouping).
+
+    ``lesions`` paints that many extra lesions into every patient (seed 004's tumour
+    augmentation, simulation/lesions.py), drawn from their own random stream: the patient,
+    protocol and noise are the same as without them."""
 
     institutions: tuple[str, ...] = tuple(SITES)
     patients_per_institution: int = 5
@@ -62,6 +75,11 @@ class SimulationOptions:
     matrix_scale: float = 1.0
     slices: int | None = None
     misalign_mm: float = 0.0
+    randomized: int = 0
+    random_name: str = "random"
+    random_groups: int = 1
+    lesions: int = 0
+    families: tuple[tuple[Role, tuple[str, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.institutions if k not in SITES]
@@ -69,6 +87,22 @@ class SimulationOptions:
             raise VcemriError(
                 f"unknown institution {', '.join(unknown)} (known: {', '.join(SITES)})"
             )
+        if not self.institutions and self.randomized < 1:
+            raise VcemriError("nothing to simulate: name an institution or randomise patients")
+        if self.randomized < 0:
+            raise VcemriError("randomised patients must be 0 or more")
+        if not 0 <= self.lesions <= 8:
+            raise VcemriError(f"{self.lesions} extra lesions per patient: 0-8")
+        if not 1 <= self.random_groups <= max(1, self.randomized):
+            raise VcemriError(f"{self.random_groups} groups of randomised patients: between 1 "
+                              f"and the number of randomised patients ({self.randomized})")
+        if self.random_name in SITES or not self.random_name.replace("-", "").isalnum():
+            raise VcemriError(f"{self.random_name!r} cannot name randomised patients: use "
+                              "letters, digits and '-', and not a fixed site's key")
+        try:
+            check_families(dict(self.families))
+        except ValueError as exc:
+            raise VcemriError(str(exc)) from None
         if self.patients_per_institution < 1:
             raise VcemriError("patients per institution must be at least 1")
         if not 0.05 <= self.matrix_scale <= 2.0:
@@ -114,14 +148,36 @@ def simulate_patient(out: Path, key: str, index: int, options: SimulationOptions
                      tumour_diameter_mm: float | None = None) -> PatientRecord:
     """Simulate and write one patient; returns its record (paths relative to ``out``).
 
+    ``key`` is a fixed site's, or ``options.random_name`` for a patient whose scanner,
+    protocol and anatomy variation are drawn (:func:`simulation.randomized.draw`).
+
     For screening's benchmarks and tests: ``site`` replaces the catalogue's site ``key``
     (another protocol or geometry, the same patient), ``body="pelvis"`` images a pelvis
     instead of the head (a wrong body part; no tumour, no ground-truth mask), and
     ``tumour_diameter_mm`` fixes the tumour's size."""
-    site = site or SITES[key]
-    rng = np.random.default_rng(
-        np.random.SeedSequence([options.seed, list(SITES).index(key), index]))
+    drawn: RandomDraw | None = None
+    if key in SITES:
+        stream = list(SITES).index(key)
+    elif key in random_groups(options):
+        stream = stream_key(options.random_name)
+        drawn = draw(key, index, np.random.default_rng(
+            np.random.SeedSequence([options.seed, stream, index, 1])), dict(options.families))
+    else:
+        raise VcemriError(f"unknown institution {key!r} (known: {', '.join(SITES)})")
+    site = site or (drawn.site if drawn else SITES[key])
+    rng = np.random.default_rng(np.random.SeedSequence([options.seed, stream, index]))
     patient = sample_patient(rng, tumour_diameter_mm)
+    movement = options.misalign_mm
+    artefacts = None
+    if drawn is not None:
+        patient = drawn.anatomy.apply(patient)
+        movement = max(movement, drawn.anatomy.movement_mm)
+        artefacts = drawn.anatomy.artefacts
+    if options.lesions:
+        lesion_rng = np.random.default_rng(
+            np.random.SeedSequence([options.seed, stream, index, 2]))
+        patient = replace(patient, lesions=tuple(sample_lesion(lesion_rng)
+                                                 for _ in range(options.lesions)))
     protocols = draw_protocols(site, rng)
     info = _patient_info(site, index, options.seed, rng)
     gain = float(rng.lognormal(0.0, 0.08))  # per-session receiver gain
@@ -138,11 +194,14 @@ def simulate_patient(out: Path, key: str, index: int, options: SimulationOptions
     paths: dict[str, str] = {}
     for role in ROLES:
         subject = patient
-        if options.misalign_mm > 0 and role != "t1w":
-            subject = patient.moved(move_rng, options.misalign_mm, options.misalign_mm / 2)
+        if movement > 0 and role != "t1w":
+            subject = patient.moved(move_rng, movement, movement / 2)
             misalignment[role] = [round(float(v - w), 3) for v, w in
                                   zip(subject.translation, patient.translation, strict=True)]
-        geometry = make_geometry(site.grid_for(role), slices, site.tilt_deg,
+        grid = site.grid_for(role)
+        # A series on its own grid covers what the T1w covers (one planned slab).
+        count = max(2, int(round(slices * site.grid.slice_spacing_mm / grid.slice_spacing_mm)))
+        geometry = make_geometry(grid, count, site.tilt_deg,
                                  options.matrix_scale)
         cache_key = (id(subject), geometry.rows, geometry.columns, geometry.row_spacing_mm)
         if cache_key not in scenes:
@@ -150,7 +209,7 @@ def simulate_patient(out: Path, key: str, index: int, options: SimulationOptions
                                  pelvis_scene(geometry, np.random.default_rng(index)))
         acquired = scenes[cache_key]
         volumes[role] = acquire(acquired, subject, site, role, protocols[role], gain,
-                                noise_rng, protocols["t1w"])
+                                noise_rng, protocols["t1w"], artefacts)
         geometries[role] = geometry
         datasets[role] = series_datasets(volumes[role], geometry, site, role,
                                          protocols[role], info)
@@ -193,14 +252,26 @@ def simulate_patient(out: Path, key: str, index: int, options: SimulationOptions
                    for r, p in protocols.items()},
         gain=round(gain, 4),
         misalignment=misalignment,
+        randomized=drawn.describe() if drawn else None,
+        lesions=[lesion.describe() for lesion in patient.lesions],
         preview=preview,
     )
 
 
 def _jobs(options: SimulationOptions, preview: bool) -> list[tuple[str, int, bool]]:
-    return [(key, i, preview and i == 1)
-            for key in options.institutions
-            for i in range(1, options.patients_per_institution + 1)]
+    fixed = [(key, i, preview and i == 1)
+             for key in options.institutions
+             for i in range(1, options.patients_per_institution + 1)]
+    groups = random_groups(options)
+    return fixed + [(groups[(i - 1) % len(groups)], i, preview and i <= len(groups))
+                    for i in range(1, options.randomized + 1)]
+
+
+def random_groups(options: SimulationOptions) -> list[str]:
+    """The institutions randomised patients are listed under."""
+    if options.random_groups == 1:
+        return [options.random_name]
+    return [f"{options.random_name}{k}" for k in range(1, options.random_groups + 1)]
 
 
 def _run(args: tuple[Path, str, int, SimulationOptions, bool]) -> PatientRecord:
@@ -257,7 +328,9 @@ def simulate_cohort(
         summary = {
             "software": "vcemri simulator",
             "options": asdict(options),
-            "institutions": {k: SITES[k].title for k in options.institutions},
+            "institutions": {k: SITES[k].title for k in options.institutions} | (
+                {group: "patients with randomised protocols (docs/randomized-protocols.md)"
+                 for group in random_groups(options)} if options.randomized else {}),
             "patients": [{k: v for k, v in asdict(r).items() if k != "preview"}
                          for r in records],
         }

@@ -17,8 +17,13 @@ _FLOW = {
     "SE": {Tissue.ARTERY: 0.08, Tissue.VEIN: 0.35},
     "FSE": {Tissue.ARTERY: 0.08, Tissue.VEIN: 0.35},
     "STIR": {Tissue.ARTERY: 0.05, Tissue.VEIN: 0.3},
+    "IR": {Tissue.ARTERY: 0.08, Tissue.VEIN: 0.35},
     "GRE": {Tissue.ARTERY: 1.3, Tissue.VEIN: 1.0},
 }
+
+#: Signal left to fat under chemical fat suppression (fat saturation, SPAIR): a few per cent
+#: in subcutaneous fat; marrow, about half water, keeps more.
+FAT_SUPPRESSION = {Tissue.FAT: 0.08, Tissue.MARROW: 0.4}
 
 #: T2* is shorter than T2 (field inhomogeneity); a fixed ratio is enough at our short TEs.
 _T2STAR_RATIO = 0.7
@@ -45,13 +50,14 @@ def signal(
     """Steady-state magnitude signal of ``sequence`` for each voxel's T1, T2 and PD.
 
     - SE / FSE: PD (1 - exp(-TR/T1)) exp(-TE/T2), TE the effective echo time for FSE;
-    - STIR: PD |1 - 2 exp(-TI/T1) + exp(-TR/T1)| exp(-TE/T2);
+    - STIR and IR (T1-FLAIR): PD |1 - 2 exp(-TI/T1) + exp(-TR/T1)| exp(-TE/T2), a magnitude
+      reconstruction;
     - spoiled GRE: PD sin(a) (1 - E1) / (1 - cos(a) E1) exp(-TE/T2*), E1 = exp(-TR/T1).
     """
     e1 = np.exp(-tr_ms / t1_ms)
     if sequence.kind in ("SE", "FSE"):
         out = pd * (1.0 - e1) * np.exp(-te_ms / t2_ms)
-    elif sequence.kind == "STIR":
+    elif sequence.kind in ("STIR", "IR"):
         ti = float(sequence.ti_ms or 0.0)
         out = pd * np.abs(1.0 - 2.0 * np.exp(-ti / t1_ms) + e1) * np.exp(-te_ms / t2_ms)
     else:
@@ -63,11 +69,15 @@ def signal(
     return out.astype(np.float32)
 
 
-def flow_factor(sequence: PulseSequence, labels: np.ndarray) -> np.ndarray:
-    """Per-voxel multiplier for flowing blood in this sequence (1 elsewhere)."""
+def sequence_factor(sequence: PulseSequence, labels: np.ndarray) -> np.ndarray:
+    """Per-voxel multiplier for flowing blood in this sequence, and for fat when the sequence
+    suppresses it (1 elsewhere)."""
     factor = np.ones(labels.shape, np.float32)
     for tissue, value in _FLOW[sequence.kind].items():
         factor[labels == tissue] = value
+    if sequence.fat_suppressed:
+        for tissue, value in FAT_SUPPRESSION.items():
+            factor[labels == tissue] = value
     return factor
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .lesions import LEVELS, Lesion
 from .tissues import Tissue
 
 Vec = tuple[float, float, float]
@@ -87,6 +88,8 @@ class Patient:
     texture: Texture
     tumour: TumourSpec
     bias_seed: int  # the receive-coil bias of this patient's session
+    #: extra lesions painted by seed 004's tumour augmentation (simulation/lesions.py)
+    lesions: tuple[Lesion, ...] = ()
 
     def moved(self, rng: np.random.Generator, max_mm: float, max_deg: float) -> Patient:
         """The same patient after a small rigid movement (between two series)."""
@@ -313,10 +316,48 @@ def anatomy(patient: Patient, points: np.ndarray) -> Anatomy:
         in_tumour &= ~np.isin(space.labels, (Tissue.CORTICAL_BONE, Tissue.MARROW))
     space.labels[in_tumour] = Tissue.TUMOUR
     space.labels[in_tumour & necrotic] = Tissue.NECROSIS
+    uptake[index[in_tumour]] = patient.texture(space.p[in_tumour], 1)
+    if patient.lesions:
+        extra, dead, extra_uptake = _lesions(patient, space)
+        space.labels[extra] = Tissue.TUMOUR
+        space.labels[dead] = Tissue.NECROSIS
+        in_tumour |= extra
+        uptake[index[extra]] = extra_uptake[extra]
     labels[index] = space.labels
     tumour[index] = in_tumour
-    uptake[index[in_tumour]] = patient.texture(space.p[in_tumour], 1)
     return Anatomy(labels, tumour, texture, uptake)
+
+
+#: Tissues a lesion may grow into (seed 004's G_binary keeps a tumour to its anatomy).
+_LESION_GROWS_IN = (Tissue.FAT, Tissue.MUSCLE, Tissue.MUCOSA, Tissue.PAROTID, Tissue.TUMOUR,
+                    Tissue.NECROSIS)
+
+
+def _lesions(patient: Patient, space: _Space) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lesion, necrosis, uptake) on the space's points for the patient's extra lesions: each
+    lesion's quantised map (simulation/lesions.py) on the soft tissue it overlaps, necrotic
+    levels as necrosis, the others with their level's uptake plus the tumour's texture."""
+    lesion = np.zeros(len(space.p), bool)
+    necrosis = np.zeros(len(space.p), bool)
+    uptake = np.zeros(len(space.p), np.float32)
+    soft = np.isin(space.labels, _LESION_GROWS_IN)
+    for spec in patient.lesions:
+        spheres = spec.spheres
+        reach = spheres.radius_mm * (1.0 + spec.lobulation)
+        sl = space.slab(spheres.centre[2] - reach, spheres.centre[2] + reach)
+        near = sl.start + np.flatnonzero(space.d2(spheres.centre, (reach,) * 3, sl) < 1.0)
+        near = near[soft[near]]
+        field = patient.texture(space.p[near] + np.asarray(spec.phase, np.float32), 1)
+        levels = spec.levels(space.p[near], field)
+        for level, value in zip(LEVELS, spec.uptake, strict=True):
+            chosen = levels == level
+            if value is None:
+                necrosis[near[chosen]] = True
+            else:
+                uptake[near[chosen]] = np.clip(value + 0.3 * field[chosen], -1.0, 1.0)
+            lesion[near[chosen]] = True
+    necrosis &= lesion
+    return lesion, necrosis, uptake
 
 
 def _paint_anatomy(patient: Patient, s: _Space) -> None:

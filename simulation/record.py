@@ -21,5 +21,9 @@ class PatientRecord:
     protocols: dict[str, dict[str, float]]
     gain: float
     misalignment: dict[str, list[float]] = field(default_factory=dict)
+    #: the drawn scanner, protocol and anatomy of a randomised-protocol patient
+    randomized: dict[str, object] | None = None
+    #: seed 004's extra lesions (simulation/lesions.py), beside the primary tumour
+    lesions: list[dict[str, object]] = field(default_factory=list)
     #: the slices the preview shows (T1w, T2w, CE-T1w and the tumour mask), when asked for
     preview: dict[str, list[list[float]]] | None = field(default=None, repr=False)

@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-SequenceFamily = Literal["SE", "FSE", "GRE", "STIR"]
+#: SE and FSE (turbo spin echo), spoiled gradient echo, STIR, and IR: a T1-weighted inversion
+#: recovery (T1-FLAIR), whose long TI nulls nothing but lengthens the T1 contrast.
+SequenceFamily = Literal["SE", "FSE", "GRE", "STIR", "IR"]
 Role = Literal["t1w", "t2w", "ce"]
 ROLES: tuple[Role, ...] = ("t1w", "t2w", "ce")
 
@@ -35,16 +37,26 @@ class PulseSequence:
     echo_train_length: int = 1
     acquisition: Literal["2D", "3D"] = "2D"
     sequence_name: str = ""
+    #: Chemical fat suppression (fat saturation or SPAIR): fat keeps a few per cent of its signal.
+    fat_suppressed: bool = False
 
     @property
     def scanning_sequence(self) -> str:
         """DICOM ScanningSequence (0018,0020)."""
-        return {"SE": "SE", "FSE": "SE", "GRE": "GR", "STIR": "IR\\SE"}[self.kind]
+        return {"SE": "SE", "FSE": "SE", "GRE": "GR", "STIR": "IR\\SE",
+                "IR": "SE\\IR"}[self.kind]
 
     @property
     def sequence_variant(self) -> str:
         """DICOM SequenceVariant (0018,0021)."""
-        return {"SE": "SP", "FSE": "SK\\SP", "GRE": "SP\\SS", "STIR": "SK\\SP"}[self.kind]
+        return {"SE": "SP", "FSE": "SK\\SP", "GRE": "SP\\SS", "STIR": "SK\\SP",
+                "IR": "SK\\SP\\MP"}[self.kind]
+
+    @property
+    def scan_options(self) -> str:
+        """DICOM ScanOptions (0018,0022): FS for fat saturation (the inversion of STIR and IR
+        is in ScanningSequence)."""
+        return "FS" if self.fat_suppressed else ""
 
 
 @dataclass(frozen=True)
