@@ -107,7 +107,10 @@ def _jobs_show(args: argparse.Namespace) -> int:
         print(f"institution:  {decision.get('institution') or 'external'} (closest "
               f"{decision.get('closest')}, confidence {decision.get('confidence')})")
     if result.get("edm"):
-        print(f"EDM factors:  T1w {result['edm']['t1w']}, T2w {result['edm']['t2w']}")
+        edm = result["edm"]
+        # jobs recorded before EDM said whether it applies carry only the factors
+        line = edm.get("line") or f"EDM T1w x{edm['t1w']}, T2w x{edm['t2w']}"
+        print(f"EDM:          {line}")
     if result.get("output_folder"):
         print(f"outputs:      {result['output_folder']}")
     for name in job.destinations:

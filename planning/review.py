@@ -102,8 +102,8 @@ def montage(result: SynthesisResult, helpers: Sequence[Helper], k: int,
         "SYNTHETIC contrast-enhanced T1w (VCE-MRI): no contrast agent was given; "
         "not for diagnosis without review",
         f"verdict: {verdict.line()}",
-        f"{where}, confidence {decision.confidence:.2f}; EDM T1w x{result.edm.t1w:.3f}, "
-        f"T2w x{result.edm.t2w:.3f}; model {result.model.get('architecture')}",
+        f"{where}, confidence {decision.confidence:.2f}; {result.edm.line()}; model "
+        f"{result.model.get('architecture')}",
         f"slice {k + 1}/{result.vce.shape[0]}; helpers: "
         + (", ".join(h.name for h in helpers) or "none"),
     ]

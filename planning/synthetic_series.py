@@ -106,7 +106,7 @@ def synthetic_series(result: SynthesisResult, t1w_header: Dataset,
     where = (result.institution.institution
              or f"external, closest {result.institution.closest}")
     derivation = (f"Synthetic contrast-enhanced T1w computed by {model} from the T1w and T2w "
-                  f"series; no contrast agent was given. EDM factor {result.edm.t1w:.3f}; "
+                  f"series; no contrast agent was given. {result.edm.line()}; "
                   f"institution {where}")
     equipment = synthesis.synthesizing_equipment(model)
     attributes = {k: t1w_header.data_element(k).value for k in MR_COPIED if k in t1w_header}

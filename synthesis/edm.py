@@ -9,8 +9,10 @@ Means are taken over the head (triangle-threshold foreground). At inference a si
 study is usually all there is; mu2 is then that study's own mean unless statistics of the
 external institution (several studies) are supplied.
 
-Note (MODELS.md): a per-patient z-score or min-max is invariant to a global scale factor, so
-EDM only changes the model's input under dataset-level normalization.
+Note (MODELS.md): a per-patient (or per-slice) z-score or min-max is invariant to a global
+scale factor, so EDM only changes the model's input under dataset-level normalization. Under
+the others the pipeline does not apply it and says so (:func:`not_applicable`), rather than
+print factors that change nothing.
 """
 
 from __future__ import annotations
@@ -33,16 +35,38 @@ def dataset_mean(patient_means: Iterable[float]) -> float:
 
 @dataclass(frozen=True)
 class EDMFactors:
-    """The factors applied, per modality (1.0 when EDM did not apply)."""
+    """The factors applied, per modality (1.0 when EDM did not apply); ``note`` says why EDM
+    was not applicable, when it was not."""
 
     t1w: float = 1.0
     t2w: float = 1.0
     applied: bool = False
     reference_institution: str | None = None
+    note: str = ""
+
+    @property
+    def applicable(self) -> bool:
+        return not self.note
+
+    def line(self) -> str:
+        """What the CLI, the review caption and the series' derivation say about EDM."""
+        if self.note:
+            return self.note
+        if not self.applied:
+            return "EDM not applied (known institution)"
+        return (f"EDM T1w x{self.t1w:.3f}, T2w x{self.t2w:.3f} (closest training institution "
+                f"{self.reference_institution})")
 
     def as_dict(self) -> dict[str, object]:
         return {"t1w": round(self.t1w, 6), "t2w": round(self.t2w, 6), "applied": self.applied,
-                "reference_institution": self.reference_institution}
+                "reference_institution": self.reference_institution,
+                "applicable": self.applicable, "line": self.line()}
+
+
+def not_applicable(normalization: str) -> EDMFactors:
+    """Identity factors that say EDM cannot change a ``normalization`` that is scale-invariant
+    (e.g. 'per-patient z-score')."""
+    return EDMFactors(note=f"EDM not applicable: {normalization} is scale-invariant")
 
 
 def factors(training_means: dict[str, float], external_means: dict[str, float],

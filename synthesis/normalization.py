@@ -82,6 +82,20 @@ class Normalization:
         return (np.asarray(y, np.float32) * scale + offset).astype(np.float32)
 
     @property
+    def scale_invariant(self) -> bool:
+        """True when multiplying a patient's intensities by a constant changes nothing the
+        model sees: statistics taken per patient or per slice scale with the data, so
+        (a x - a mean) / (a std) = (x - mean) / std, and likewise for min-max. Only
+        dataset-level statistics, fixed in the model, let a global scale (and so EDM) through."""
+        return self.level != "dataset"
+
+    def describe(self) -> str:
+        """E.g. 'per-patient z-score', 'dataset-level min-max'."""
+        level = {"patient": "per-patient", "image": "per-slice", "dataset": "dataset-level"}
+        method = {"zscore": "z-score", "minmax": "min-max"}
+        return f"{level[self.level]} {method[self.method]}"
+
+    @property
     def output(self) -> Literal["tanh", "linear"]:
         """The generator output this normalization needs."""
         return "tanh" if self.method == "minmax" else "linear"

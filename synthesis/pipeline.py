@@ -200,7 +200,9 @@ class Synthesizer:
         profiles = meta.institutions
         decision = classify(t1w.info, t2w.info, means, profiles)
         factors = EDMFactors()
-        if not decision.known and decision.closest is not None:
+        if self.normalization.scale_invariant:
+            factors = edm.not_applicable(self.normalization.describe())
+        elif not decision.known and decision.closest is not None:
             reference = next(p for p in profiles if p.key == decision.closest)
             if all(reference.patient_mean.get(m) for m in edm.MODALITIES) and all(
                     means[m] > 0 for m in edm.MODALITIES):

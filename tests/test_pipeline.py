@@ -24,12 +24,12 @@ from support.models import make_checkpoint
 
 from config import ModelError
 from simulation import SimulationOptions, simulate_cohort
-from synthesis.checkpoint import load_checkpoint
+from synthesis.checkpoint import IntensityStatistics, NormalizationMeta, load_checkpoint
 from synthesis.inference import Predictor, resolve_device
 from synthesis.institutions import classify
 from synthesis.pipeline import PipelineOptions, RejectedStudy, Synthesizer
 from synthesis.preprocess import foreground, from_model_grid
-from synthesis.series import read_series
+from synthesis.series import Volume, read_series
 
 
 @pytest.fixture(scope="module")
@@ -81,21 +81,31 @@ def test_vce_is_in_the_t1w_geometry_and_scanner_units(cohort, synthesizer):
     assert np.median(np.abs(back - vce)[inner]) < 0.02 * vce[inner].mean()
 
 
-def test_external_study_gets_edm_and_edm_is_an_identity_under_patient_zscore(cohort):
+def test_edm_applies_under_dataset_normalization_and_says_it_cannot_elsewhere(cohort):
     options = PipelineOptions(device="cpu", screen=False, confidence=False)
-    with_profiles = Synthesizer(cohort / "model.safetensors", options)
     t1, t2 = _study(cohort, "inst5")
-    result = with_profiles.run(t1, t2)
-    assert not result.institution.known
-    assert result.institution.closest in ("inst2", "inst3")
-    assert result.edm.applied and result.edm.t1w != pytest.approx(1.0)
-    # The same model without EDM statistics: per-patient z-score makes EDM change nothing.
+    # Per-patient z-score (what the trainer uses): a global scale cannot reach the model, so
+    # EDM is not applied and the result says why instead of printing factors.
+    plain = Synthesizer(cohort / "model.safetensors", options).run(t1, t2)
+    assert not plain.institution.known and plain.institution.closest in ("inst2", "inst3")
+    assert not plain.edm.applied and not plain.edm.applicable
+    assert plain.edm.line() == "EDM not applicable: per-patient z-score is scale-invariant"
+    assert plain.edm.as_dict()["line"] == plain.edm.line()
+    # Scaling the whole study changes nothing (what makes EDM inapplicable).
+    scaled_t1 = Volume(sitk.Cast(t1.image, sitk.sitkFloat32) * 3.7, t1.info, t1.sources)
+    scaled = Synthesizer(cohort / "model.safetensors", options).run(scaled_t1, t2)
+    np.testing.assert_allclose(np.asarray(scaled.vce.array) / 3.7, plain.vce.array,
+                               rtol=1e-3, atol=1e-2)
+    # The same weights read with dataset-level z-score: an external study gets mu1/mu2.
     checkpoint = load_checkpoint(cohort / "model.safetensors")
-    stripped = [p.model_copy(update={"patient_mean": {}}) for p in checkpoint.meta.institutions]
-    checkpoint.meta = checkpoint.meta.model_copy(update={"institutions": stripped})
-    plain = Synthesizer(checkpoint, options).run(t1, t2)
-    assert not plain.edm.applied
-    np.testing.assert_allclose(plain.vce.array, result.vce.array, rtol=1e-3, atol=1e-2)
+    stats = {m: IntensityStatistics(mean=200.0, std=80.0, minimum=0.0, maximum=900.0)
+             for m in ("t1w", "t2w")}
+    checkpoint.meta = checkpoint.meta.model_copy(update={"normalization": NormalizationMeta(
+        method="zscore", level="dataset", dataset_statistics=stats)})
+    matched = Synthesizer(checkpoint, options).run(t1, t2)
+    assert matched.edm.applied and matched.edm.applicable
+    assert matched.edm.t1w != pytest.approx(1.0)
+    assert matched.edm.line().startswith("EDM T1w x")
 
 
 def test_scrubbed_headers_fall_back_on_intensity(cohort, synthesizer):
@@ -203,6 +213,12 @@ def test_process_command_writes_a_vce_aligned_with_the_t1w(cohort, tmp_path):
     assert pydicom.dcmread(out / "review.dcm").SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
     assert (out / "review.png").stat().st_size > 0
     assert summary["outputs"]["rtstruct"].endswith("rtstruct.dcm")
+    # Per-patient z-score: EDM says it cannot apply, wherever it is reported.
+    note = "EDM not applicable: per-patient z-score is scale-invariant"
+    assert note in done.stdout and summary["edm"]["line"] == note
+    assert summary["edm"]["applicable"] is False
+    first = pydicom.dcmread(next((out / "synthetic").glob("*.dcm")))
+    assert note in first.DerivationDescription
     text = (out / "result.json").read_text()
     assert "SIM^" not in text and "SIM-INST" not in text  # no patient identity
 

@@ -145,8 +145,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"{SERIES_IDLE_S:.0f} s; synthesis {timings.get('total', 0):.1f} s on "
           f"{result.get('device')})")
     print(f"  institution:        {where}, confidence {decision['confidence']:.2f}")
-    print(f"  EDM factors:        T1w {result['edm']['t1w']:.3f}, T2w {result['edm']['t2w']:.3f}"
-          f" ({'applied' if result['edm']['applied'] else 'identity'})")
+    print(f"  EDM:                {result['edm']['line']}")
     print("  arrived at the TPS: " + ", ".join(f"{n} {m}" for m, n in sorted(modalities.items()))
           + f" in {tps.folder}")
     print(f"  review image:       {result['outputs']['review_png']}")

@@ -40,8 +40,8 @@ def _process(args: argparse.Namespace) -> int:
     print(f"RTSTRUCT: {written.rtstruct.path if written.rtstruct else 'none'}" + (
         f" ({'; '.join(written.notes)})" if written.notes else ""))
     print(f"review: {written.review_png} and {written.review.path}")
-    print(f"institution: {where}, confidence {decision['confidence']:.2f}; EDM factors "
-          f"T1w {done.summary['edm']['t1w']:.3f}, T2w {done.summary['edm']['t2w']:.3f}")
+    print(f"institution: {where}, confidence {decision['confidence']:.2f}; "
+          f"{done.summary['edm']['line']}")
     print(f"time: {done.summary['timings_s']['total']:.1f} s on {done.device}", file=sys.stderr)
     return 0
 
