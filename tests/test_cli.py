@@ -184,3 +184,18 @@ def test_error_hint_is_shown():
     assert str(StorageError("disk full", hint="free space under /srv")) == (
         "disk full (free space under /srv)"
     )
+
+
+@pytest.mark.parametrize("command", [("config", "check"), ("version",)])
+def test_a_reader_that_goes_away_is_not_an_internal_error(command):
+    # `vcemri config check | head -1`: the pipe is closed before the program writes.
+    read, write = os.pipe()
+    os.close(read)
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("VCEMRI_")}
+    try:
+        done = subprocess.run([sys.executable, "-m", "vcemri", *command], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120, env=clean)
+    finally:
+        os.close(write)
+    assert done.returncode == cli.EXIT_BROKEN_PIPE
+    assert done.stderr == ""

@@ -29,6 +29,8 @@ from . import __version__, demo, process
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE, sysexits.h
 EXIT_INTERRUPTED = 130
+#: 128 + SIGPIPE: what a shell reports for a tool whose reader went away (`... | head -1`).
+EXIT_BROKEN_PIPE = 141
 
 #: Distributions whose versions ``vcemri version`` reports (what a bug report needs).
 COMPONENTS = (
@@ -146,7 +148,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.setup_logging(args.log_format, "DEBUG" if args.debug else args.log_level)
     handler: Handler = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in Python's exit flush
+        return code
+    except BrokenPipeError:
+        # The reader closed the pipe (`vcemri jobs list | head -1`): not an error of ours.
+        # Stop quietly, and point stdout at /dev/null so that the interpreter's last flush
+        # does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except VcemriError as exc:
         if args.debug:
             traceback.print_exc()
