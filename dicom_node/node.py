@@ -1,11 +1,13 @@
 """The node: SCP + spool + assembler + workers, started and stopped together.
 
-Start-up recovers what a previous process left: temporary spool files are removed (their
-instances were never acknowledged), series still being received get a full idle period again
-(the downtime is not their senders' silence), ``running`` jobs become ``ready`` again,
-``sending`` jobs become due. Stopping closes the listening socket first, lets in-flight C-STOREs finish their
-writes, then lets each worker finish or abandon its job (an abandoned job resumes at the next
-start).
+Start-up takes the storage folder's lock (one node per folder; storage_lock.py) and makes
+what the node writes private, then recovers what a previous process left: temporary spool
+files are removed (their instances were never acknowledged), series still being received get
+a full idle period again (the downtime is not their senders' silence), ``running`` jobs become
+``ready`` again (their node is gone: it held the lock), ``sending`` jobs become due. Stopping
+closes the listening socket first, lets in-flight C-STOREs finish their writes, then lets each
+worker finish or abandon its job (an abandoned job resumes at the next start), and releases
+the lock.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .assembly import Assembler
 from .jobs import JobQueue
 from .scp import StorageSCP
 from .spool import Spool
+from .storage_lock import StorageLock, private_storage
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -34,16 +37,23 @@ class Node:
     def __init__(self, settings: config.Settings, *, workers: int | None = None) -> None:
         self.settings = settings
         self.root = Path(settings.storage.root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.audit = config.AuditLog(settings.storage.audit_log_path)
-        self.spool = Spool(settings)
-        self.queue = JobQueue(self.root, self.audit)
-        self.assembler = Assembler(settings, self.queue, self.audit)
-        self.service = planning.SynthesisService(settings)
-        self.scp = StorageSCP(settings, self.spool, self.audit)
-        count = settings.jobs.workers if workers is None else workers
-        self.workers = [Worker(settings, self.queue, self.spool, self.service, self.audit,
-                               name=f"worker-{i + 1}") for i in range(count)]
+        # Before anything touches the storage: private files, and one node per folder (the
+        # lock is held until stop(), or until the process dies).
+        private_storage(self.root)
+        self.lock = StorageLock(self.root).acquire()
+        try:
+            self.audit = config.AuditLog(settings.storage.audit_log_path)
+            self.spool = Spool(settings)
+            self.queue = JobQueue(self.root, self.audit)
+            self.assembler = Assembler(settings, self.queue, self.audit)
+            self.service = planning.SynthesisService(settings)
+            self.scp = StorageSCP(settings, self.spool, self.audit)
+            count = settings.jobs.workers if workers is None else workers
+            self.workers = [Worker(settings, self.queue, self.spool, self.service, self.audit,
+                                   name=f"worker-{i + 1}") for i in range(count)]
+        except BaseException:
+            self.lock.release()
+            raise
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
 
@@ -82,6 +92,7 @@ class Node:
         if self._ticker is not None:
             self._ticker.join(5.0)
         self.audit.record("node.stopped", called_ae=self.settings.dicom.ae_title)
+        self.lock.release()
 
     def __enter__(self) -> Node:
         return self.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import threading
@@ -104,7 +105,9 @@ def _sop_uids(files: list[Path]) -> set[str]:
 
 def test_storescu_to_node_to_storescp_end_to_end(cohort, tmp_path):
     """T1w and T2w interleaved in one association from dcmtk storescu; the node spools the
-    bytes as received, assembles, synthesizes and delivers to dcmtk storescp."""
+    bytes as received, assembles, synthesizes and delivers to dcmtk storescp. Everything it
+    wrote is private (0600 files, 0700 folders) although it started under umask 022."""
+    os.umask(0o022)
     with StoreSCP(tmp_path / "tps") as tps:
         cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors",
                            destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
@@ -143,6 +146,43 @@ def test_storescu_to_node_to_storescp_end_to_end(cohort, tmp_path):
                 and e["calling_ae"] == "MR_SCANNER"]
     assert released[0]["count"] == 16
     assert config.verify_audit(tmp_path / "root" / "audit.jsonl").ok
+    written = list((tmp_path / "root").rglob("*"))
+    names = {p.name for p in written}
+    assert {"node.sqlite", "node.sqlite-wal", "audit.jsonl", "review.dcm"} <= names
+    loose = [f"{p.relative_to(tmp_path)} {stat.S_IMODE(p.stat().st_mode):o}" for p in written
+             if stat.S_IMODE(p.stat().st_mode) != (0o700 if p.is_dir() else 0o600)]
+    assert loose == []
+    assert stat.S_IMODE((tmp_path / "root").stat().st_mode) == 0o700
+
+
+def test_a_second_node_on_the_same_storage_is_refused_naming_the_first(cohort, tmp_path):
+    cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors")
+    first = dicom_node.Node(config.load_settings(cfg), workers=0)
+    try:
+        with pytest.raises(config.StorageError, match=f"another vcemri node \\(PID "
+                           f"{os.getpid()}\\) is using the storage folder"):
+            dicom_node.Node(config.load_settings(cfg), workers=0)
+        # `vcemri serve` on the same folder says so and exits without touching the jobs
+        done = subprocess.run([sys.executable, "-m", "vcemri", "--config", str(cfg), "serve"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0
+        assert f"another vcemri node (PID {os.getpid()}) is using" in done.stderr
+        assert "stop that node, or give this one its own storage.root" in done.stderr
+    finally:
+        first.stop()
+    # The lock goes with its holder (a stopped node, or a process killed with -9).
+    dicom_node.Node(config.load_settings(cfg), workers=0).stop()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, dicom_node, config; "
+        f"dicom_node.Node(config.load_settings({str(cfg)!r}), workers=0); "
+        "print('held', flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(config.StorageError, match=f"PID {holder.pid}"):
+        dicom_node.Node(config.load_settings(cfg), workers=0)
+    holder.kill()
+    holder.wait(10)
+    dicom_node.Node(config.load_settings(cfg), workers=0).stop()
 
 
 def test_resent_series_is_idempotent(cohort, tmp_path):
