@@ -32,6 +32,7 @@ from typing import Any
 import config
 
 from .database import Connections, transaction
+from .pixel_check import pixel_data_problem
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,12 @@ class Spool:
             described = _describe(dataset, calling_ae, self.settings.series_rules)
         except (ValueError, TypeError, OverflowError) as exc:
             return Received(CANNOT_UNDERSTAND, f"a header value cannot be read: {exc}", **ids)
+        try:
+            incomplete = pixel_data_problem(encoded)
+        except Exception as exc:  # pydicom's reader on damaged data: any error is a refusal
+            incomplete = f"the pixel data cannot be read: {exc}"
+        if incomplete:
+            return Received(CANNOT_UNDERSTAND, incomplete, **ids)
         free = self.free_mib()
         if free < self.settings.storage.min_free_mib:
             return Received(OUT_OF_RESOURCES,

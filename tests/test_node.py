@@ -362,7 +362,7 @@ def test_unknown_calling_ae_and_wrong_called_ae_are_rejected_with_a_reason(cohor
     assert len(query(tmp_path / "root", "SELECT * FROM instances")) == 1
 
 
-def test_garbage_and_bad_uids_are_refused_and_truncated_pixels_fail_the_job(cohort, tmp_path):
+def test_garbage_bad_uids_and_truncated_pixels_are_refused_before_success(cohort, tmp_path):
     from pynetdicom import AE
 
     cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors")
@@ -377,30 +377,31 @@ def test_garbage_and_bad_uids_are_refused_and_truncated_pixels_fail_the_job(coho
         assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="VCEMRI")
         assert assoc.is_established
         status = assoc.send_c_store(evil)
+        # pixel data shorter than Rows x Columns x bits: refused, never acknowledged
+        short = pydicom.dcmread(t1[3])
+        short.PixelData = short.PixelData[: len(short.PixelData) // 2]
+        short_status = assoc.send_c_store(short)
         assoc.release()
         assert status.Status == 0xC000
+        assert short_status.Status == 0xC000
         # garbage straight into the spool: refused with the reason
         refused = node.spool.store(b"this is not DICOM" * 10, "MR_SCANNER")
         assert refused.status == 0xC000 and "cannot be decoded" in refused.reason
-        # pixel data shorter than the header says: stored, then the job fails with a reason
-        cut = tmp_path / "cut"
-        cut.mkdir()
-        for f in t1 + t2:
-            ds = pydicom.dcmread(f)
-            if f == t1[3]:
-                ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
-            ds.save_as(cut / f"{f.parent.name}-{f.name}")
-        assert storescu(sorted(cut.iterdir()), node.scp.port, called_ae="VCEMRI").ok
-        job = wait_for(lambda: finished_jobs(tmp_path / "root"), 90, "the job")[0]
+        # a file cut 3,000 bytes short in transfer (as it reaches the spool)
+        whole = t1[4].read_bytes()
+        cut = node.spool.store(whole[:-3000], "MR_SCANNER")
+        assert cut.status == 0xC000 and "truncated in transfer" in cut.reason
+        assert node.spool.store(whole, "MR_SCANNER").status == 0x0000
     finally:
         node.stop()
-    assert job["state"] == "failed"
-    assert "pixel" in job["reason"].lower()
     assert not list((tmp_path / "root" / "spool").rglob("*.tmp"))
     assert not list((tmp_path / "root" / "spool").rglob("etc*"))
+    stored = {r["sop_instance_uid"] for r in query(tmp_path / "root", "SELECT * FROM instances")}
+    assert str(short.SOPInstanceUID) not in stored
     refusals = [e for e in _audit(tmp_path / "root") if e["event"] == "instance.refused"]
     assert refusals and "SeriesInstanceUID" in refusals[0]["reason"]
     assert refusals[0]["status"] == "0xC000"
+    assert "the pixel data holds" in refusals[1]["reason"] and "need" in refusals[1]["reason"]
 
 
 def test_a_study_missing_its_t2w_fails_with_the_reason_and_a_late_t2w_restarts_it(
