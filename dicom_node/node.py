@@ -63,9 +63,9 @@ class Node:
         if recovered:
             log.info("resuming %d interrupted job(s): %s", len(recovered),
                      ", ".join(map(str, recovered)))
-        self.audit.record("node.started", called_ae=self.settings.dicom.ae_title,
-                          peer_port=self.settings.dicom.port, count=len(recovered))
         self.scp.start()
+        self.audit.record("node.started", called_ae=self.settings.dicom.ae_title,
+                          listen_port=self.scp.port, count=len(recovered))
         self._ticker = threading.Thread(target=self._tick_loop, name="assembler", daemon=True)
         self._ticker.start()
         for worker in self.workers:

@@ -146,6 +146,8 @@ def test_storescu_to_node_to_storescp_end_to_end(cohort, tmp_path):
                 and e["calling_ae"] == "MR_SCANNER"]
     assert released[0]["count"] == 16
     assert config.verify_audit(tmp_path / "root" / "audit.jsonl").ok
+    [started] = [e for e in _audit(tmp_path / "root") if e["event"] == "node.started"]
+    assert "peer_port" not in started and started["listen_port"] > 0  # its own, not a peer's
     written = list((tmp_path / "root").rglob("*"))
     names = {p.name for p in written}
     assert {"node.sqlite", "node.sqlite-wal", "audit.jsonl", "review.dcm"} <= names
