@@ -113,10 +113,11 @@ def _encoded(values: dict[str, Any]) -> dict[str, Any]:
 
 def backoff_s(attempt: int, initial_s: float, maximum_s: float,
               rng: random.Random | None = None) -> float:
-    """Delay before retry ``attempt`` (1-based): doubling from ``initial_s`` up to
-    ``maximum_s``, with +-25 % jitter so that many jobs do not retry in step."""
-    base = min(maximum_s, initial_s * 2 ** max(0, attempt - 1))
-    return base * (rng or random).uniform(0.75, 1.25)
+    """Delay before retry ``attempt`` (1-based): doubling from ``initial_s``, with +-25 %
+    jitter so that many jobs do not retry in step, never above ``maximum_s`` (the jitter is
+    taken before the cap, so the configured maximum holds)."""
+    base = initial_s * 2 ** max(0, attempt - 1)
+    return min(maximum_s, base * (rng or random).uniform(0.75, 1.25))
 
 
 class JobQueue:

@@ -212,8 +212,9 @@ class Worker:
                                            f"(jobs.send_max_age_s is {limit:.0f})",
                                    expected=(states.SENDING,))
         attempt = len([t for t in self.queue.transitions(job.id) if t["state"] == states.SENDING])
-        delay = states.backoff_s(attempt, self.settings.jobs.retry_initial_s,
-                                 self.settings.jobs.retry_max_s)
+        # the last try falls on the deadline, not a backoff after it
+        delay = min(states.backoff_s(attempt, self.settings.jobs.retry_initial_s,
+                                     self.settings.jobs.retry_max_s), limit - age)
         log.warning("job %d: %s; retrying in %.0f s", job.id, reason, delay)
         return self.queue.retry(job.id, states.SENDING, f"{reason}; retrying in {delay:.0f} s",
                                 delay, expected=(states.SENDING,))

@@ -335,3 +335,18 @@ def test_migration_scripts_split_into_statements() -> None:
     assert list(database._statements(script)) == [
         "CREATE TABLE t (a TEXT DEFAULT 'x;y');", "INSERT INTO t VALUES ('1;2');"]
     assert len(list(database._statements(database.MIGRATIONS[0]))) == 11
+
+
+def test_retry_delays_double_with_jitter_and_never_exceed_the_maximum() -> None:
+    import random
+
+    from dicom_node.jobs import backoff_s
+
+    rng = random.Random(0)
+    for attempt in range(1, 12):
+        delays = [backoff_s(attempt, 2.0, 60.0, rng) for _ in range(200)]
+        base = 2.0 * 2 ** (attempt - 1)
+        assert max(delays) <= 60.0  # jobs.retry_max_s is a maximum, jitter included
+        assert min(delays) >= min(60.0, 0.75 * base)
+        if 1.25 * base < 60.0:
+            assert max(delays) > 1.1 * base and min(delays) < 0.9 * base  # jittered

@@ -602,8 +602,10 @@ def test_destination_down_then_back_is_delivered(cohort, tmp_path):
 
 def test_destination_down_too_long_fails_the_job_with_the_reason(cohort, tmp_path):
     root = tmp_path / "root"
+    # A backoff (4 s, up to 8 s) longer than the deadline (2 s): the last try falls on the
+    # deadline instead of a whole backoff after it.
     cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
-                       jobs={"send_max_age_s": 1.0})
+                       jobs={"send_max_age_s": 2.0, "retry_initial_s": 4.0, "retry_max_s": 8.0})
     node = start_node(cfg)
     try:
         assert storescu(_interleaved(cohort), node.scp.port, called_ae="VCEMRI").ok
@@ -612,6 +614,8 @@ def test_destination_down_too_long_fails_the_job_with_the_reason(cohort, tmp_pat
         node.stop()
     assert job["state"] == "failed"
     assert "tps" in job["reason"] and "gave up after" in job["reason"]
+    waited = float(re.search(r"gave up after (\d+) s", job["reason"]).group(1))
+    assert 2.0 <= waited <= 3.0
 
 
 def test_kill_9_while_receiving_and_while_running_loses_and_duplicates_nothing(
