@@ -206,4 +206,12 @@ class StorageSCP:
                         calling_ae=peer["calling_ae"], **ids)
             return received.status
         self._count(event, "stored")
+        if received.ignored:
+            ignored = ", ".join(received.ignored)
+            log.warning("instance %s: %s not a number; ignored", received.sop_instance_uid,
+                        ignored)
+            self._audit("instance.header_ignored", calling_ae=peer["calling_ae"],
+                        reason=f"{ignored}: not a number; ignored for classification and "
+                        "routing", sop_instance_uid=received.sop_instance_uid,
+                        series_uid=received.series_uid, study_uid=received.study_uid)
         return 0x0000

@@ -51,6 +51,8 @@ class Received:
     series_uid: str | None = None
     study_uid: str | None = None
     new: bool = False
+    #: optional header values that were not numbers and are ignored (keywords)
+    ignored: tuple[str, ...] = ()
 
 
 def _fsync_directory(path: Path) -> None:
@@ -73,7 +75,8 @@ def _describe(dataset: Any, calling_ae: str, rules: Any) -> dict[str, Any]:
     """What the index keeps of an instance: its series' header and role, read by the same
     code as ``vcemri process`` (``synthesis.series_info``, ``synthesis.series_role``), and the
     instances the series announces. Raises ValueError for an unreadable structural value
-    (NumberOfFrames); an unreadable optional value is left out of the header."""
+    (NumberOfFrames); an unreadable optional value is left out of the header, and named in
+    ``ignored``."""
     import synthesis
 
     info = synthesis.series_info(dataset)
@@ -84,7 +87,8 @@ def _describe(dataset: Any, calling_ae: str, rules: Any) -> dict[str, Any]:
     json.dumps(header, allow_nan=False)
     return {"header": header, "expected": expected, "role": synthesis.series_role(rules, header),
             "patient_id": str(dataset.get("PatientID", "") or ""),
-            "frame_of_reference_uid": info.frame_of_reference_uid}
+            "frame_of_reference_uid": info.frame_of_reference_uid,
+            "ignored": synthesis.unreadable_values(dataset)}
 
 
 class Spool:
@@ -174,6 +178,7 @@ class Spool:
             described = _describe(dataset, calling_ae, self.settings.series_rules)
         except (ValueError, TypeError, OverflowError) as exc:
             return Received(CANNOT_UNDERSTAND, f"a header value cannot be read: {exc}", **ids)
+        ignored = tuple(described["ignored"])
         try:
             incomplete = pixel_data_problem(encoded)
         except Exception as exc:  # pydicom's reader on damaged data: any error is a refusal
@@ -204,7 +209,7 @@ class Spool:
                             **ids)
         if known is not None and known["sha256"] == digest and path.is_file():
             self._touch(series)  # a resend is activity: the series is still being received
-            return Received(0x0000, **ids)
+            return Received(0x0000, ignored=ignored, **ids)
         temporary = folder / f".{sop}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -223,7 +228,7 @@ class Spool:
         except sqlite3.Error as exc:
             # the file is complete but unindexed: the peer sees a failure and resends it
             return Received(OUT_OF_RESOURCES, f"cannot index the instance: {exc}", **ids)
-        return Received(0x0000, new=True, **ids)
+        return Received(0x0000, new=True, ignored=ignored, **ids)
 
     def _index(self, described: dict[str, Any], uids: dict[str, str], transfer_syntax: str,
                path: Path, digest: str, size: int, calling_ae: str) -> None:

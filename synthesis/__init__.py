@@ -14,7 +14,7 @@ _LAZY = {
     "Synthesizer": "pipeline", "resolve_checkpoint": "pipeline", "Volume": "series",
     "read_series": "series", "read_volume": "series", "read_image_file": "series",
     "is_image_file": "series",
-    "SeriesInfo": "series", "series_info": "series", "build_model": "models",
+    "SeriesInfo": "series", "series_info": "series", "unreadable_values": "series", "build_model": "models",
     "find_pair": "study", "series_role": "study",
     "check_pair": "series", "resample_onto": "alignment", "foreground": "preprocess",
     "field_overlap": "alignment",

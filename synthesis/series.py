@@ -145,6 +145,19 @@ def _number(ds: Dataset, keyword: str) -> float | None:
     return number if np.isfinite(number) else None
 
 
+#: Optional numeric attributes :func:`series_info` reads; one that is present but not a
+#: number is ignored for its purpose (:func:`unreadable_values` names it).
+OPTIONAL_NUMBERS = ("RepetitionTime", "EchoTime", "InversionTime", "MagneticFieldStrength",
+                    "SeriesNumber", "ImagesInAcquisition")
+
+
+def unreadable_values(ds: Dataset) -> list[str]:
+    """The optional numeric attributes of ``ds`` that are present but not finite numbers
+    (keywords only: the values themselves may hold anything, patient names included)."""
+    return [k for k in OPTIONAL_NUMBERS
+            if k in ds and ds.get(k) not in (None, "") and _number(ds, k) is None]
+
+
 def _first(ds: Dataset, sequence: str, keyword: str) -> Any:
     """A value from a multi-frame file's shared functional groups (or the top level)."""
     if keyword in ds:

@@ -932,3 +932,45 @@ def test_review_regressions_content_in_flight_bad_headers_moved_uids_and_cancel(
     with pytest.raises(dicom_node.JobChanged):
         queue.complete(running.id, "sending", "written", expected=("running",))
     assert queue.get(running.id).state == "cancelled"
+
+
+def test_an_unreadable_optional_header_value_is_ignored_with_a_warning_never_stored(
+        cohort, tmp_path):
+    from pydicom import config as pydicom_config
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+    from pynetdicom import AE
+
+    cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors")
+    node = start_node(cfg)
+    t1, _ = _series(cohort, 2)
+    odd = pydicom.dcmread(t1[0])
+    counted = pydicom.dcmread(t1[1])
+    previous = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    try:
+        # raw elements: written as they are, as a careless scanner would
+        for ds, tag, text in ((odd, 0x00180080, b"SIM^SECRETNAME"),
+                              (counted, 0x00201002, b"notanumber")):
+            ds._dict[Tag(tag)] = RawDataElement(Tag(tag), "DS" if tag == 0x00180080 else "IS",
+                                                len(text), text, 0, False, True)
+        ae = AE(ae_title="MR_SCANNER")
+        ae.add_requested_context(odd.SOPClassUID, odd.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="VCEMRI")
+        assert assoc.is_established
+        statuses = [assoc.send_c_store(ds).Status for ds in (odd, counted)]
+        assoc.release()
+    finally:
+        pydicom_config.settings.writing_validation_mode = previous
+        node.stop()
+    # Both handled one way: accepted, the odd value ignored, never kept as another type.
+    assert statuses == [0x0000, 0x0000]
+    [series] = query(tmp_path / "root", "SELECT * FROM series")
+    header = json.loads(series["header"])
+    assert header["RepetitionTime"] is None or isinstance(header["RepetitionTime"], float)
+    warned = [e for e in _audit(tmp_path / "root") if e["event"] == "instance.header_ignored"]
+    assert [w["sop_instance_uid"] for w in warned] == [str(odd.SOPInstanceUID),
+                                                       str(counted.SOPInstanceUID)]
+    assert warned[0]["reason"].startswith("RepetitionTime: not a number")
+    assert warned[1]["reason"].startswith("ImagesInAcquisition: not a number")
+    assert "SECRETNAME" not in (tmp_path / "root" / "audit.jsonl").read_text()
