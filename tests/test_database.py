@@ -16,9 +16,9 @@ from support.node import write_config
 
 import config
 import dicom_node
-from synthesis import WrittenObject
 from dicom_node import database
 from dicom_node.jobs import JobQueue
+from synthesis import WrittenObject
 
 #: The schema of the release before versioning, verbatim: it ran ``executescript`` of this on
 #: every connection and never set ``user_version`` (so its databases read 0).
