@@ -23,6 +23,26 @@ _QUIET = ("pynetdicom", "PIL", "matplotlib", "highdicom")
 
 _HANDLER_NAME = "vcemri-console"
 
+#: pynetdicom's ERROR lines about an association it could not make as a requestor: the
+#: sender reports each failure itself, once, with its cause (dicom_node/sender.py), so these
+#: are shown only at DEBUG.
+_REPORTED_BY_US = ("Association request failed", "TCP Initialisation Error", "[SSL:",
+                   "Association Rejected", "Result: ", "Reason: ", "Association Aborted")
+
+
+class _Reported(logging.Filter):
+    """Demotes pynetdicom's duplicates of what vcemri reports itself to DEBUG."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(_REPORTED_BY_US):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self.debug
+        return True
+
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k in ALLOWED_FIELDS}
@@ -73,6 +93,12 @@ def setup_logging(
     handler.addFilter(PHIFilter())
     root.addHandler(handler)
     root.setLevel(level.upper())
-    quiet = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
+    debug = level.upper() == "DEBUG"
+    quiet = logging.DEBUG if debug else logging.WARNING
     for name in _QUIET:
         logging.getLogger(name).setLevel(quiet)
+    for module in ("pynetdicom.transport", "pynetdicom.acse"):
+        target = logging.getLogger(module)
+        for old in [f for f in target.filters if isinstance(f, _Reported)]:
+            target.removeFilter(old)
+        target.addFilter(_Reported(debug))

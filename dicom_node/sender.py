@@ -9,6 +9,8 @@ skipped, so a retried job never sends one twice.
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +39,35 @@ def _contexts(files: Sequence[Output]) -> dict[str, set[str]]:
     return wanted
 
 
+def _why_not_established(destination: config.Destination, context: ssl.SSLContext | None,
+                         timeout_s: float) -> str:
+    """Why an association could not be made, found by connecting again without DICOM:
+    pynetdicom only logs the cause (a refused connection, a certificate that fails
+    verification), and a job's reason must name it."""
+    host, port = destination.host, destination.port
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw:
+            if context is None:
+                return "it accepted the connection, then closed or aborted the association"
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                tls.settimeout(min(timeout_s, 1.0))
+                try:
+                    tls.recv(1)  # a server that refuses our certificate says so here
+                except TimeoutError:
+                    pass
+                return "TLS succeeded, then the peer closed or aborted the association"
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS verification failed: {exc.verify_message or exc}"
+    except ssl.SSLError as exc:
+        return f"TLS failed: {exc.reason or exc}"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except TimeoutError:
+        return f"no answer within {timeout_s:g} s"
+    except OSError as exc:
+        return f"cannot connect: {exc.strerror or exc}"
+
+
 def send(files: Sequence[Output], destination: config.Destination, name: str, *,
          calling_ae: str, timeouts: Any,
          on_sent: Callable[[str], None] | None = None) -> int:
@@ -46,7 +77,7 @@ def send(files: Sequence[Output], destination: config.Destination, name: str, *,
     delivery)."""
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-    from pynetdicom import AE
+    from pynetdicom import AE, evt
 
     if not files:
         return 0
@@ -60,15 +91,25 @@ def send(files: Sequence[Output], destination: config.Destination, name: str, *,
                                                                ImplicitVRLittleEndian}))
     context = client_context(destination, name)
     tls_args = None if context is None else (context, destination.host)
+    rejections: list[Any] = []  # primitives the ACSE received
     try:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             tls_args=tls_args)
+                             tls_args=tls_args, evt_handlers=[
+                                 (evt.EVT_ACSE_RECV, lambda event: rejections.append(
+                                     event.primitive))])
     except OSError as exc:
         raise config.PeerError(f"cannot reach destination {where}: {exc}") from exc
     if assoc.is_rejected:
-        raise config.PeerError(f"destination {where} rejected the association")
+        detail = ""
+        answers = [p for p in rejections if getattr(p, "result", None) in (0x01, 0x02)]
+        if answers:  # the A-ASSOCIATE-RJ pynetdicom only logs
+            primitive = answers[0]
+            detail = (f": {primitive.reason_str} ({primitive.result_str}, by the "
+                      f"{primitive.source_str})")
+        raise config.PeerError(f"destination {where} rejected the association{detail}")
     if not assoc.is_established:
-        raise config.PeerError(f"destination {where} is unreachable or aborted the association")
+        cause = _why_not_established(destination, context, float(timeouts.acse_s or 10))
+        raise config.PeerError(f"cannot associate with destination {where}: {cause}")
     sent = 0
     try:
         for uid, path, *_ in files:

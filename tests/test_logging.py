@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -75,3 +76,27 @@ def test_setup_is_idempotent(console):
     setup_logging("human", "INFO", stream=console)
     logging.getLogger("x").warning("once")
     assert console.getvalue().count("once") == 1
+
+
+def test_pynetdicom_does_not_repeat_a_failed_association_we_report_ourselves():
+    from support.processes import free_port
+
+    import config
+    import dicom_node
+
+    nobody = config.Destination(ae_title="TPS", host="127.0.0.1", port=free_port())
+    timeouts = config.Settings().dicom.timeouts
+    lines = {}
+    for level in ("INFO", "DEBUG"):
+        stream = io.StringIO()
+        config.setup_logging("human", level, stream=stream)
+        try:
+            with pytest.raises(config.PeerError, match="connection refused"):
+                dicom_node.send([dicom_node.Output("1.2.3", Path("x.dcm"), "1.2.840.10008.5.1.4."
+                                                   "1.1.4", "1.2.840.10008.1.2.1")], nobody,
+                                "tps", calling_ae="VCEMRI", timeouts=timeouts)
+        finally:
+            config.setup_logging("human", "INFO")
+        lines[level] = stream.getvalue()
+    assert "ERROR" not in lines["INFO"] and "Association request failed" not in lines["INFO"]
+    assert "Association request failed" in lines["DEBUG"]  # still there when debugging

@@ -714,12 +714,29 @@ def test_tls_association_needs_a_trusted_client_certificate(cohort, tmp_path):
                                    tls={"ca_certificates": certs["ca.pem"]})
     plain = config.Destination(ae_title="VCEMRI", host="127.0.0.1", port=node.scp.port)
     timeouts = node.settings.dicom.timeouts
+    untrusting = config.Destination(ae_title="VCEMRI", host="127.0.0.1", port=node.scp.port,
+                                    tls={"ca_certificates": certs["client.pem"]})
+    wrong_ae = config.Destination(ae_title="NOTVCEMRI", host="127.0.0.1", port=node.scp.port,
+                                  tls={"ca_certificates": certs["ca.pem"],
+                                       "certificate": certs["client.pem"],
+                                       "private_key": certs["client.key"]})
+    nobody = config.Destination(ae_title="VCEMRI", host="127.0.0.1", port=free_port())
     try:
         assert dicom_node.send(instances, trusted, "node", calling_ae="MR",
                                timeouts=timeouts) == 2
-        for peer in (anonymous, plain):
-            with pytest.raises(config.PeerError):
+        # Every failure names its cause (pynetdicom itself only logs it).
+        expected = {
+            "anonymous": (anonymous, "TLS"),
+            "plain": (plain, "closed or aborted the association"),
+            "untrusting": (untrusting, "TLS verification failed: "),
+            "wrong_ae": (wrong_ae, "rejected the association: Called AE title not recognised"),
+            "nobody": (nobody, "connection refused"),
+        }
+        for label, (peer, cause) in expected.items():
+            with pytest.raises(config.PeerError) as failure:
                 dicom_node.send(instances, peer, "node", calling_ae="MR", timeouts=timeouts)
+            assert cause in str(failure.value), (label, str(failure.value))
+            assert "unreachable or aborted" not in str(failure.value)
     finally:
         node.stop()
     assert len(query(tmp_path / "root", "SELECT * FROM instances")) == 2
