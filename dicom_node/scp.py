@@ -10,6 +10,7 @@ instance durable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter
@@ -105,6 +106,51 @@ class StorageSCP:
                 hint="another program may use the port; change dicom.port") from exc
         log.info("listening on %s:%d as %s%s", node.bind_address, node.port, node.ae_title,
                  " (TLS)" if node.tls else "")
+        if self.server.ssl_context is not None:
+            self._handshake_in_connection_threads(self.server)
+
+    def _handshake_in_connection_threads(self, server: Any) -> None:
+        """Move the TLS handshake from the accept loop into each connection's thread.
+
+        pynetdicom's server does the handshake inside ``accept``: one peer that connects and
+        sends nothing stops every other peer from connecting, and a failed handshake is
+        dropped without a trace. Here the accept loop only wraps the socket; the connection's
+        own thread completes the handshake within the ACSE timeout, and a failure is logged
+        and audited (association.refused with the reason) before the socket is closed.
+        (Instance attributes: pynetdicom builds the server class itself.)"""
+        import ssl
+
+        context = server.ssl_context
+        finish = server.finish_request
+        timeout_s = float(self.settings.dicom.timeouts.acse_s or 30.0)
+
+        def get_request() -> tuple[Any, Any]:
+            client, address = server.socket.accept()
+            return context.wrap_socket(client, server_side=True,
+                                       do_handshake_on_connect=False), address
+
+        def finish_request(request: Any, address: Any) -> None:
+            try:
+                request.settimeout(timeout_s)
+                request.do_handshake()
+                request.settimeout(None)
+            except (ssl.SSLError, OSError) as exc:
+                reason = (f"TLS handshake failed: {exc.reason}" if isinstance(exc, ssl.SSLError)
+                          and exc.reason else f"TLS handshake failed: {exc}")
+                if isinstance(exc, TimeoutError):
+                    reason = f"TLS handshake not completed within {timeout_s:g} s"
+                host, port = (address[0], int(address[1])) if isinstance(address, tuple) \
+                    else (str(address), 0)
+                log.warning("connection from %s refused: %s", host, reason)
+                self._audit("association.refused", outcome="failure", reason=reason,
+                            peer_host=host, peer_port=port)
+                with contextlib.suppress(OSError):
+                    request.close()
+                return
+            finish(request, address)
+
+        server.get_request = get_request
+        server.finish_request = finish_request
 
     def stop(self) -> None:
         """Stop accepting; in-flight C-STOREs finish their write (each is one handler call)."""

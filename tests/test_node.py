@@ -721,9 +721,15 @@ def test_tls_association_needs_a_trusted_client_certificate(cohort, tmp_path):
                                        "certificate": certs["client.pem"],
                                        "private_key": certs["client.key"]})
     nobody = config.Destination(ae_title="VCEMRI", host="127.0.0.1", port=free_port())
+    import socket
+
+    silent = socket.create_connection(("127.0.0.1", node.scp.port))  # never says a word
     try:
+        # the silent peer holds no one else up (the handshake is not in the accept loop)
+        started = time.monotonic()
         assert dicom_node.send(instances, trusted, "node", calling_ae="MR",
                                timeouts=timeouts) == 2
+        assert time.monotonic() - started < 5.0
         # Every failure names its cause (pynetdicom itself only logs it).
         expected = {
             "anonymous": (anonymous, "TLS"),
@@ -738,8 +744,13 @@ def test_tls_association_needs_a_trusted_client_certificate(cohort, tmp_path):
             assert cause in str(failure.value), (label, str(failure.value))
             assert "unreachable or aborted" not in str(failure.value)
     finally:
+        silent.close()
         node.stop()
     assert len(query(tmp_path / "root", "SELECT * FROM instances")) == 2
+    # The node's side: refused handshakes are logged and audited with the reason.
+    refused = [e for e in _audit(tmp_path / "root") if e["event"] == "association.refused"]
+    assert len(refused) >= 2 and all(e["reason"].startswith("TLS handshake") for e in refused)
+    assert any("CERTIFICATE" in e["reason"].upper() for e in refused)
 
 
 # -- a full disk --------------------------------------------------------------------------------
