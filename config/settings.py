@@ -51,6 +51,8 @@ class Timeouts(_Section):
     acse_s: Seconds = Field(30.0, description="ACSE (association request/release) timeout")
     dimse_s: Seconds = Field(60.0, description="DIMSE message timeout")
     network_s: Seconds = Field(60.0, description="idle network timeout of an association")
+    first_pdu_s: Seconds = Field(
+        10.0, description="a new connection must send its A-ASSOCIATE-RQ within this time")
 
 
 class ServerTLS(_Section):

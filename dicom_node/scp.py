@@ -22,6 +22,10 @@ from .spool import OUT_OF_RESOURCES, Received, Spool
 
 log = logging.getLogger(__name__)
 
+#: The longest A-ASSOCIATE-RQ a peer may announce (bytes): hundreds of presentation contexts
+#: and a user identity fit in far less.
+MAX_REQUEST_BYTES = 1_048_576
+
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 PROCESSED = (MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE)
@@ -106,47 +110,76 @@ class StorageSCP:
                 hint="another program may use the port; change dicom.port") from exc
         log.info("listening on %s:%d as %s%s", node.bind_address, node.port, node.ae_title,
                  " (TLS)" if node.tls else "")
-        if self.server.ssl_context is not None:
-            self._handshake_in_connection_threads(self.server)
+        self._guard_connections(self.server)
 
-    def _handshake_in_connection_threads(self, server: Any) -> None:
-        """Move the TLS handshake from the accept loop into each connection's thread.
+    def _refuse_connection(self, request: Any, address: Any, reason: str) -> None:
+        host, port = (address[0], int(address[1])) if isinstance(address, tuple) else (
+            str(address), 0)
+        log.warning("connection from %s refused: %s", host, reason)
+        self._audit("association.refused", outcome="failure", reason=reason, peer_host=host,
+                    peer_port=port)
+        with contextlib.suppress(OSError):
+            request.close()
 
-        pynetdicom's server does the handshake inside ``accept``: one peer that connects and
-        sends nothing stops every other peer from connecting, and a failed handshake is
-        dropped without a trace. Here the accept loop only wraps the socket; the connection's
-        own thread completes the handshake within the ACSE timeout, and a failure is logged
-        and audited (association.refused with the reason) before the socket is closed.
-        (Instance attributes: pynetdicom builds the server class itself.)"""
+    def _guard_connections(self, server: Any) -> None:
+        """What a connection must do before pynetdicom makes it an association.
+
+        pynetdicom does the TLS handshake inside ``accept`` (one peer that connects and sends
+        nothing stops every other peer from connecting; a failed handshake leaves no trace),
+        and counts a connection that has sent nothing against ``max_associations`` (ten idle
+        connections refused every real association for the ACSE timeout). Here the accept
+        loop only accepts; each connection's own thread then completes the TLS handshake
+        within the ACSE timeout, waits at most ``dicom.timeouts.first_pdu_s`` for the first
+        PDU, and, on plain TCP, checks that it announces an A-ASSOCIATE-RQ of a sane length
+        (at most :data:`MAX_REQUEST_BYTES`; a request announcing a 1 GiB PDU made the node
+        read it all). Only then does pynetdicom see the connection. A refusal is logged and
+        audited (association.refused with the reason). (Instance attributes: pynetdicom
+        builds the server class itself.)"""
+        import select
+        import socket
         import ssl
+        import struct
 
         context = server.ssl_context
         finish = server.finish_request
-        timeout_s = float(self.settings.dicom.timeouts.acse_s or 30.0)
+        timeouts = self.settings.dicom.timeouts
+        handshake_s = float(timeouts.acse_s or 30.0)
+        first_pdu_s = float(timeouts.first_pdu_s)
 
         def get_request() -> tuple[Any, Any]:
             client, address = server.socket.accept()
+            if context is None:
+                return client, address
             return context.wrap_socket(client, server_side=True,
                                        do_handshake_on_connect=False), address
 
         def finish_request(request: Any, address: Any) -> None:
-            try:
-                request.settimeout(timeout_s)
-                request.do_handshake()
-                request.settimeout(None)
-            except (ssl.SSLError, OSError) as exc:
-                reason = (f"TLS handshake failed: {exc.reason}" if isinstance(exc, ssl.SSLError)
-                          and exc.reason else f"TLS handshake failed: {exc}")
-                if isinstance(exc, TimeoutError):
-                    reason = f"TLS handshake not completed within {timeout_s:g} s"
-                host, port = (address[0], int(address[1])) if isinstance(address, tuple) \
-                    else (str(address), 0)
-                log.warning("connection from %s refused: %s", host, reason)
-                self._audit("association.refused", outcome="failure", reason=reason,
-                            peer_host=host, peer_port=port)
-                with contextlib.suppress(OSError):
-                    request.close()
-                return
+            if context is not None:
+                try:
+                    request.settimeout(handshake_s)
+                    request.do_handshake()
+                    request.settimeout(None)
+                except (ssl.SSLError, OSError) as exc:
+                    reason = (f"TLS handshake failed: {exc.reason}"
+                              if isinstance(exc, ssl.SSLError) and exc.reason
+                              else f"TLS handshake failed: {exc}")
+                    if isinstance(exc, TimeoutError):
+                        reason = f"TLS handshake not completed within {handshake_s:g} s"
+                    return self._refuse_connection(request, address, reason)
+            pending = context is not None and request.pending()
+            if not pending and not select.select([request], [], [], first_pdu_s)[0]:
+                return self._refuse_connection(
+                    request, address, f"no A-ASSOCIATE-RQ within {first_pdu_s:g} s "
+                    "(dicom.timeouts.first_pdu_s)")
+            if context is None:
+                header = request.recv(6, socket.MSG_PEEK)
+                if len(header) == 6:
+                    kind, length = header[0], struct.unpack(">I", header[2:6])[0]
+                    if kind != 0x01 or length > MAX_REQUEST_BYTES:
+                        return self._refuse_connection(
+                            request, address, f"the first PDU (type 0x{kind:02X}, {length} "
+                            "bytes) is not an A-ASSOCIATE-RQ of at most "
+                            f"{MAX_REQUEST_BYTES} bytes")
             finish(request, address)
 
         server.get_request = get_request

@@ -1002,3 +1002,48 @@ def test_an_unreadable_optional_header_value_is_ignored_with_a_warning_never_sto
     assert warned[0]["reason"].startswith("RepetitionTime: not a number")
     assert warned[1]["reason"].startswith("ImagesInAcquisition: not a number")
     assert "SECRETNAME" not in (tmp_path / "root" / "audit.jsonl").read_text()
+
+
+def test_idle_connections_and_giant_requests_cannot_block_the_port(cohort, tmp_path):
+    import socket
+    import struct
+
+    from pynetdicom import AE
+
+    def closed_by_node(connection: socket.socket) -> bool:
+        connection.settimeout(5)
+        try:
+            return connection.recv(1) == b""
+        except ConnectionResetError:  # closed with our bytes unread
+            return True
+
+    cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors",
+                       dicom={"max_associations": 3,
+                              "timeouts": {"acse_s": 10, "dimse_s": 30, "network_s": 30,
+                                           "first_pdu_s": 1.0}})
+    node = start_node(cfg)
+    idle = [socket.create_connection(("127.0.0.1", node.scp.port)) for _ in range(6)]
+    giant = socket.create_connection(("127.0.0.1", node.scp.port))
+    try:
+        # An A-ASSOCIATE-RQ announcing 1 GiB: closed before anything is read into memory.
+        giant.sendall(b"\x01\x00" + struct.pack(">I", 2**30) + b"\x00" * 4096)
+        assert closed_by_node(giant)
+        # Six connections that never speak do not count against max_associations (3).
+        ae = AE(ae_title="MR_SCANNER")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        started = time.monotonic()
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="VCEMRI")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        assert time.monotonic() - started < 2.0
+        # ... and are closed after dicom.timeouts.first_pdu_s.
+        assert all(closed_by_node(connection) for connection in idle)
+    finally:
+        for connection in (*idle, giant):
+            connection.close()
+        node.stop()
+    refused = [e["reason"] for e in _audit(tmp_path / "root")
+               if e["event"] == "association.refused"]
+    assert refused.count("no A-ASSOCIATE-RQ within 1 s (dicom.timeouts.first_pdu_s)") == 6
+    assert any(f"type 0x01, {2**30} bytes" in r for r in refused)
