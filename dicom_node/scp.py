@@ -167,7 +167,9 @@ class StorageSCP:
                         reason = f"TLS handshake not completed within {handshake_s:g} s"
                     return self._refuse_connection(request, address, reason)
             pending = context is not None and request.pending()
-            if not pending and not select.select([request], [], [], first_pdu_s)[0]:
+            waiting = select.poll()  # poll, not select: no FD_SETSIZE limit on a busy node
+            waiting.register(request, select.POLLIN)
+            if not pending and not waiting.poll(first_pdu_s * 1000):
                 return self._refuse_connection(
                     request, address, f"no A-ASSOCIATE-RQ within {first_pdu_s:g} s "
                     "(dicom.timeouts.first_pdu_s)")
