@@ -139,6 +139,9 @@ class Storage(_Section):
     audit_log: AnyPath | None = Field(
         None, description="append-only audit log (JSON lines); null: <root>/audit.jsonl"
     )
+    retention_days: float | None = Field(
+        None, gt=0, description="delete the spooled inputs and the outputs of jobs finished "
+        "this many days ago (hourly; never an unfinished job's); null: keep everything")
 
     @property
     def audit_log_path(self) -> Path:

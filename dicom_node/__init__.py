@@ -5,12 +5,23 @@ workers (synthesis through ``planning.SynthesisService``), sender, and the ``ser
 
 from .assembly import Assembler, choose_route
 from .cli import add_commands
-from .jobs import ACTIVE, STATES, TERMINAL, Job, JobChanged, JobQueue, Output, backoff_s
+from .jobs import (
+    ACTIVE,
+    STATES,
+    TERMINAL,
+    Job,
+    JobChanged,
+    JobQueue,
+    Output,
+    backoff_s,
+    output_folder,
+)
 from .node import Node
+from .retention import Purge, purge
 from .scp import StorageSCP
 from .sender import send
 from .spool import Received, Spool
-from .worker import Worker, output_folder
+from .worker import Worker
 
 __all__ = [
     "ACTIVE",
@@ -22,6 +33,7 @@ __all__ = [
     "JobQueue",
     "Node",
     "Output",
+    "Purge",
     "Received",
     "Spool",
     "StorageSCP",
@@ -30,5 +42,6 @@ __all__ = [
     "backoff_s",
     "choose_route",
     "output_folder",
+    "purge",
     "send",
 ]

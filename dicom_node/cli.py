@@ -147,6 +147,24 @@ def _jobs_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs_purge(args: argparse.Namespace) -> int:
+    import getpass
+
+    from .retention import days, purge
+    from .spool import Spool
+
+    settings = config.load_settings(args.config)
+    queue = _queue(args)
+    report = purge(queue, Spool(settings, recover=False), days(args.older_than),
+                   audit=queue.audit, user=getpass.getuser(), dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{len(report.jobs)} finished job(s) older than {args.older_than} days: {verb} "
+          f"{report.instances} spooled instances and {report.output_files} output files "
+          f"({report.bytes / 2**20:.1f} MiB)" + (
+              f"; jobs {', '.join(map(str, report.jobs))}" if report.jobs else ""))
+    return 0
+
+
 def add_commands(commands: Any) -> None:
     """Add ``serve`` and ``jobs`` to the ``vcemri`` sub-command parser."""
     serve = commands.add_parser(
@@ -157,7 +175,8 @@ def add_commands(commands: Any) -> None:
         "next start.")
     serve.set_defaults(handler=_serve)
 
-    jobs = commands.add_parser("jobs", help="list, show, retry or cancel the node's jobs")
+    jobs = commands.add_parser("jobs", help="list, show, retry, cancel or purge the node's "
+                               "jobs")
     actions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="jobs, newest first")
     listing.add_argument("--state", action="append", choices=states.STATES,
@@ -178,3 +197,13 @@ def add_commands(commands: Any) -> None:
     cancel = actions.add_parser("cancel", help="stop a job that has not finished")
     cancel.add_argument("id", type=int)
     cancel.set_defaults(handler=_jobs_cancel)
+    purging = actions.add_parser(
+        "purge", help="delete the inputs and outputs of jobs finished long ago",
+        description="Delete the spooled input instances and the output files of jobs that "
+        "finished (done, failed, rejected, cancelled) more than --older-than days ago; "
+        "instances another job still needs are kept, job histories and the audit log stay, "
+        "and every purge is audited. storage.retention_days does the same hourly.")
+    purging.add_argument("--older-than", required=True, metavar="DAYS",
+                         help="age of the job's last change, in days (e.g. 30, 0.5)")
+    purging.add_argument("--dry-run", action="store_true", help="say what would be deleted")
+    purging.set_defaults(handler=_jobs_purge)

@@ -94,6 +94,11 @@ class Output(NamedTuple):
     transfer_syntax_uid: str | None = None
 
 
+def output_folder(root: Path, job_id: int) -> Path:
+    """Where a job's results are written under ``storage.root``."""
+    return Path(root) / "outputs" / f"job-{job_id:06d}"
+
+
 #: How long a claimed job stays invisible to other workers (longer than any synthesis).
 CLAIM_S = 3600.0
 
@@ -269,6 +274,17 @@ class JobQueue:
         with self._lock:
             rows = self._db().execute(query, args).fetchall()
         return [Job.from_row(r) for r in rows]
+
+    def mark_purged(self, job_id: int, at: float | None = None) -> None:
+        """Record in a finished job's result that retention deleted its data."""
+        with self._lock:
+            db = self._db()
+            with transaction(db):
+                row = db.execute("SELECT result FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                result = json.loads(row["result"] or "{}") if row else {}
+                result["purged_at"] = time.time() if at is None else at
+                db.execute("UPDATE jobs SET result = ? WHERE id = ?",
+                           (json.dumps(result), job_id))
 
     def transitions(self, job_id: int) -> list[dict[str, Any]]:
         with self._lock:

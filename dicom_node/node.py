@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import config
@@ -21,6 +22,7 @@ import planning
 
 from .assembly import Assembler
 from .jobs import JobQueue
+from .retention import DAY_S, PURGE_EVERY_S, purge
 from .scp import StorageSCP
 from .spool import Spool
 from .storage_lock import StorageLock, private_storage
@@ -73,11 +75,19 @@ class Node:
         return self
 
     def _tick_loop(self) -> None:
+        purged_at = 0.0
         while not self._stop.is_set():
             try:
                 self.assembler.tick()
             except Exception:  # keep assembling; the log says what went wrong
                 log.exception("series assembly failed; retrying")
+            days = self.settings.storage.retention_days
+            if days and time.monotonic() - purged_at >= PURGE_EVERY_S:
+                purged_at = time.monotonic()
+                try:
+                    purge(self.queue, self.spool, days * DAY_S, audit=self.audit)
+                except Exception:  # retention must never stop the node
+                    log.exception("retention purge failed; trying again in an hour")
             self._stop.wait(TICK_S)
 
     def stop(self, timeout_s: float = 30.0) -> None:

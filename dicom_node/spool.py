@@ -15,6 +15,7 @@ as new content for its series.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -97,7 +98,10 @@ class Spool:
     Thread-safe: the SCP calls :meth:`store` from one thread per association.
     """
 
-    def __init__(self, settings: config.Settings) -> None:
+    def __init__(self, settings: config.Settings, *, recover: bool = True) -> None:
+        """``recover``: the node's start-up clean-up (temporary files of instances never
+        acknowledged removed, unindexed files indexed); off for a tool that opens the spool
+        beside a running node (``vcemri jobs purge``)."""
         self.settings = settings
         self.root = Path(settings.storage.root)
         self.directory = self.root / "spool"
@@ -105,8 +109,9 @@ class Spool:
         # NORMAL: the fsynced spool file, not the index row, is the durable record
         self._connections = Connections(self.root, synchronous="NORMAL")
         self._index_lock = threading.Lock()
-        self._remove_temporary_files()
-        self.reconcile()
+        if recover:
+            self._remove_temporary_files()
+            self.reconcile()
 
     def _db(self) -> sqlite3.Connection:
         return self._connections.get()
@@ -297,6 +302,48 @@ class Spool:
                 f"disappeared after the job was created (e.g. {changed[0]}); the new content "
                 "gets a job of its own")
         return sorted(Path(rows[uid]["path"]) for uid in uids)
+
+    def measure(self, uids: list[str]) -> tuple[int, int]:
+        """(instances, bytes) of these spooled instances."""
+        rows = self._rows(uids)
+        return len(rows), sum(int(r["bytes"]) for r in rows)
+
+    def _rows(self, uids: list[str]) -> list[sqlite3.Row]:
+        rows: list[sqlite3.Row] = []
+        with self._index_lock:
+            for start in range(0, len(uids), 500):
+                chunk = uids[start:start + 500]
+                rows += self._db().execute(
+                    "SELECT sop_instance_uid, series_uid, path, bytes FROM instances WHERE "
+                    f"sop_instance_uid IN ({', '.join('?' for _ in chunk)})", chunk).fetchall()
+        return rows
+
+    def remove(self, uids: list[str]) -> tuple[int, int]:
+        """Delete these instances (retention): files first, then their index rows (a file
+        left without its row would be re-indexed at start); a series left empty loses its
+        row too, so that the same series sent again is new. Returns (instances, bytes)."""
+        rows = self._rows(uids)
+        for row in rows:
+            Path(row["path"]).unlink(missing_ok=True)
+        series = sorted({row["series_uid"] for row in rows})
+        with self._index_lock:
+            db = self._db()
+            with transaction(db):
+                db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?",
+                               [(row["sop_instance_uid"],) for row in rows])
+                for series_uid in series:
+                    left = db.execute("SELECT count(*) FROM instances WHERE series_uid = ?",
+                                      (series_uid,)).fetchone()[0]
+                    if left:
+                        db.execute("UPDATE series SET instances = ? WHERE series_uid = ?",
+                                   (left, series_uid))
+                    else:
+                        db.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
+        for folder in {Path(row["path"]).parent for row in rows}:
+            for empty in (folder, folder.parent):
+                with contextlib.suppress(OSError):
+                    empty.rmdir()  # only when empty
+        return len(rows), sum(int(r["bytes"]) for r in rows)
 
     def series_files(self, series_uid: str) -> list[Path]:
         """The spooled files of a series."""

@@ -20,23 +20,17 @@ import logging
 import shutil
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import config
 import planning
 
 from . import jobs as states
-from .jobs import Job, JobQueue
+from .jobs import Job, JobQueue, output_folder
 from .sender import send
 from .spool import Spool
 
 log = logging.getLogger(__name__)
-
-
-def output_folder(root: Path, job_id: int) -> Path:
-    """Where a job's results are written under ``storage.root``."""
-    return Path(root) / "outputs" / f"job-{job_id:06d}"
 
 
 class Worker:

@@ -1047,3 +1047,51 @@ def test_idle_connections_and_giant_requests_cannot_block_the_port(cohort, tmp_p
                if e["event"] == "association.refused"]
     assert refused.count("no A-ASSOCIATE-RQ within 1 s (dicom.timeouts.first_pdu_s)") == 6
     assert any(f"type 0x01, {2**30} bytes" in r for r in refused)
+
+
+def test_purge_deletes_old_finished_jobs_data_and_never_an_unfinished_jobs(cohort, tmp_path):
+    import sys as _sys
+
+    node = _offline(cohort, tmp_path, assembly={"series_idle_s": 0.5, "study_timeout_s": 60.0})
+    cfg, spool, queue, assembler = node.cfg, node.spool, node.queue, node.assembler
+    (t1, t2), (other_t1, other_t2) = _series(cohort), _series(cohort, 2)
+    for f in t1 + t2 + other_t1 + other_t2:
+        spool.store(f.read_bytes(), "MR")
+    assembler.tick(time.time() + 1)
+    old, current = sorted(queue.list(states=("ready",)), key=lambda j: j.id)
+    queue.cancel(old.id)
+    outputs = dicom_node.output_folder(tmp_path / "root", old.id)
+    outputs.mkdir(parents=True)
+    (outputs / "review.dcm").write_bytes(b"x" * 1000)
+    time.sleep(1.2)
+
+    def vcemri(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([_sys.executable, "-m", "vcemri", "--config", str(cfg), *argv],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    def spooled(job: dicom_node.Job) -> list[bool]:
+        return [(tmp_path / "root" / "spool" / job.study_uid / series / f"{uid}.dcm").is_file()
+                for series, role in ((job.t1w_series_uid, "t1w"), (job.t2w_series_uid, "t2w"))
+                for uid, _ in job.inputs[role]]
+
+    dry = vcemri("jobs", "purge", "--older-than", "0.00001", "--dry-run")  # 0.86 s
+    assert dry.returncode == 0, dry.stderr
+    count = sum(len(pairs) for pairs in old.inputs.values())
+    assert dry.stdout.startswith(f"1 finished job(s) older than 0.00001 days: would delete "
+                                 f"{count} spooled instances and 1 output files")
+    assert all(spooled(old)) and outputs.is_dir()
+    done = vcemri("jobs", "purge", "--older-than", "0.00001")
+    assert done.returncode == 0, done.stderr
+    assert f"deleted {count} spooled instances and 1 output files" in done.stdout
+    assert not any(spooled(old)) and not outputs.exists()
+    assert all(spooled(current)) and queue.get(current.id).state == "ready"
+    kept = queue.get(old.id)
+    assert kept.state == "cancelled" and kept.result["purged_at"] > 0  # history stays
+    [audited] = [e for e in _audit(tmp_path / "root") if e["event"] == "job.purged"]
+    assert audited["job_id"] == old.id and audited["count"] == count + 1
+    again = vcemri("jobs", "purge", "--older-than", "0.00001")
+    assert again.stdout.startswith("0 finished job(s)")
+    # The same series sent again is a new series, with a job of its own.
+    first = str(pydicom.dcmread(t1[0], stop_before_pixels=True).StudyInstanceUID)
+    for f in (t1 + t2 if old.study_uid == first else other_t1 + other_t2):
+        assert spool.store(f.read_bytes(), "MR").new
