@@ -113,7 +113,7 @@ def test_config_check_messages_are_precise(tmp_path):
     expected = {
         "bad-port": "dicom.port: 70000 is not a valid TCP port (1-65535) [line 2]",
         "unknown-key": "storage.rot: unknown key (did you mean 'root'? allowed: audit_log, "
-                       "min_free_mib, root) [line 2]",
+                       "min_free_mib, retention_days, root) [line 2]",
         "missing-destination-host": "destinations.tps.host: required setting is missing [line 2]",
         "bad-regex": "routes[0].match.institution: '[queen' is not a valid regular expression "
                      "(unterminated character set at position 0) [line 3]",
