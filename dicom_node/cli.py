@@ -1,12 +1,12 @@
-"""``vcemri serve`` and ``vcemri jobs list|show|retry|cancel``."""
+"""``vcemri serve`` and ``vcemri jobs list|show|retry|cancel|purge``."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
 import json
+import logging
 import signal
-import sys
 import threading
 from typing import Any
 
@@ -15,11 +15,17 @@ import config
 from . import jobs as states
 from .jobs import Job, JobQueue
 
+log = logging.getLogger(__name__)
+
 
 def _when(timestamp: float | None) -> str:
     if not timestamp:
         return "-"
     return _dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+#: How long `vcemri serve` waits for running jobs when it is stopped (seconds).
+STOP_WAIT_S = 30.0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -38,14 +44,19 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         node.start()
         dicom = settings.dicom
-        print(f"vcemri node {dicom.ae_title} listening on {dicom.bind_address}:{node.scp.port}"
-              f"{' (TLS)' if dicom.tls else ''}; data in {settings.storage.root}; "
-              "Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
+        # through the logger, so that --log-format json keeps stderr pure JSON lines
+        log.info("vcemri node %s listening on %s:%d%s; data in %s; Ctrl-C or SIGTERM stops it",
+                 dicom.ae_title, dicom.bind_address, node.scp.port,
+                 " (TLS)" if dicom.tls else "", settings.storage.root)
         while not stopping.wait(0.5):
             pass
-        print("vcemri: stopping (finishing in-flight work)", file=sys.stderr, flush=True)
+        running = [job.id for job in node.queue.list(states=(states.RUNNING,))]
+        log.info("stopping: no new associations; %s", (
+            f"waiting up to {STOP_WAIT_S:.0f} s for running job(s) "
+            f"{', '.join(map(str, running))} (cut off, they resume at the next start)"
+            if running else "no job is running"))
     finally:
-        node.stop()
+        node.stop(STOP_WAIT_S)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0

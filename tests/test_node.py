@@ -1095,3 +1095,27 @@ def test_purge_deletes_old_finished_jobs_data_and_never_an_unfinished_jobs(cohor
     first = str(pydicom.dcmread(t1[0], stop_before_pixels=True).StudyInstanceUID)
     for f in (t1 + t2 if old.study_uid == first else other_t1 + other_t2):
         assert spool.store(f.read_bytes(), "MR").new
+
+
+def test_serve_with_json_logs_writes_only_json_lines_and_says_how_it_stops(cohort, tmp_path):
+    import signal
+
+    from support.processes import port_open
+
+    cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors")
+    port = config.load_settings(cfg).dicom.port
+    process = subprocess.Popen([sys.executable, "-m", "vcemri", "--log-format", "json",
+                                "--config", str(cfg), "serve"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: port_open(port), 60, "vcemri serve")
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and out == ""
+    lines = [json.loads(line) for line in err.splitlines()]  # every line is JSON
+    messages = [line["message"] for line in lines]
+    assert any("listening on" in m for m in messages)
+    assert "stopping: no new associations; no job is running" in messages
