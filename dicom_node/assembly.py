@@ -80,6 +80,7 @@ class Assembler:
         for row in completed:
             db.execute("UPDATE series SET complete_generation = ? WHERE series_uid = ?",
                        (row["generation"], row["series_uid"]))
+            log.info("series %s complete: %d instances", row["series_uid"], row["instances"])
             if self.audit is not None:
                 self.audit.record("series.complete", series_uid=row["series_uid"],
                                   study_uid=row["study_uid"], count=row["instances"])
@@ -138,8 +139,12 @@ class Assembler:
                           destinations=list(route.destinations))
             reason = f"T1w and T2w complete; route {route.name}"
             if active is None:
-                return self.queue.enqueue(study, state=states.READY, reason=reason, **values)
-            return self.queue.complete(active.id, states.READY, reason, **values)
+                job = self.queue.enqueue(study, state=states.READY, reason=reason, **values)
+            else:
+                job = self.queue.complete(active.id, states.READY, reason, **values)
+            log.info("job %d ready: study %s, route %s, model %s, to %s", job.id, study,
+                     route.name, route.model, ", ".join(route.destinations) or "nowhere")
+            return job
         if not series:
             return None
         if any(j.state in states.TERMINAL for j in jobs) and active is None:

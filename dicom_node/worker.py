@@ -96,6 +96,8 @@ class Worker:
         if out.exists():
             shutil.rmtree(out)
         started = time.perf_counter()
+        log.info("job %d running: model %s (route %s)", job.id, job.model or "default",
+                 job.route or "-")
         try:
             if job.inputs:  # exactly the instances the job was created with
                 t1w, t2w = (self.spool.files_of(job.inputs[r]) for r in ("t1w", "t2w"))
@@ -125,6 +127,12 @@ class Worker:
                               model=job.model, count=len(outputs),
                               model_version=str(summary["model"].get("weights_sha256", ""))[:16],
                               duration_s=summary["processing_s"])
+        decision = summary.get("institution") or {}
+        log.info("job %d synthesized in %.1f s on %s: institution %s; %s; %s; %d objects",
+                 job.id, summary["processing_s"], done.device,
+                 decision.get("institution") or f"external (closest {decision.get('closest')})",
+                 (summary.get("edm") or {}).get("line", "EDM -"),
+                 (summary.get("verdict") or {}).get("line", "no verdict"), len(outputs))
         destinations = ", ".join(job.destinations) or "no destination"
         return self.queue.complete(job.id, states.SENDING,
                                    f"{len(outputs)} objects written; sending to {destinations}",

@@ -8,6 +8,7 @@ instance once" is checked as a count, not as a set of UIDs."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import stat
@@ -103,11 +104,12 @@ def _sop_uids(files: list[Path]) -> set[str]:
 # -- end to end with dcmtk ------------------------------------------------------------------
 
 
-def test_storescu_to_node_to_storescp_end_to_end(cohort, tmp_path):
+def test_storescu_to_node_to_storescp_end_to_end(cohort, tmp_path, caplog):
     """T1w and T2w interleaved in one association from dcmtk storescu; the node spools the
     bytes as received, assembles, synthesizes and delivers to dcmtk storescp. Everything it
     wrote is private (0600 files, 0700 folders) although it started under umask 022."""
     os.umask(0o022)
+    caplog.set_level(logging.INFO)
     with StoreSCP(tmp_path / "tps") as tps:
         cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors",
                            destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
@@ -146,6 +148,13 @@ def test_storescu_to_node_to_storescp_end_to_end(cohort, tmp_path):
                 and e["calling_ae"] == "MR_SCANNER"]
     assert released[0]["count"] == 16
     assert config.verify_audit(tmp_path / "root" / "audit.jsonl").ok
+    # one INFO line per step, each with the job id
+    steps = [r.getMessage() for r in caplog.records if r.name.startswith("dicom_node")]
+    number = job["id"]
+    for expected in (f"job {number} ready: study", f"job {number} running: model",
+                     f"job {number} synthesized in", f"job {number}: 10 objects sent to tps"):
+        assert any(m.startswith(expected) for m in steps), (expected, steps)
+    assert sum("complete: 8 instances" in m for m in steps) == 2
     [started] = [e for e in _audit(tmp_path / "root") if e["event"] == "node.started"]
     assert "peer_port" not in started and started["listen_port"] > 0  # its own, not a peer's
     written = list((tmp_path / "root").rglob("*"))
