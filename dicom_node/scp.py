@@ -174,7 +174,12 @@ class StorageSCP:
                     request, address, f"no A-ASSOCIATE-RQ within {first_pdu_s:g} s "
                     "(dicom.timeouts.first_pdu_s)")
             if context is None:
-                header = request.recv(6, socket.MSG_PEEK)
+                try:
+                    header = request.recv(6, socket.MSG_PEEK)
+                except OSError as exc:
+                    return self._refuse_connection(request, address,
+                                                   f"connection lost before its first PDU: "
+                                                   f"{exc.strerror or exc}")
                 if len(header) == 6:
                     kind, length = header[0], struct.unpack(">I", header[2:6])[0]
                     if kind != 0x01 or length > MAX_REQUEST_BYTES:
