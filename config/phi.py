@@ -40,8 +40,8 @@ ALLOWED_FIELDS = frozenset(
     {
         "job_id", "association_id", "study_uid", "series_uid", "sop_instance_uid",
         "sop_class_uid", "frame_of_reference_uid", "transfer_syntax_uid", "calling_ae",
-        "called_ae", "peer_host", "peer_port", "listen_port", "destination", "route", "role", "model",
-        "model_version", "institution", "state", "previous_state", "status", "attempt",
+        "called_ae", "peer_host", "peer_port", "listen_port", "destination", "route", "role",
+        "model", "model_version", "institution", "state", "previous_state", "status", "attempt",
         "count", "bytes", "duration_s", "path", "command", "user",
     }
 )
