@@ -132,7 +132,9 @@ def spheres_from_tumour(intensities: np.ndarray, points_mm: np.ndarray,
     match. ``intensities`` are the tumour voxels' values (e.g. its CE-T1w), ``points_mm`` their
     positions (N x 3 mm), ``voxel_mm3`` one voxel's volume. The voxels are split into three
     classes; the brightest goes inside: the inner sphere holds its volume, the middle sphere
-    that and the next class's, the outer sphere all; centred on the tumour's mass centre."""
+    that and the next class's, the outer sphere all; centred on the tumour's mass centre.
+    Needs scikit-image (its ``threshold_multiotsu``; in the test extra, not the base install:
+    simulating lesions does not use this)."""
     from skimage.filters import threshold_multiotsu
 
     values = np.asarray(intensities, np.float64)
