@@ -5,25 +5,33 @@ bytes used to get Success and fail its job later).
 - Native (uncompressed) transfer syntaxes: the Pixel Data value must hold at least what Rows,
   Columns, Samples per Pixel, Number of Frames, Bits Allocated and the photometric
   interpretation need (pydicom's ``get_expected_length``).
-- Encapsulated (compressed) ones: the value must parse as a Basic Offset Table and fragments
-  closed by a sequence delimiter, giving at least one fragment per frame (the codestreams
-  themselves are decoded only when the job runs).
+- Encapsulated (compressed) ones: the value must parse as a Basic Offset Table and whole
+  fragment items, at least one per frame, and the sequence delimiter must follow them in the
+  received bytes (pydicom drops a cut last item silently, and says so only by a warning,
+  which is process-wide state and no use to concurrent associations). The codestreams
+  themselves are decoded only when the job runs.
 
 A data set that ends before its pixel data, or whose pixel data element is cut, is refused
-the same way: pydicom reads a cut value short, or not at all.
+the same way: pydicom reads a cut value short, or not at all. The spool hands over the data
+set it has already read (one parse per instance).
 """
 
 from __future__ import annotations
 
-import io
+import re
 import struct
-import warnings
 
 import pydicom
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+#: An encapsulated Pixel Data element's header (explicit VR little endian, OB, or OW as some
+#: writers have it, undefined length) and the sequence delimitation item that closes its
+#: fragments.
+_ENCAPSULATED = re.compile(b"\xe0\x7f\x10\x00(?:OB|OW|UN)\x00\x00\xff\xff\xff\xff")
+_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
 def _int(dataset: pydicom.Dataset, keyword: str, default: int) -> int:
@@ -53,14 +61,14 @@ def _fragments(value: bytes) -> int:
     return max(count, 0)
 
 
-def pixel_data_problem(encoded: bytes) -> str | None:
-    """Why the pixel data of ``encoded`` (file meta + data set) is incomplete, or None."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dataset = pydicom.dcmread(io.BytesIO(encoded), force=True)
-    if any("before delimiter" in str(w.message) for w in caught):
-        return ("the data set ends inside an encapsulated element (no sequence delimiter): "
-                "truncated in transfer?")
+def pixel_data_problem(dataset: pydicom.Dataset, encoded: bytes) -> str | None:
+    """Why the pixel data of ``dataset`` (``encoded`` read in full, file meta included) is
+    incomplete, or None."""
+    # first: pydicom drops a data set's last elements when it ends inside their sequence
+    header = _ENCAPSULATED.search(encoded)
+    if header is not None and encoded.find(_DELIMITER, header.end()) < 0:
+        return ("the compressed pixel data has no sequence delimiter (the data set ends "
+                "inside it): truncated in transfer?")
     rows, columns = _int(dataset, "Rows", 0), _int(dataset, "Columns", 0)
     keyword = next((k for k in PIXEL_KEYWORDS if k in dataset), None)
     if keyword is None:

@@ -56,7 +56,8 @@ def purge(queue: JobQueue, spool: Spool, older_than_s: float, *, now: float | No
     everything = queue.list()
     due = [j for j in everything if j.state in states.TERMINAL and j.updated_at < cutoff
            and not j.result.get("purged_at")]
-    needed = {uid for j in everything if j not in due and not j.result.get("purged_at")
+    purging = {j.id for j in due}
+    needed = {uid for j in everything if j.id not in purging and not j.result.get("purged_at")
               for pairs in j.inputs.values() for uid, _ in pairs}
     report = Purge()
     for job in sorted(due, key=lambda j: j.id):
@@ -74,8 +75,6 @@ def purge(queue: JobQueue, spool: Spool, older_than_s: float, *, now: float | No
                              count=removed + files, bytes=freed + size, user=user)
             log.info("job %d purged: %d spooled instances and %d output files (%d bytes)",
                      job.id, removed, files, freed + size)
-        needed.update(uid for pairs in job.inputs.values() for uid, _ in pairs
-                      if uid not in uids)
         report.jobs.append(job.id)
         report.instances += removed
         report.output_files += files

@@ -160,7 +160,8 @@ class Spool:
         from pydicom.errors import InvalidDicomError
 
         try:
-            dataset = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
+            # in full: the pixel bytes are in memory already, and pixel_check measures them
+            dataset = pydicom.dcmread(io.BytesIO(encoded))
             transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
         except (InvalidDicomError, EOFError, ValueError, KeyError, AttributeError,
                 OSError, TypeError, OverflowError) as exc:
@@ -185,7 +186,7 @@ class Spool:
             return Received(CANNOT_UNDERSTAND, f"a header value cannot be read: {exc}", **ids)
         ignored = tuple(described["ignored"])
         try:
-            incomplete = pixel_data_problem(encoded)
+            incomplete = pixel_data_problem(dataset, encoded)
         except Exception as exc:  # pydicom's reader on damaged data: any error is a refusal
             incomplete = f"the pixel data cannot be read: {exc}"
         if incomplete:

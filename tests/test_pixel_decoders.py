@@ -60,3 +60,20 @@ def test_jpeg2000_mr_decodes_losslessly(mr_file, tmp_path):
     ds.save_as(out)
 
     np.testing.assert_array_equal(_decoded(out, "pylibjpeg"), original)
+
+
+@pytest.mark.parametrize(("name", "short_by"), [
+    ("MR_small.dcm", 3000), ("MR_small_RLE.dcm", 3000), ("MR_small_jpeg_ls_lossless.dcm", 3000),
+    ("JPEG2000.dcm", 100)])  # a 3,308-byte file: its last 100 bytes are pixel data
+def test_the_spool_sees_pixel_data_cut_short_in_transfer(name, short_by):
+    import io
+
+    from pydicom.data import get_testdata_file
+
+    from dicom_node.pixel_check import pixel_data_problem
+
+    whole = Path(get_testdata_file(name)).read_bytes()
+    cut = whole[:-short_by]
+    assert pixel_data_problem(pydicom.dcmread(io.BytesIO(whole), force=True), whole) is None
+    problem = pixel_data_problem(pydicom.dcmread(io.BytesIO(cut), force=True), cut)
+    assert problem is not None and "truncated in transfer" in problem
