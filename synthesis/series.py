@@ -389,8 +389,9 @@ def read_volume(path: Path) -> Volume:
     return read_image_file(path) if is_image_file(path) else read_series(path)
 
 
-def read_series(paths: Path | Iterable[Path]) -> Volume:
+def read_series(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Volume:
     """Read one MR series (a folder or its files) into a :class:`Volume`."""
+    paths = Path(paths) if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
     files = dicom_files(paths) if isinstance(paths, Path) and paths.is_dir() else (
         [paths] if isinstance(paths, Path) else list(paths))
     if not files:

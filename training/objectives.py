@@ -8,7 +8,10 @@
   mean(log c), weighted like the L1 term, with lambda 0.1 until the mean confidence exceeds
   0.7 and 0.03 from then on (seed 002, section IV-B); and the Laplace likelihood of the
   VCE's own error for the full-resolution error head (on detached inputs: it cannot change
-  the VCE).
+  the VCE). Hi-Net adds its modality networks' reconstruction L1 of each input, weight 20
+  each against the synthesis L1's 100 (the weights of Hi-Net's public training code, kept
+  in the seed authors' MMgSN-Net repository): without it 3.8 M of Hi-Net's 13 M parameters
+  (the modality decoders) would never learn.
 - :class:`CycleObjective` (CycleGAN, Zhu et al. 2017, a baseline of seed 000 Table 2): one
   modality and the CE-T1w as two unpaired domains; generators both ways, one unconditional
   PatchGAN per domain, least-squares adversarial losses, cycle-consistency L1 (weight 10) and
@@ -39,6 +42,10 @@ IDENTITY_FRACTION = 0.5
 #: 0.7 (seed 002, section IV-B).
 CONFIDENCE_LAMBDA = (0.1, 0.03)
 CONFIDENCE_SWITCH = 0.7
+
+#: Hi-Net's reconstruction L1 weight per input modality (its training code: 100 x synthesis
+#: L1 + 20 x each reconstruction L1).
+RECONSTRUCTION_WEIGHT = 20.0
 
 
 class ConfidenceRegularizer:
@@ -116,7 +123,12 @@ class _Step:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+            # static_graph: the parameters a step uses are the same every step, found at the
+            # first; a model that leaves some idle (an ablation's branch, a head another
+            # objective trains) then trains instead of failing on the next step's reduction,
+            # without find_unused_parameters' graph traversal at every step
+            model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
+                                            static_graph=True)
         self.trained[name] = model
         return model
 
@@ -158,9 +170,13 @@ class PairedObjective(_Step):
         self.channels = channels
         self.l1_weight, self.adversarial_weight = l1_weight, adversarial_weight
         self.guided = getattr(generator, "guidance", None) is not None
+        #: Hi-Net: its forward also reconstructs the inputs (``reconstruct=True``)
+        self.reconstructing = callable(getattr(generator, "reconstruct", None))
         self.regularizer = ConfidenceRegularizer()
         if self.guided:
             self.losses = (*self.losses, "loss_cm", "confidence", "loss_error")
+        if self.reconstructing:
+            self.losses = (*self.losses, "loss_rec")
         self._adam("opt_g", generator)
         self._adam("opt_d", discriminator)
         self.g = self._wrap("generator", generator)
@@ -184,6 +200,9 @@ class PairedObjective(_Step):
             if self.guided:
                 outputs = [self.g(xi[:, self.channels], aux=True) for xi, _ in parts]
                 fakes = [out[0] for out in outputs]
+            elif self.reconstructing:
+                outputs = [self.g(xi[:, self.channels], reconstruct=True) for xi, _ in parts]
+                fakes = [out[0] for out in outputs]
             else:
                 fakes = [self.g(xi[:, self.channels]) for xi, _ in parts]
             loss_d = sum(0.5 * (_lsgan(self.d(yi, xi), True)
@@ -205,6 +224,12 @@ class PairedObjective(_Step):
                 loss_g = loss_g + self.l1_weight * loss_cm + loss_error
                 mean_confidence = sum(out[2].detach().float().mean() for out in outputs) / n
                 extra = [loss_cm, mean_confidence, loss_error]
+            if self.reconstructing:
+                loss_rec = sum(F.l1_loss(out[1].float(), xi[:, self.channels[:1]])
+                               + F.l1_loss(out[2].float(), xi[:, self.channels[1:2]])
+                               for (xi, _), out in zip(parts, outputs, strict=True)) / n
+                loss_g = loss_g + RECONSTRUCTION_WEIGHT * loss_rec
+                extra = [loss_rec]
         self._optimize("opt_g", loss_g)
         if self.guided:
             self.regularizer.update(float(extra[1]))

@@ -7,6 +7,11 @@ modalities' features by sum, product and maximum, concatenated and selected by a
 convolution, with the previous level's fused features (Hi-Net's "hybrid" fusion); a decoder
 synthesizes the target from the deepest fusion with the other fusions as skips. Unlike
 MMgSN-Net, nothing is fed back into the modality encoders.
+
+Training as published: the synthesis L1 (weight 100) and each modality's reconstruction L1
+(weight 20 each; Hi-Net's public training code) with the adversarial loss; ``forward(x,
+reconstruct=True)`` gives the synthesis and both reconstructions from one pass, so every
+parameter takes part in a training step (DistributedDataParallel needs that).
 """
 
 from __future__ import annotations
@@ -40,14 +45,16 @@ class _ModalityNet(nn.Module):
         return features
 
     def reconstruct(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The modality back from its features, before the output activation."""
         x = self.decoders[-1](features[-1])
         for i in reversed(range(len(features) - 1)):
             x = self.decoders[i](torch.cat([features[i], upsample(x, features[i].shape[-2:])], 1))
-        return torch.tanh(self.head(x))
+        return self.head(x)
 
 
 class HiNet(nn.Module):
-    """``forward`` takes (B, 2, H, W) = T1w, T2w; ``reconstruct`` gives both inputs back."""
+    """``forward`` takes (B, 2, H, W) = T1w, T2w; ``reconstruct`` gives both inputs back, in
+    the inputs' normalised units (the output activation applies to them too)."""
 
     inputs = ("t1w", "t2w")
 
@@ -81,14 +88,20 @@ class HiNet(nn.Module):
             fused.append(self.mix[i](level))
         return f1, f2, fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, _, fused = self._fused(x)
+    def forward(self, x: torch.Tensor, reconstruct: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The synthesis; with ``reconstruct`` also the T1w's and T2w's reconstructions."""
+        f1, f2, fused = self._fused(x)
         y = self.decoders[-1](fused[-1])
         for i in reversed(range(len(fused) - 1)):
             y = self.decoders[i](torch.cat([fused[i], upsample(y, fused[i].shape[-2:])], 1))
-        return self.output_activation(self.head(y))
+        y = self.output_activation(self.head(y))
+        if not reconstruct:
+            return y
+        return (y, self.output_activation(self.t1_net.reconstruct(f1)),
+                self.output_activation(self.t2_net.reconstruct(f2)))
 
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The modality networks' reconstructions of T1w and T2w (Hi-Net's auxiliary loss)."""
-        f1, f2, _ = self._fused(x)
-        return self.t1_net.reconstruct(f1), self.t2_net.reconstruct(f2)
+        _, r1, r2 = self(x, reconstruct=True)
+        return r1, r2
