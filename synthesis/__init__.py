@@ -22,6 +22,7 @@ _LAZY = {
     "mask_to_model_grid": "preprocess",
     "clean_pair": "preprocess",
     "Normalization": "normalization", "Statistics": "normalization",
+    "NORMALIZATIONS": "normalization", "IntensityStatistics": "checkpoint",
     "FeatureProbe": "screening", "calibrate_ood": "screening", "MIN_OVERLAP": "screening",
     "Architecture": "checkpoint", "NormalizationMeta": "checkpoint",
     "SequenceRange": "checkpoint", "OODCalibration": "checkpoint",

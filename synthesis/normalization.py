@@ -26,6 +26,10 @@ Level = Literal["patient", "image", "dataset"]
 #: minmax only: the CE target may reach this many T1w ranges above the T1w minimum.
 TARGET_HEADROOM = 2.0
 
+#: Every normalization by name, METHOD-LEVEL (seed 001 compares these six).
+NORMALIZATIONS = tuple(f"{m}-{lv}" for m in ("zscore", "minmax")
+                       for lv in ("patient", "image", "dataset"))
+
 
 @dataclass(frozen=True)
 class Statistics:
@@ -65,6 +69,20 @@ class Normalization:
 
     method: Method = "zscore"
     level: Level = "patient"
+
+    @staticmethod
+    def named(name: str) -> Normalization:
+        """From a name of :data:`NORMALIZATIONS`, e.g. ``minmax-dataset``."""
+        if name not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {name!r} (known: "
+                             f"{', '.join(NORMALIZATIONS)})")
+        method, level = name.split("-")
+        return Normalization(method, level)  # type: ignore[arg-type]
+
+    @property
+    def name(self) -> str:
+        """METHOD-LEVEL, as :meth:`named` reads it."""
+        return f"{self.method}-{self.level}"
 
     def _affine(self, stats: Statistics, target: bool) -> tuple[float, float]:
         """(scale, offset) with normalized = (x - offset) / scale."""

@@ -451,6 +451,51 @@ def test_every_architecture_trains_under_ddp_with_two_processes(tmp_path):
     assert "loss_rec" in report["hinet"]["losses"]
 
 
+def test_dataset_level_min_max_is_trained_stored_and_lets_edm_act(cohort, tmp_path):
+    """Seed 001's normalizations are a training option stored in the checkpoint: min-max at
+    dataset level divides by the training patients' pooled head statistics (equal to those
+    of all their head voxels together), trains a tanh generator, and at inference EDM
+    applies to an external institution (it cannot under the scale-invariant per-patient or
+    per-slice normalizations)."""
+    from synthesis import Normalization, Statistics, Synthesizer, read_series
+    from training.dataset import _load
+
+    result = train(cohort / "manifest.csv", tmp_path / "minmax", TrainOptions(
+        institutions=("inst2", "inst3"), epochs=1, batch_size=4, width=0.125, device="cpu",
+        max_steps=2, fitness_steps=0, normalization="minmax-dataset"))
+    checkpoint = load_checkpoint(result.checkpoint)
+    stored = checkpoint.meta.normalization
+    assert (stored.method, stored.level) == ("minmax", "dataset")
+    assert checkpoint.meta.architecture.config["output"] == "tanh"
+    entries = {e.patient: e for e in read_manifest(cohort / "manifest.csv")}
+    heads = {"t1w": [], "t2w": []}
+    for patient in result.split["train"]:
+        _, clean, masks = _load(entries[patient])
+        for role in heads:
+            heads[role].append(clean[role][masks[role]])
+    for role in heads:
+        expected = Statistics.of(np.concatenate(heads[role]))
+        got = stored.dataset_statistics[role]
+        assert got.mean == pytest.approx(expected.mean, rel=1e-6)
+        assert got.std == pytest.approx(expected.std, rel=1e-5)
+        assert (got.minimum, got.maximum) == (expected.minimum, expected.maximum)
+    external = next(e for e in entries.values() if e.institution == "inst5")
+    done = Synthesizer(checkpoint).run(read_series(external.paths["t1w"]),
+                                       read_series(external.paths["t2w"]), screen=False)
+    assert done.edm.applicable and done.edm.applied and done.edm.t1w != 1.0
+    assert np.isfinite(done.vce.array).all()
+
+    image = train(cohort / "manifest.csv", tmp_path / "image", TrainOptions(
+        institutions=("inst2", "inst3"), epochs=1, batch_size=4, width=0.125, device="cpu",
+        max_steps=1, fitness_steps=0, normalization="zscore-image"))
+    stored = load_checkpoint(image.checkpoint).meta.normalization
+    assert (stored.method, stored.level, stored.dataset_statistics) == ("zscore", "image", {})
+    assert Normalization.named("zscore-image").scale_invariant
+    with pytest.raises(InputError, match="unknown normalization 'zscore-site'"):
+        train(cohort / "manifest.csv", tmp_path / "bad", TrainOptions(
+            institutions=("inst2", "inst3"), normalization="zscore-site"))
+
+
 def test_the_same_command_trains_baselines_and_ablations(cohort, tmp_path):
     from synthesis import Synthesizer
 

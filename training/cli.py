@@ -81,7 +81,8 @@ def _train(args: argparse.Namespace) -> int:
         adversarial_weight=args.adversarial_weight, cycle_weight=args.cycle_weight,
         decay_epochs=args.decay_epochs,
         learning_rate=args.learning_rate, init=args.init, micro_batches=args.micro_batches,
-        fitness_steps=args.fitness_steps, augment=args.augment)
+        fitness_steps=args.fitness_steps, augment=args.augment,
+        normalization=args.normalization)
     bar = tqdm(unit="step", desc="training", file=sys.stderr,
                disable=args.quiet or int(os.environ.get("RANK", "0")) != 0)
 
@@ -238,6 +239,12 @@ def add_commands(commands: Any) -> None:
                          help="augment the training slices on the fly (geometry, contrast, "
                          "resolution, artefacts; each transform with probability P, default "
                          f"{PROBABILITY} when given without P); default: off")
+    trainer.add_argument("--normalization", default="zscore-patient",
+                         choices=synthesis.NORMALIZATIONS, metavar="METHOD-LEVEL",
+                         help="intensity normalization (seed 001): zscore or minmax, at "
+                         "patient, image (slice) or dataset level, e.g. minmax-dataset; "
+                         "default zscore-patient. Only dataset level lets EDM act (the "
+                         "others are scale-invariant)")
     trainer.add_argument("--no-amp", action="store_true",
                          help="full precision on CUDA (default: bf16/fp16 mixed precision)")
     trainer.add_argument("--crop", type=_crop, default=None, metavar="ROWSxCOLS",

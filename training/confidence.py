@@ -131,8 +131,11 @@ def refit_confidence(model: str | Path, manifest: Path, out: Path,
     entries = read_manifest(Path(manifest))
     train = set(recorded_design(checkpoint.meta.training,
                                 [(e.patient, e.institution) for e in entries])["train"])
+    stored = checkpoint.meta.normalization
     cache = prepare([e for e in entries if e.patient in train], out / "cache",
-                    synthesis.Normalization("zscore", "patient"))
+                    synthesis.Normalization(stored.method, stored.level),
+                    dataset={role: synthesis.Statistics(**stats.model_dump())
+                             for role, stats in stored.dataset_statistics.items()} or None)
     device = synthesis.inference_device(options.device)
     generator = generator.to(device).eval()
     for name, parameter in generator.named_parameters():

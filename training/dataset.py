@@ -19,6 +19,7 @@ import csv
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,6 +161,9 @@ class SliceCache:
         self.inputs = np.load(self.folder / "inputs.npy", mmap_mode="r")
         self.targets = np.load(self.folder / "targets.npy", mmap_mode="r")
         self.normalization = index["normalization"]
+        #: dataset-level normalization's statistics per modality ({} at other levels)
+        self.dataset_statistics = {role: synthesis.Statistics(**values) for role, values in
+                                   index.get("dataset_statistics", {}).items()}
 
     def rows(self, patients: set[str]) -> np.ndarray:
         """Slice indices of the given patients."""
@@ -173,7 +177,8 @@ class SliceCache:
 CACHE_FORMAT = 3
 
 
-def _key(entries: list[PatientEntry], normalization: synthesis.Normalization) -> str:
+def _key(entries: list[PatientEntry], normalization: synthesis.Normalization,
+         dataset: Mapping[str, synthesis.Statistics] | None = None) -> str:
     digest = hashlib.sha256()
     for entry in entries:
         for role in sorted(entry.paths):
@@ -182,13 +187,72 @@ def _key(entries: list[PatientEntry], normalization: synthesis.Normalization) ->
             stamp = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
             digest.update(f"{entry.patient}|{entry.institution}|{role}|{stamp}".encode())
     digest.update(f"{normalization.method}|{normalization.level}|{CACHE_FORMAT}".encode())
+    for role, stats in sorted((dataset or {}).items()):
+        digest.update(f"{role}|{stats.as_dict()}".encode())
     return digest.hexdigest()[:16]
 
 
+def _load(entry: PatientEntry) -> tuple[dict[str, synthesis.Volume], dict[str, np.ndarray],
+                                        dict[str, np.ndarray]]:
+    """One patient's series (checked to be one study), the T2w and CE resampled onto the
+    T1w, background removed: (volumes, clean arrays, head masks); InputError names what
+    is wrong."""
+    volumes = {role: synthesis.read_volume(entry.paths[role]) for role in REQUIRED_ROLES}
+    # image files carry no identity to compare: the manifest vouches for them
+    if not any(synthesis.is_image_file(entry.paths[r]) for r in REQUIRED_ROLES):
+        synthesis.check_pair(volumes["t1w"], volumes["t2w"])
+        synthesis.check_pair(volumes["t1w"], volumes["ce"])
+    for role in ("t2w", "ce"):
+        covered = synthesis.field_overlap(volumes["t1w"], volumes[role])
+        if covered < synthesis.MIN_OVERLAP:
+            raise InputError(
+                f"its {role} covers {covered:.0%} of the T1w's field of view (at least "
+                f"{synthesis.MIN_OVERLAP:.0%} needed): the series do not show the same "
+                "anatomy in the same place; check their geometry")
+    t1 = volumes["t1w"]
+    arrays = {"t1w": np.asarray(t1.array, np.float32)}
+    for role in ("t2w", "ce"):
+        arrays[role] = np.asarray(synthesis.resample_onto(volumes[role], t1).array, np.float32)
+    clean, masks = synthesis.clean_pair(arrays["t1w"], arrays["t2w"])
+    if not masks["t1w"].any():
+        raise InputError("no head found in the T1w (empty foreground)")
+    masks["ce"] = masks["t1w"]
+    clean["ce"] = synthesis.remove_background(arrays["ce"], masks["ce"])
+    return volumes, clean, masks
+
+
+def dataset_statistics(entries: list[PatientEntry]) -> dict[str, synthesis.Statistics]:
+    """Head intensity statistics of T1w and T2w over every patient of ``entries`` (the
+    training patients), pooled by voxel count: what dataset-level normalization (seed 001)
+    divides by, stored in the model."""
+    parts: dict[str, list[synthesis.Statistics]] = {"t1w": [], "t2w": []}
+    counts: dict[str, list[float]] = {"t1w": [], "t2w": []}
+    problems = []
+    for entry in entries:
+        try:
+            _, clean, masks = _load(entry)
+        except VcemriError as exc:
+            problems.append(f"patient {entry.patient}: {exc}")
+            continue
+        for role in parts:
+            parts[role].append(synthesis.Statistics.of(clean[role][masks[role]]))
+            counts[role].append(float(masks[role].sum()))
+    if problems:
+        raise InputError(f"{len(problems)} patient(s) cannot be used: " + "; ".join(problems))
+    if not entries:
+        raise InputError("dataset-level normalization needs training patients")
+    return {role: synthesis.Statistics.pooled(parts[role], counts[role]) for role in parts}
+
+
 def prepare(entries: list[PatientEntry], cache_root: Path,
-            normalization: synthesis.Normalization, progress=None) -> SliceCache:
-    """Preprocess every patient once (reused while the inputs are unchanged)."""
-    folder = Path(cache_root) / _key(entries, normalization)
+            normalization: synthesis.Normalization, progress=None,
+            dataset: Mapping[str, synthesis.Statistics] | None = None) -> SliceCache:
+    """Preprocess every patient once (reused while the inputs are unchanged); ``dataset``:
+    the training set's statistics (:func:`dataset_statistics`), for dataset-level
+    normalization."""
+    if normalization.level == "dataset" and dataset is None:
+        raise ValueError("dataset-level normalization needs the training set's statistics")
+    folder = Path(cache_root) / _key(entries, normalization, dataset)
     if (folder / "index.json").exists():
         return SliceCache(folder)
     inputs, targets, patients, offsets = [], [], [], []
@@ -196,33 +260,13 @@ def prepare(entries: list[PatientEntry], cache_root: Path,
     total = 0
     for entry in entries:
         try:
-            volumes = {role: synthesis.read_volume(entry.paths[role]) for role in REQUIRED_ROLES}
-            # image files carry no identity to compare: the manifest vouches for them
-            if not any(synthesis.is_image_file(entry.paths[r]) for r in REQUIRED_ROLES):
-                synthesis.check_pair(volumes["t1w"], volumes["t2w"])
-                synthesis.check_pair(volumes["t1w"], volumes["ce"])
-            for role in ("t2w", "ce"):
-                covered = synthesis.field_overlap(volumes["t1w"], volumes[role])
-                if covered < synthesis.MIN_OVERLAP:
-                    raise InputError(
-                        f"its {role} covers {covered:.0%} of the T1w's field of view (at least "
-                        f"{synthesis.MIN_OVERLAP:.0%} needed): the series do not show the same "
-                        "anatomy in the same place; check their geometry")
+            volumes, clean, masks = _load(entry)
         except VcemriError as exc:
             problems.append(f"patient {entry.patient}: {exc}")
             continue
         t1 = volumes["t1w"]
-        arrays = {"t1w": np.asarray(t1.array, np.float32)}
-        for role in ("t2w", "ce"):
-            arrays[role] = np.asarray(synthesis.resample_onto(volumes[role], t1).array, np.float32)
-        clean, masks = synthesis.clean_pair(arrays["t1w"], arrays["t2w"])
-        if not masks["t1w"].any():
-            problems.append(f"patient {entry.patient}: no head found in the T1w (empty "
-                            "foreground)")
-            continue
-        masks["ce"] = masks["t1w"]
-        clean["ce"] = synthesis.remove_background(arrays["ce"], masks["ce"])
-        stats = {role: normalization.statistics(clean[role], masks[role])
+        stats = {role: normalization.statistics(clean[role], masks[role],
+                                                (dataset or {}).get(role))
                  for role in ("t1w", "t2w")}
         normalized = {role: normalization.normalize_volume(clean[role], stats[role])
                       for role in ("t1w", "t2w")}
@@ -254,5 +298,7 @@ def prepare(entries: list[PatientEntry], cache_root: Path,
     np.save(folder / "targets.npy", np.concatenate(targets))
     (folder / "index.json").write_text(json.dumps({
         "patients": [p.__dict__ for p in patients], "offsets": offsets,
-        "normalization": {"method": normalization.method, "level": normalization.level}}))
+        "normalization": {"method": normalization.method, "level": normalization.level},
+        "dataset_statistics": {role: stats.as_dict()
+                               for role, stats in (dataset or {}).items()}}))
     return SliceCache(folder)

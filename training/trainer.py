@@ -8,8 +8,11 @@ The split is written next to the model.
 Losses (training/objectives.py): L1 (weight 100, as pix2pix; the seed gives none) plus
 least-squares adversarial loss against the conditional PatchGAN, or CycleGAN's unpaired cycle
 objective for the CycleGAN baseline; Adam, learning rate 2e-4, betas (0.5, 0.999) (the seed
-names Adam and the rate). Targets are z-scored with the T1w's statistics per patient, so the
-generator's output is linear.
+names Adam and the rate). Inputs and target are normalized (``--normalization``, seed 001's
+six: z-score or min-max at patient, slice or dataset level; per-patient z-score by default),
+the target with the T1w's statistics; the generator's output is linear for z-scores and tanh
+for min-max. Dataset-level statistics are the training patients' (pooled over their heads)
+and go into the checkpoint.
 
 The loop (training/loop.py) is short; what happens around it are handlers
 (training/handlers.py): step limit, learning-rate schedule, resumable state, logs, progress,
@@ -39,7 +42,7 @@ import synthesis
 from config import InputError
 
 from .augmentation import Augmentation
-from .dataset import SliceCache, prepare, read_manifest
+from .dataset import SliceCache, dataset_statistics, prepare, read_manifest
 from .handlers import (
     BatchNormRecalibration,
     CSVLog,
@@ -113,6 +116,9 @@ class TrainOptions:
     #: training augmentation (``training/augmentation.py``): the probability with which each
     #: of its transforms acts on a sample (0: none)
     augment: float = 0.0
+    #: intensity normalization, METHOD-LEVEL (synthesis.NORMALIZATIONS; seed 001 compares
+    #: z-score and min-max at patient, image and dataset level); stored in the checkpoint
+    normalization: str = "zscore-patient"
 
 
 @dataclass
@@ -212,13 +218,23 @@ def _resumable(options: TrainOptions) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in kept.items()}
 
 
+def normalization_of(options: TrainOptions) -> synthesis.Normalization:
+    """The intensity normalization ``options`` name."""
+    try:
+        return synthesis.Normalization.named(options.normalization)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
 def build_generator(options: TrainOptions) -> torch.nn.Module:
-    """The generator ``options`` name, with a linear output (targets are z-scores)."""
+    """The generator ``options`` name, with the output its normalization needs (linear for
+    z-scores, tanh for min-max's [-1, 1])."""
     name = options.architecture
     if name not in synthesis.GENERATORS:
         raise InputError(f"vcemri train cannot train {name!r} (it trains "
                          f"{', '.join(synthesis.GENERATORS)})")
-    config: dict[str, Any] = {"width_multiplier": options.width, "output": "linear"}
+    config: dict[str, Any] = {"width_multiplier": options.width,
+                              "output": normalization_of(options).output}
     if name == "mmgsn":
         config.update(fusion=options.fusion, multi_level=options.multi_level,
                       attention=options.attention, confidence=options.confidence)
@@ -316,16 +332,26 @@ def _data(manifest: Path, out: Path, options: TrainOptions, place: Distributed,
     entries = read_manifest(Path(manifest))
     split = design([(e.patient, e.institution) for e in entries], options)
     used = [e for e in entries if e.patient in set(split["train"]) | set(split["internal"])]
-    normalization = synthesis.Normalization("zscore", "patient")
+    normalization = normalization_of(options)
+    # dataset-level normalization divides by the training patients' statistics, which rank 0
+    # measures and writes for the others
+    statistics = out / "dataset_statistics.json"
     if place.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "split.json").write_text(json.dumps(split, indent=1))
+        dataset = None
+        if normalization.level == "dataset":
+            dataset = dataset_statistics([e for e in entries if e.patient in set(split["train"])])
+            statistics.write_text(json.dumps({k: v.as_dict() for k, v in dataset.items()}))
         cache = prepare(used, out / "cache", normalization, progress=(
-            lambda p: progress("prepare", {"patient": p})) if progress else None)
+            lambda p: progress("prepare", {"patient": p})) if progress else None,
+            dataset=dataset)
     if place.world > 1:
         dist.barrier()  # the other ranks read the cache rank 0 wrote
     if not place.main:
-        cache = prepare(used, out / "cache", normalization)
+        dataset = None if normalization.level != "dataset" else {
+            k: synthesis.Statistics(**v) for k, v in json.loads(statistics.read_text()).items()}
+        cache = prepare(used, out / "cache", normalization, dataset=dataset)
     return split, cache
 
 
@@ -351,7 +377,10 @@ def _metadata(options: TrainOptions, generator: torch.nn.Module,
     return synthesis.CheckpointMeta(
         architecture=synthesis.Architecture(name=options.architecture, config=generator.config),
         discriminator=synthesis.Architecture(name="patchgan", config=discriminator.config),
-        normalization=synthesis.NormalizationMeta(method="zscore", level="patient"),
+        normalization=synthesis.NormalizationMeta(
+            method=cache.normalization["method"], level=cache.normalization["level"],
+            dataset_statistics={role: synthesis.IntensityStatistics(**stats.as_dict())
+                                for role, stats in cache.dataset_statistics.items()}),
         institutions=_profiles(cache, set(split["train"])), ood=ood, fitness=fitness,
         acquisition=_acquisition(cache, set(split["train"])),
         confidence=synthesis.ConfidenceMeta(loss_lambda=objective.regularizer.value)
