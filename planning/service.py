@@ -51,19 +51,21 @@ class SynthesisService:
         self._guard = threading.Lock()
 
     def synthesizer(self, model: str = "default", checkpoint: str | None = None,
-                    device: str | None = None, align: str = "never"
+                    device: str | None = None, align: str = "never", edm: bool = True
                     ) -> tuple[synthesis.Synthesizer, threading.Lock]:
-        """The loaded pipeline for a configured model (checkpoint and device overridable)."""
+        """The loaded pipeline for a configured model (checkpoint and device overridable;
+        ``edm`` False switches external distribution matching off)."""
         import synthesis
 
         if model not in self.settings.models:
             raise config.ConfigError("configuration", [f"models: no model named {model!r}"])
         choice = self.settings.models[model]
-        key = (str(checkpoint or choice.checkpoint), device or choice.device, align)
+        key = (str(checkpoint or choice.checkpoint), device or choice.device, align, edm)
         with self._guard:
             if key not in self._synthesizers:
                 options = synthesis.PipelineOptions(device=key[1], batch_size=choice.batch_size,
-                                                    align=align)  # type: ignore[arg-type]
+                                                    align=align,  # type: ignore[arg-type]
+                                                    edm=edm)
                 self._synthesizers[key] = synthesis.Synthesizer(key[0], options)
                 self._locks[key] = threading.Lock()
             return self._synthesizers[key], self._locks[key]
@@ -71,11 +73,11 @@ class SynthesisService:
     def synthesize(self, t1w: synthesis.Volume, t2w: synthesis.Volume, *,
                    model: str = "default", checkpoint: str | None = None,
                    device: str | None = None, align: str = "never",
-                   enforce: bool = True) -> synthesis.SynthesisResult:
+                   enforce: bool = True, edm: bool = True) -> synthesis.SynthesisResult:
         """The synthesis result the TPS would receive for these volumes. With ``enforce``
         False screening is recorded, not enforced: evaluation scores every patient, and an
         administrator can force a refused study through."""
-        synthesizer, lock = self.synthesizer(model, checkpoint, device, align)
+        synthesizer, lock = self.synthesizer(model, checkpoint, device, align, edm)
         with lock:
             return synthesizer.run(t1w, t2w, enforce=enforce)
 

@@ -57,6 +57,9 @@ class PipelineOptions:
     confidence: bool = True
     min_slices: int = 5
     screen: bool = True
+    #: external distribution matching for unknown institutions (off: a study's own
+    #: intensities, e.g. to measure what EDM changes)
+    edm: bool = True
 
 
 @dataclass
@@ -202,6 +205,8 @@ class Synthesizer:
         factors = EDMFactors()
         if self.normalization.scale_invariant:
             factors = edm.not_applicable(self.normalization.describe())
+        elif not self.options.edm:
+            factors = EDMFactors(note="EDM switched off")
         elif not decision.known and decision.closest is not None:
             reference = next(p for p in profiles if p.key == decision.closest)
             if all(reference.patient_mean.get(m) for m in edm.MODALITIES) and all(

@@ -46,7 +46,8 @@ def test_help_lists_only_commands_that_work():
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
     assert sorted(commands) == ["config", "demo", "evaluate", "jobs", "process",
-                                "refit-confidence", "serve", "simulate", "train", "version"]
+                                "refit-confidence", "serve", "simulate", "study", "train",
+                                "version"]
     done = run("--help")
     assert done.returncode == 0
     listed = done.stdout.split("positional arguments")[1].split("options")[0]

@@ -130,7 +130,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if len(models) == 1 and not any("=" in m for m in args.model):
             models = {"model": next(iter(models.values()))}
         evaluation = evaluate(models, Path(args.manifest), tuple(args.groups.split(",")),
-                              args.device, progress=advance)
+                              args.device, progress=advance, edm=not args.no_edm)
     if not evaluation.rows:
         from config import InputError
 
@@ -281,6 +281,9 @@ def add_commands(commands: Any) -> None:
     evaluator.add_argument("--groups", default="internal,external",
                            help="split groups to evaluate (train, internal, external)")
     evaluator.add_argument("--device", default="auto")
+    evaluator.add_argument("--no-edm", action="store_true",
+                           help="no external distribution matching (it only acts on models "
+                           "trained with dataset-level normalization)")
     evaluator.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluator.set_defaults(handler=_evaluate)
 
@@ -307,3 +310,4 @@ def add_commands(commands: Any) -> None:
     refit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     refit.add_argument("--quiet", action="store_true", help="no progress bar")
     refit.set_defaults(handler=_refit)
+

@@ -176,12 +176,14 @@ def _example_slice(tumour: np.ndarray | None, depth: int) -> int:
 
 def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
              groups: tuple[str, ...] = ("internal", "external"), device: str = "auto",
-             progress: Callable[[str | None, int], None] | None = None) -> Evaluation:
+             progress: Callable[[str | None, int], None] | None = None,
+             edm: bool = True) -> Evaluation:
     """Metrics for the manifest's patients in ``groups`` of the first model's split (all
     patients when it has none, see :func:`_split`), for each model (label -> checkpoint; one
     model is labelled 'model') and 'VCE = T1w'; with paired tests and one example slice per
     institution. ``progress(None, total)`` is called before the first patient and
-    ``progress(patient, total)`` after each."""
+    ``progress(patient, total)`` after each; ``edm`` False evaluates without external
+    distribution matching."""
     import planning
     from config import Settings
 
@@ -189,7 +191,8 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
     service = planning.SynthesisService(Settings())
     entries = read_manifest(manifest)
     first = next(iter(labelled))
-    synthesizer, _ = service.synthesizer(checkpoint=str(labelled[first]), device=device)
+    synthesizer, _ = service.synthesizer(checkpoint=str(labelled[first]), device=device,
+                                         edm=edm)
     split = _split(labelled[first], synthesizer.checkpoint, entries, manifest)
     chosen, left_out = [], {}
     for entry in entries:
@@ -213,7 +216,7 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
         for label, path in labelled.items():
             # screening recorded, not enforced: every patient is scored, refusals counted
             results[label] = service.synthesize(t1, t2, checkpoint=str(path), device=device,
-                                                enforce=False)
+                                                enforce=False, edm=edm)
             if head is None:
                 head = sitk.GetArrayFromImage(results[label].foreground) > 0
             predictions[label] = results[label].vce.array

@@ -119,6 +119,10 @@ class TrainOptions:
     #: intensity normalization, METHOD-LEVEL (synthesis.NORMALIZATIONS; seed 001 compares
     #: z-score and min-max at patient, image and dataset level); stored in the checkpoint
     normalization: str = "zscore-patient"
+    #: a split.json to take the patients from instead of drawing them (a study's arms share
+    #: one split, so they are compared on the same patients): its training and internal
+    #: patients of this run's training institutions; every other institution is external
+    split: str | None = None
 
 
 @dataclass
@@ -130,8 +134,35 @@ class TrainResult:
     seconds: float
 
 
+def _given_split(patients: list[tuple[str, str]], options: TrainOptions
+                 ) -> dict[str, list[str]]:
+    """The split of ``options.split`` restricted to this run's training institutions."""
+    try:
+        given = json.loads(Path(options.split).read_text())  # type: ignore[arg-type]
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--split {options.split}: not a readable split ({exc})") from None
+    training_sites = set(options.institutions or {site for _, site in patients})
+    split: dict[str, list[str]] = {"train": [], "internal": [], "external": [], "dropped": []}
+    for patient, site in sorted(patients):
+        if site not in training_sites:
+            split["external"].append(patient)
+        elif patient in given.get("train", []):
+            split["train"].append(patient)
+        elif patient in given.get("internal", []):
+            split["internal"].append(patient)
+        else:
+            split["dropped"].append(patient)
+    if not split["train"]:
+        raise InputError(f"--split {options.split} has no training patients of "
+                         f"{', '.join(sorted(training_sites))}")
+    return split
+
+
 def design(patients: list[tuple[str, str]], options: TrainOptions) -> dict[str, list[str]]:
-    """Mixture modelling and the 70/30 patient split: {train, internal, external}."""
+    """Mixture modelling and the 70/30 patient split: {train, internal, external} (or the
+    split ``options.split`` names)."""
+    if options.split is not None:
+        return _given_split(patients, options)
     rng = np.random.default_rng(options.seed)
     by_site: dict[str, list[str]] = defaultdict(list)
     for patient, site in patients:

@@ -25,7 +25,7 @@ import simulation
 import training
 from config import VcemriError
 
-from . import __version__, demo, process
+from . import __version__, demo, process, study
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE, sysexits.h
 EXIT_INTERRUPTED = 130
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_commands(commands)
     dicom_node.add_commands(commands)
     process.add_commands(commands)
+    study.add_commands(commands)
     simulation.add_commands(commands)
     training.add_commands(commands)
     return parser
