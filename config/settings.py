@@ -158,6 +158,11 @@ class Assembly(_Section):
     study_timeout_s: Seconds = Field(
         600.0, description="a study fails if its T1w or T2w has not arrived by then"
     )
+    incomplete_wait_s: Seconds = Field(
+        300.0, description="a series with a gap between its slice positions, or fewer "
+        "instances than it announces (ImagesInAcquisition), waits this long after its last "
+        "instance for the rest; then its study fails with the reason"
+    )
 
 
 class Jobs(_Section):

@@ -2,10 +2,15 @@
 
 A series is complete ``assembly.series_idle_s`` seconds after its last instance, or as soon as
 it holds the number of instances its header announces (ImagesInAcquisition; one instance for
-an enhanced multi-frame series). A study is ready when a complete T1w and a complete T2w series
-(``series_rules``) of the same patient and frame of reference are present; its job then gets
-a route (``routes``: model and destinations) and becomes ``ready``. A study still missing a
-sequence ``assembly.study_timeout_s`` after its first instance fails with the reason.
+an enhanced multi-frame series). A series that goes quiet with fewer instances than it
+announces, or with a gap between its slice positions (a step more than 1.5 times the usual
+spacing), is not whole: it waits for the rest up to ``assembly.incomplete_wait_s`` after its
+last instance, and then its study's job fails with what is missing (a cut-off transfer is
+never synthesized as if it were the whole series). A study is ready when a complete T1w and a
+complete T2w series (``series_rules``) of the same patient and frame of reference are
+present; its job then gets a route (``routes``: model and destinations) and becomes
+``ready``. A study still missing a sequence ``assembly.study_timeout_s`` after its first
+instance fails with the reason.
 
 New content for a study that was already processed (a late series, changed instances) starts a
 new job; the same content resent changes nothing, because the job's input key (series UIDs and
@@ -35,6 +40,36 @@ ROLE_NAMES = {"t1w": "T1w", "t2w": "T2w"}
 
 #: How far back (seconds) studies are re-examined for content newer than their last job.
 REVISIT_S = 86400.0
+#: A step between neighbouring slice positions this many times the series' usual spacing
+#: (the median step) is a gap: slices are missing there.
+GAP_FACTOR = 1.5
+
+
+def incompleteness(db: sqlite3.Connection, series: sqlite3.Row) -> str | None:
+    """Why a series is not whole, or None: fewer instances than its header announces, or a
+    gap between slice positions (single-frame series whose every instance has a position;
+    at least three distinct positions are needed to know the usual spacing)."""
+    expected, count = series["expected"], series["instances"]
+    if expected is not None and count < expected:
+        return f"{count} of the {expected} instances its header announces (ImagesInAcquisition)"
+    positions = [r["position"] for r in db.execute(
+        "SELECT position FROM instances WHERE series_uid = ?", (series["series_uid"],))]
+    if len(positions) < 3 or any(p is None for p in positions):
+        return None
+    distinct = sorted({round(float(p), 3) for p in positions})
+    steps = [b - a for a, b in zip(distinct, distinct[1:])]
+    if len(steps) < 2:
+        return None
+    usual = sorted(steps)[len(steps) // 2]
+    gaps = [(a, b) for a, b, step in zip(distinct, distinct[1:], steps)
+            if usual > 0 and step > GAP_FACTOR * usual]
+    if not gaps:
+        return None
+    a, b = gaps[0]
+    missing = sum(round((b - a) / usual) - 1 for a, b in gaps)
+    return (f"a gap between its slice positions: {b - a:.1f} mm from {a:.1f} to {b:.1f} mm "
+            f"where its slices are {usual:.1f} mm apart (about {missing} slice(s) missing"
+            + (f", {len(gaps)} gaps)" if len(gaps) > 1 else ")"))
 
 
 def choose_route(settings: config.Settings, header: dict[str, Any]) -> config.Route | None:
@@ -72,19 +107,37 @@ class Assembler:
         now = time.time() if now is None else now
         db = self._db()
         idle = self.settings.assembly.series_idle_s
-        completed = db.execute(
-            "SELECT series_uid, study_uid, generation, instances FROM series WHERE "
-            "complete_generation IS NOT generation AND "
+        wait = max(self.settings.assembly.incomplete_wait_s, idle)
+        candidates = db.execute(
+            "SELECT * FROM series WHERE complete_generation IS NOT generation AND "
             "(last_received + ? <= ? OR (expected IS NOT NULL AND instances >= expected))",
             (idle, now)).fetchall()
-        for row in completed:
-            db.execute("UPDATE series SET complete_generation = ? WHERE series_uid = ?",
-                       (row["generation"], row["series_uid"]))
-            log.info("series %s complete: %d instances", row["series_uid"], row["instances"])
+        completed, waiting = [], set()
+        for row in candidates:
+            problem = incompleteness(db, row)
+            if problem is not None and row["last_received"] + wait > now:
+                if problem != row["problem"]:  # waits for the rest; its study says why
+                    db.execute("UPDATE series SET problem = ? WHERE series_uid = ?",
+                               (problem, row["series_uid"]))
+                    log.warning("series %s incomplete: %s; waiting up to %.0f s for the rest",
+                                row["series_uid"], problem, wait)
+                    waiting.add(row["study_uid"])
+                continue
+            db.execute("UPDATE series SET complete_generation = ?, problem = ? WHERE "
+                       "series_uid = ?", (row["generation"], problem, row["series_uid"]))
+            completed.append(row)
+            if problem is None:
+                log.info("series %s complete: %d instances", row["series_uid"],
+                         row["instances"])
+            else:
+                log.warning("series %s still incomplete after %.0f s: %s", row["series_uid"],
+                            wait, problem)
             if self.audit is not None:
-                self.audit.record("series.complete", series_uid=row["series_uid"],
-                                  study_uid=row["study_uid"], count=row["instances"])
-        studies = {r["study_uid"] for r in completed}
+                self.audit.record("series.complete" if problem is None else
+                                  "series.incomplete", series_uid=row["series_uid"],
+                                  study_uid=row["study_uid"], count=row["instances"],
+                                  **({"reason": problem} if problem else {}))
+        studies = {r["study_uid"] for r in completed} | waiting
         studies |= {j.study_uid for j in self.queue.list(states=(states.WAITING,))}
         # studies never seen, and studies with content newer than their newest job's inputs
         # (it arrived while a job was in flight, or before a crash between marking a series
@@ -124,6 +177,20 @@ class Assembler:
             values = {"input_key": key, "t1w_series_uid": t1w["series_uid"],
                       "t2w_series_uid": t2w["series_uid"], "keyed_at": now,
                       "inputs": inputs}
+            broken = [f"the {ROLE_NAMES[s['role']]} series {s['series_uid']} has {s['problem']}"
+                      for s in (t1w, t2w) if s["problem"]]
+            if broken:
+                wait = max(self.settings.assembly.incomplete_wait_s,
+                           self.settings.assembly.series_idle_s)
+                reason = (f"{'; '.join(broken)}, {wait:.0f} s after its last instance: the "
+                          "transfer was cut off or the scanner sent part of the series; send "
+                          "the whole series again (vcemri jobs retry --force processes what "
+                          "arrived)")
+                log.warning("study %s: %s", study, reason)
+                if active is None:
+                    return self.queue.enqueue(study, state=states.FAILED, reason=reason,
+                                              **values)
+                return self.queue.complete(active.id, states.FAILED, reason, **values)
             if route is None:
                 reason = ("no route matches the study (calling AE "
                           f"{header.get('CallingAETitle') or '-'}, modality "
@@ -178,6 +245,11 @@ class Assembler:
         absent = [name for role, name in ROLE_NAMES.items() if not by_role[role]]
         pending = [name for role, name in ROLE_NAMES.items()
                    if any(s["role"] == role for s in series) and not by_role[role]]
+        partial = [f"{ROLE_NAMES[s['role']]} series incomplete ({s['problem']}); waiting for "
+                   "the rest" for s in series if s["role"] in ROLE_NAMES and s["problem"]
+                   and s["complete_generation"] != s["generation"]]
+        if partial:
+            return None, "; ".join(partial)
         if pending:
             return None, f"{' and '.join(pending)} series not complete"
         return None, f"{' and '.join(absent)} series not received"

@@ -123,6 +123,14 @@ ALTER TABLE jobs ADD COLUMN inputs TEXT;
     """
 ALTER TABLE jobs ADD COLUMN forced INTEGER NOT NULL DEFAULT 0;
 """,
+    # 5: each instance's slice position along the normal of its plane (mm; NULL for
+    # multi-frame instances and rows indexed before), and why a series that went quiet is
+    # not yet whole (a gap between slice positions, fewer instances than it announces):
+    # it waits for the rest, up to assembly.incomplete_wait_s, then its study fails.
+    """
+ALTER TABLE instances ADD COLUMN position REAL;
+ALTER TABLE series ADD COLUMN problem TEXT;
+""",
 )
 
 #: The newest schema version this code knows (and creates).

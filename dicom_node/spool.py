@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import sqlite3
@@ -72,6 +73,24 @@ def series_contents(db: sqlite3.Connection, series_uid: str) -> list[tuple[str, 
     return [(r["sop_instance_uid"], r["sha256"]) for r in rows]
 
 
+def slice_position(dataset: Any) -> float | None:
+    """Where a single-frame image lies along the normal of its plane (mm): the dot product of
+    ImagePositionPatient with the cross product of ImageOrientationPatient's row and column
+    directions; None when either is missing or unreadable."""
+    try:
+        position = [float(v) for v in dataset.ImagePositionPatient]
+        row_x, row_y, row_z, col_x, col_y, col_z = (float(v)
+                                                    for v in dataset.ImageOrientationPatient)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if len(position) != 3:
+        return None
+    normal = (row_y * col_z - row_z * col_y, row_z * col_x - row_x * col_z,
+              row_x * col_y - row_y * col_x)
+    value = sum(p * n for p, n in zip(position, normal, strict=True))
+    return value if math.isfinite(value) else None
+
+
 def _describe(dataset: Any, calling_ae: str, rules: Any) -> dict[str, Any]:
     """What the index keeps of an instance: its series' header and role, read by the same
     code as ``vcemri process`` (``synthesis.series_info``, ``synthesis.series_role``), and the
@@ -87,6 +106,7 @@ def _describe(dataset: Any, calling_ae: str, rules: Any) -> dict[str, Any]:
     expected = 1 if frames > 1 else info.images_in_acquisition
     json.dumps(header, allow_nan=False)
     return {"header": header, "expected": expected, "role": synthesis.series_role(rules, header),
+            "position": None if frames > 1 else slice_position(dataset),
             "patient_id": str(dataset.get("PatientID", "") or ""),
             "frame_of_reference_uid": info.frame_of_reference_uid,
             "ignored": synthesis.unreadable_values(dataset)}
@@ -247,15 +267,20 @@ class Spool:
                     "SELECT series_uid FROM instances WHERE sop_instance_uid = ?",
                     (uids["SOPInstanceUID"],)).fetchone()
                 db.execute(
-                    "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO instances (sop_instance_uid, series_uid, study_uid, "
+                    "sop_class_uid, transfer_syntax_uid, path, sha256, bytes, received_at, "
+                    "calling_ae, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (uids["SOPInstanceUID"], uids["SeriesInstanceUID"],
                      uids["StudyInstanceUID"], uids["SOPClassUID"], transfer_syntax,
-                     str(path), digest, size, now, calling_ae))
+                     str(path), digest, size, now, calling_ae, described["position"]))
                 row = db.execute("SELECT instances FROM series WHERE series_uid = ?",
                                  (uids["SeriesInstanceUID"],)).fetchone()
                 if row is None:
                     db.execute(
-                        "INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1, 1, ?, ?, NULL)",
+                        "INSERT INTO series (series_uid, study_uid, patient_id, "
+                        "frame_of_reference_uid, role, header, expected, instances, generation, "
+                        "first_received, last_received, complete_generation) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, 1, 1, ?, ?, NULL)",
                         (uids["SeriesInstanceUID"], uids["StudyInstanceUID"],
                          described["patient_id"], described["frame_of_reference_uid"],
                          described["role"], json.dumps(header),

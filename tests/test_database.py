@@ -169,7 +169,7 @@ def test_a_database_of_the_previous_release_is_upgraded_in_place(tmp_path: Path)
 
     queue = JobQueue(root)
     done, waiting = queue.get(1), queue.get(2)
-    assert _user_version(path) == database.SCHEMA_VERSION == len(database.MIGRATIONS) == 4
+    assert _user_version(path) == database.SCHEMA_VERSION == len(database.MIGRATIONS) == 5
     assert (done.state, done.study_uid, done.t1w_series_uid, done.t2w_series_uid) == (
         "done", STUDY, T1W, T2W)
     assert done.destinations == ["tps"] and done.result == {"sent": 2}
@@ -185,6 +185,9 @@ def test_a_database_of_the_previous_release_is_upgraded_in_place(tmp_path: Path)
 
     spool = dicom_node.Spool(_settings(tmp_path, root))
     assert spool.series_files(T1W) == [root / "spool" / STUDY / T1W / "1.2.3.1.1.1.dcm"]
+    # version 5: slice positions unknown for instances indexed before, no series problem
+    assert _raw(path, "SELECT DISTINCT position FROM instances") == [(None,)]
+    assert _raw(path, "SELECT DISTINCT problem FROM series") == [(None,)]
 
     columns = [r[1] for r in _raw(path, "PRAGMA table_info(outputs)")]
     assert columns == ["job_id", "sop_instance_uid", "path", "sop_class_uid",

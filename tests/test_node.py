@@ -435,6 +435,88 @@ def test_a_study_missing_its_t2w_fails_with_the_reason_and_a_late_t2w_restarts_i
     assert newest.id != failed.id and newest.state == "ready" and newest.route == "default"
 
 
+def _with(files: list[Path], folder: Path, **values: object) -> list[Path]:
+    """Copies of ``files`` in ``folder`` with these attributes set (e.g. ImagesInAcquisition)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for path in files:
+        dataset = pydicom.dcmread(path)
+        for keyword, value in values.items():
+            setattr(dataset, keyword, value)
+        dataset.save_as(folder / path.name)
+        copies.append(folder / path.name)
+    return copies
+
+
+def test_a_series_with_a_gap_or_short_of_its_count_waits_then_fails_and_the_rest_completes_it(
+        cohort, tmp_path):
+    """A T1w missing its 4th slice (a gap in the slice positions) and a T2w with 6 of the 8
+    instances its header announces are not processed when they go quiet: the study waits
+    with the reason, fails with it after assembly.incomplete_wait_s, and the missing
+    instances, when they arrive, make the study whole and ready."""
+    node = _offline(cohort, tmp_path, assembly={"series_idle_s": 0.5, "study_timeout_s": 60.0,
+                                                "incomplete_wait_s": 3.0})
+    spool, queue, assembler = node.spool, node.queue, node.assembler
+    t1, t2 = _series(cohort)
+    t2 = _with(t2, tmp_path / "t2", ImagesInAcquisition=len(t2))
+    first = [f for i, f in enumerate(t1) if i != 3] + t2[:6]
+    for f in first:
+        assert spool.store(f.read_bytes(), "MR").status == 0
+    now = time.time()
+    assembler.tick(now + 1.0)  # idle, not yet waited out
+    [job] = queue.list()
+    assert job.state == "waiting"
+    assert "T1w series incomplete (a gap between its slice positions" in job.reason
+    assert "T2w series incomplete (6 of the 8 instances its header announces" in job.reason
+    assembler.tick(now + 4.0)
+    [failed] = queue.list()
+    assert failed.state == "failed", failed.reason
+    assert re.search(r"the T1w series \S+ has a gap between its slice positions: [\d.]+ mm "
+                     r"from -?[\d.]+ to -?[\d.]+ mm where its slices are [\d.]+ mm apart "
+                     r"\(about 1 slice\(s\) missing\)", failed.reason), failed.reason
+    assert "the T2w series" in failed.reason and "send the whole series again" in failed.reason
+    for f in [t1[3], *t2[6:]]:
+        assert spool.store(f.read_bytes(), "MR").status == 0
+    assembler.tick(time.time() + 1.0)
+    newest = queue.list()[0]
+    assert newest.id != failed.id and newest.state == "ready", newest.reason
+    assert [len(newest.inputs[r]) for r in ("t1w", "t2w")] == [len(t1), len(t2)]
+
+
+def test_a_series_cut_off_in_transfer_is_never_delivered_as_whole(cohort, tmp_path):
+    """Through storescu to a running node: a T1w whose transfer stopped after 5 of the 8
+    slices it announces fails with the reason and nothing reaches the TPS; the rest sent
+    later makes one job whose results the TPS receives once."""
+    t1, t2 = _series(cohort, 2)
+    t1 = _with(t1, tmp_path / "t1", ImagesInAcquisition=len(t1))
+    root = tmp_path / "root"
+    with StoreSCP(tmp_path / "tps") as tps:
+        cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                           assembly={"series_idle_s": 0.5, "study_timeout_s": 60.0,
+                                     "incomplete_wait_s": 2.0},
+                           destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
+                                                 "port": tps.port}})
+        node = start_node(cfg)
+        try:
+            assert storescu(t1[:5] + t2, node.scp.port, called_ae="VCEMRI").ok
+            wait_for(lambda: any(j["state"] == "failed" for j in jobs(root)), 60,
+                     "the cut-off study failed")
+            [failed] = jobs(root)
+            assert "5 of the 8 instances its header announces" in failed["reason"]
+            assert tps.received() == []
+            [incomplete] = [e for e in _audit(root) if e["event"] == "series.incomplete"]
+            assert "5 of the 8" in incomplete["reason"]
+            assert storescu(t1[5:], node.scp.port, called_ae="VCEMRI").ok
+            wait_for(lambda: any(j["state"] == "done" for j in jobs(root)), 120,
+                     "the whole study processed")
+        finally:
+            node.stop()
+        outputs = query(root, "SELECT * FROM outputs")
+        tps.assert_each_once(o["sop_instance_uid"] for o in outputs)
+        done = [j for j in jobs(root) if j["state"] == "done"]
+        assert len(done) == 1 and len(json.loads(done[0]["inputs"])["t1w"]) == len(t1)
+
+
 def test_a_study_no_route_matches_is_kept_and_not_processed(cohort, tmp_path):
     node = _offline(cohort, tmp_path, routes=[{"name": "scanner-only",
                                                "match": {"calling_ae": "^MR1$"},
