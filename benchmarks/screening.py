@@ -4,12 +4,17 @@ every fault kind the fitness screening is meant to catch, with severities, throu
 shipped model's pipeline (screening recorded, not enforced).
 
     python benchmarks/screening.py [--model builtin] [--patients 3] [--seed 11] [--slices N]
+    python benchmarks/screening.py --cohort MANIFEST [--model builtin]
 
 Prints the machine, the false-refusal rate on clean internal and external studies, then per
 fault kind and severity: how many studies, the share refused, the AUROC of the combined
 model-based score (fitness classifier and OOD distance, synthesis.Screening.combined) against
 the clean studies, and which stage refused them (checks without a model, the fitness
 classifier, the OOD score). The cohort's seed is not the one the shipped model trained on.
+
+With ``--cohort`` it screens every study of an existing cohort instead (e.g. protocols the
+model never saw, ``vcemri simulate --randomize``) and prints, per institution, how many are
+refused, by which stage, and every reason's first words with its count.
 """
 
 from __future__ import annotations
@@ -134,8 +139,38 @@ def screen(synthesizer: Synthesizer, pair: Pair) -> tuple[bool, float, list[str]
     return not screening.accepted, combined, list(screening.reasons)
 
 
+def screen_cohort(synthesizer: Synthesizer, manifest: Path) -> int:
+    """Screen every study of a manifest (patient,institution,role,path rows)."""
+    import csv
+
+    series: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)
+    with open(manifest, newline="") as handle:
+        for row in csv.DictReader(handle):
+            series[(row["institution"], row["patient"])][row["role"]] = (
+                manifest.parent / row["path"])
+    refused: dict[str, list[bool]] = defaultdict(list)
+    stages: dict[str, Counter[str]] = defaultdict(Counter)
+    reasons: Counter[str] = Counter()
+    for (institution, _), paths in sorted(series.items()):
+        pair = (read_series(paths["t1w"]), read_series(paths["t2w"]))
+        no, _, why = screen(synthesizer, pair)
+        refused[institution].append(no)
+        stages[institution].update(stage([r]) for r in why)
+        reasons.update({r[:70] for r in why})
+    print(f"{'institution':<12} {'studies':>7} {'refused':>8}  reasons by stage (a study may "
+          "have several)")
+    for institution, flags in refused.items():
+        print(f"{institution:<12} {len(flags):>7} {sum(flags):>8}  "
+              + ", ".join(f"{name} {n}" for name, n in sorted(stages[institution].items())))
+    for line, count in sorted(reasons.items(), key=lambda item: -item[1]):
+        print(f"  {count} x {line}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cohort", type=Path, default=None, metavar="MANIFEST",
+                        help="screen this cohort's studies instead of generating faults")
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--patients", type=int, default=3)
     parser.add_argument("--seed", type=int, default=11)
@@ -144,6 +179,9 @@ def main() -> int:
     args = parser.parse_args()
     print(describe(("torch", "numpy", "SimpleITK")))
     synthesizer = Synthesizer(args.model, PipelineOptions(device="cpu"))
+    if args.cohort is not None:
+        print(f"model {args.model}; cohort {args.cohort}")
+        return screen_cohort(synthesizer, args.cohort)
     trained = {p.key for p in synthesizer.checkpoint.meta.institutions}
     options = SimulationOptions(seed=args.seed, slices=args.slices,
                                 patients_per_institution=args.patients)

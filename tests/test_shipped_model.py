@@ -106,6 +106,27 @@ def test_the_shipped_model_refuses_an_unfit_pair(unseen, shipped, fault):
     assert refused.value.screening.reasons
 
 
+def test_the_shipped_model_refuses_a_swapped_pair_with_a_stir_t2w(tmp_path, shipped):
+    """With a STIR T2w a swap reads like a real pair to the check without a model (both
+    series darken the other's brightest voxels; synthesis/checks.py), so the fitness
+    classifier or the OOD score must refuse it: an unseen patient of inst7 (STIR), swapped."""
+    from benchmarks.screening import TRANSFORMS
+    from simulation import simulate_patient
+    from synthesis import RejectedStudy, read_series
+
+    record = simulate_patient(tmp_path, "inst7", 1, SimulationOptions(
+        institutions=("inst7",), seed=UNSEEN_SEED, slices=12))
+    pair = (read_series(tmp_path / record.paths["t1w"]),
+            read_series(tmp_path / record.paths["t2w"]))
+    assert shipped.run(*pair, enforce=False).screening.accepted  # the real pair passes
+    swapped = TRANSFORMS[("swapped labels", "T2w pixels as T1w and the reverse, headers kept")]
+    with pytest.raises(RejectedStudy) as refused:
+        shipped.run(*swapped(pair, np.random.default_rng(0)))
+    reasons = refused.value.screening.reasons
+    assert not any("look swapped" in r for r in reasons), reasons
+    assert any("fitness classifier" in r or "out-of-distribution" in r for r in reasons), reasons
+
+
 def test_the_shipped_model_refuses_a_pelvis_labelled_head_and_neck(tmp_path, shipped):
     from benchmarks.screening import SIMULATED
     from simulation import simulate_patient
