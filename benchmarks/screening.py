@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import tempfile
 from collections import Counter, defaultdict
@@ -151,12 +152,17 @@ def screen_cohort(synthesizer: Synthesizer, manifest: Path) -> int:
     refused: dict[str, list[bool]] = defaultdict(list)
     stages: dict[str, Counter[str]] = defaultdict(Counter)
     reasons: Counter[str] = Counter()
-    for (institution, _), paths in sorted(series.items()):
+    accepted: list[str] = []
+    for (institution, patient), paths in sorted(series.items()):
         pair = (read_series(paths["t1w"]), read_series(paths["t2w"]))
         no, _, why = screen(synthesizer, pair)
         refused[institution].append(no)
         stages[institution].update(stage([r]) for r in why)
-        reasons.update({r[:70] for r in why})
+        # a reason's words before its first measured value name its kind
+        reasons.update({re.split(r" \(|:", r, maxsplit=1)[0].strip() for r in why})
+        if not no:
+            accepted.append(f"{patient} ({pair[0].info.description} + "
+                            f"{pair[1].info.description})")
     print(f"{'institution':<12} {'studies':>7} {'refused':>8}  reasons by stage (a study may "
           "have several)")
     for institution, flags in refused.items():
@@ -164,6 +170,7 @@ def screen_cohort(synthesizer: Synthesizer, manifest: Path) -> int:
               + ", ".join(f"{name} {n}" for name, n in sorted(stages[institution].items())))
     for line, count in sorted(reasons.items(), key=lambda item: -item[1]):
         print(f"  {count} x {line}")
+    print("accepted: " + (", ".join(accepted) or "none"))
     return 0
 
 
