@@ -19,7 +19,7 @@ import csv
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,26 +221,35 @@ def _load(entry: PatientEntry) -> tuple[dict[str, synthesis.Volume], dict[str, n
     return volumes, clean, masks
 
 
+def _each_patient(entries: list[PatientEntry]) -> Iterator[
+        tuple[PatientEntry, dict[str, synthesis.Volume], dict[str, np.ndarray],
+              dict[str, np.ndarray]]]:
+    """Every usable patient of ``entries``, loaded (:func:`_load`); once all are read, raises
+    InputError naming every patient that cannot be used."""
+    problems = []
+    for entry in entries:
+        try:
+            volumes, clean, masks = _load(entry)
+        except VcemriError as exc:
+            problems.append(f"patient {entry.patient}: {exc}")
+            continue
+        yield entry, volumes, clean, masks
+    if problems:
+        raise InputError(f"{len(problems)} patient(s) cannot be used: " + "; ".join(problems))
+
+
 def dataset_statistics(entries: list[PatientEntry]) -> dict[str, synthesis.Statistics]:
     """Head intensity statistics of T1w and T2w over every patient of ``entries`` (the
     training patients), pooled by voxel count: what dataset-level normalization (seed 001)
     divides by, stored in the model."""
+    if not entries:
+        raise InputError("dataset-level normalization needs training patients")
     parts: dict[str, list[synthesis.Statistics]] = {"t1w": [], "t2w": []}
     counts: dict[str, list[float]] = {"t1w": [], "t2w": []}
-    problems = []
-    for entry in entries:
-        try:
-            _, clean, masks = _load(entry)
-        except VcemriError as exc:
-            problems.append(f"patient {entry.patient}: {exc}")
-            continue
+    for _, _, clean, masks in _each_patient(entries):
         for role in parts:
             parts[role].append(synthesis.Statistics.of(clean[role][masks[role]]))
             counts[role].append(float(masks[role].sum()))
-    if problems:
-        raise InputError(f"{len(problems)} patient(s) cannot be used: " + "; ".join(problems))
-    if not entries:
-        raise InputError("dataset-level normalization needs training patients")
     return {role: synthesis.Statistics.pooled(parts[role], counts[role]) for role in parts}
 
 
@@ -256,14 +265,8 @@ def prepare(entries: list[PatientEntry], cache_root: Path,
     if (folder / "index.json").exists():
         return SliceCache(folder)
     inputs, targets, patients, offsets = [], [], [], []
-    problems = []
     total = 0
-    for entry in entries:
-        try:
-            volumes, clean, masks = _load(entry)
-        except VcemriError as exc:
-            problems.append(f"patient {entry.patient}: {exc}")
-            continue
+    for entry, volumes, clean, masks in _each_patient(entries):
         t1 = volumes["t1w"]
         stats = {role: normalization.statistics(clean[role], masks[role],
                                                 (dataset or {}).get(role))
@@ -291,8 +294,6 @@ def prepare(entries: list[PatientEntry], cache_root: Path,
         total += len(grid_target)
         if progress is not None:
             progress(entry.patient)
-    if problems:
-        raise InputError(f"{len(problems)} patient(s) cannot be used: " + "; ".join(problems))
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "inputs.npy", np.concatenate(inputs))
     np.save(folder / "targets.npy", np.concatenate(targets))

@@ -235,7 +235,7 @@ def run_study(name: str, out: Path, scale_name: str = "small", device: str = "au
             training.write_evaluation(evaluation, folder)
         rows += _study_rows(folder / "evaluation.csv", arm, split, first=arm is chosen.arms[0])
     report = _report(chosen, scale_name, rows, seconds, out)
-    say(f"report: {report} ({time.perf_counter() - started:.0f} s this run)")
+    say(f"study done: {time.perf_counter() - started:.0f} s this run")
     return report
 
 
