@@ -201,7 +201,7 @@ def run_study(name: str, out: Path, scale_name: str = "small", device: str = "au
         simulation.simulate_cohort(cohort, simulation.SimulationOptions(
             institutions=scale.institutions, seed=COHORT_SEED, slices=scale.slices,
             patients_per_institution=scale.patients_per_institution,
-            matrix_scale=scale.matrix_scale))
+            matrix_scale=scale.matrix_scale), overwrite=True)  # over an interrupted one
     manifest = cohort / "manifest.csv"
     entries = training.read_manifest(manifest)
     patients = [(e.patient, e.institution) for e in entries]
