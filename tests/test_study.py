@@ -47,6 +47,11 @@ def test_a_uni_institution_arm_takes_its_share_of_the_study_split(tmp_path):
     mixture = design(patients, TrainOptions(institutions=("inst1", "inst2"),
                                             split=str(tmp_path / "split.json")))
     assert (mixture["train"], mixture["internal"]) == (study["train"], study["internal"])
+    from vcemri.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--manifest", "m.csv", "--out", "o", "--split",
+                                      str(tmp_path / "split.json")])
+    assert args.split == str(tmp_path / "split.json")
 
 
 def test_the_edm_study_runs_resumes_and_reports(tmp_path):

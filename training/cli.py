@@ -82,7 +82,7 @@ def _train(args: argparse.Namespace) -> int:
         decay_epochs=args.decay_epochs,
         learning_rate=args.learning_rate, init=args.init, micro_batches=args.micro_batches,
         fitness_steps=args.fitness_steps, augment=args.augment,
-        normalization=args.normalization)
+        normalization=args.normalization, split=args.split)
     bar = tqdm(unit="step", desc="training", file=sys.stderr,
                disable=args.quiet or int(os.environ.get("RANK", "0")) != 0)
 
@@ -245,6 +245,10 @@ def add_commands(commands: Any) -> None:
                          "patient, image (slice) or dataset level, e.g. minmax-dataset; "
                          "default zscore-patient. Only dataset level lets EDM act (the "
                          "others are scale-invariant)")
+    trainer.add_argument("--split", metavar="SPLIT_JSON", default=None,
+                         help="take the patients from this split.json (another run's or a "
+                         "study's) instead of drawing them: its training and internal patients "
+                         "of the training institutions; every other institution external")
     trainer.add_argument("--no-amp", action="store_true",
                          help="full precision on CUDA (default: bf16/fp16 mixed precision)")
     trainer.add_argument("--crop", type=_crop, default=None, metavar="ROWSxCOLS",
