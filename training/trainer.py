@@ -142,13 +142,14 @@ def _given_split(patients: list[tuple[str, str]], options: TrainOptions
     except (OSError, ValueError) as exc:
         raise InputError(f"--split {options.split}: not a readable split ({exc})") from None
     training_sites = set(options.institutions or {site for _, site in patients})
+    train, internal = set(given.get("train", [])), set(given.get("internal", []))
     split: dict[str, list[str]] = {"train": [], "internal": [], "external": [], "dropped": []}
     for patient, site in sorted(patients):
         if site not in training_sites:
             split["external"].append(patient)
-        elif patient in given.get("train", []):
+        elif patient in train:
             split["train"].append(patient)
-        elif patient in given.get("internal", []):
+        elif patient in internal:
             split["internal"].append(patient)
         else:
             split["dropped"].append(patient)
