@@ -16,6 +16,7 @@ from .jobs import (
     backoff_s,
     output_folder,
 )
+from .lineage import input_change, superseded
 from .node import Node
 from .retention import Purge, purge
 from .scp import StorageSCP
@@ -28,6 +29,8 @@ __all__ = [
     "STATES",
     "TERMINAL",
     "Assembler",
+    "input_change",
+    "superseded",
     "Job",
     "JobChanged",
     "JobQueue",

@@ -131,6 +131,21 @@ ALTER TABLE jobs ADD COLUMN forced INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE instances ADD COLUMN position REAL;
 ALTER TABLE series ADD COLUMN problem TEXT;
 """,
+    # 6: earlier versions of an instance resent with other bytes under the same SOP Instance
+    # UID. The ``instances`` row is the current version (what the next job uses); each
+    # version it replaced keeps its file and a row here, so that a job created with it still
+    # processes exactly its inputs. Retention deletes them with the instance.
+    """
+CREATE TABLE IF NOT EXISTS instance_versions (
+    sop_instance_uid TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    path TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    replaced_at REAL NOT NULL,
+    PRIMARY KEY (sop_instance_uid, sha256)
+);
+""",
 )
 
 #: The newest schema version this code knows (and creates).

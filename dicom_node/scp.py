@@ -292,6 +292,15 @@ class StorageSCP:
                         calling_ae=peer["calling_ae"], **ids)
             return received.status
         self._count(event, "stored")
+        if received.replaced:
+            log.warning("instance %s resent with other content: kept as a new version (the "
+                        "earlier one stays for the jobs that used it); its series counts as "
+                        "changed", received.sop_instance_uid)
+            self._audit("instance.replaced", calling_ae=peer["calling_ae"],
+                        reason=f"resent with other content (SHA-256 {received.replaced[:12]}... "
+                        "before); kept as a new version, the earlier one kept too",
+                        sop_instance_uid=received.sop_instance_uid,
+                        series_uid=received.series_uid, study_uid=received.study_uid)
         if received.ignored:
             ignored = ", ".join(received.ignored)
             log.warning("instance %s: %s not a number; ignored", received.sop_instance_uid,

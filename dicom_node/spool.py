@@ -9,8 +9,11 @@ between rename and commit, or a commit a power cut rolled back) is indexed again
 (:meth:`Spool.reconcile`).
 
 UIDs come from the network and are checked before they name a path. A resent SOP Instance UID
-with the same bytes changes nothing; with different bytes it replaces the old file and counts
-as new content for its series.
+with the same bytes changes nothing. With other bytes it is a new version: it is written beside
+the first (``<series>/versions/<instance>.<sha256 prefix>.dcm``) and becomes the instance's
+current content, which the next job of its series uses; every earlier version keeps its file
+and an ``instance_versions`` row, so that a job created with it still processes exactly its
+inputs. Nothing a job used is ever overwritten.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class Received:
     new: bool = False
     #: optional header values that were not numbers and are ignored (keywords)
     ignored: tuple[str, ...] = ()
+    #: the SHA-256 of the version this one replaced as the instance's current content (a
+    #: resent SOP Instance UID with other bytes); None otherwise
+    replaced: str | None = None
 
 
 def _fsync_directory(path: Path) -> None:
@@ -160,8 +166,56 @@ class Spool:
                 log.error("spool file %s cannot be indexed; renamed to .unreadable", path.name)
                 continue
             added += 1
+        added += self._reconcile_versions()
         if added:
             log.warning("re-indexed %d spool file(s) whose index rows were lost", added)
+        return added
+
+    def _reconcile_versions(self) -> int:
+        """Index every acknowledged later version (``versions/``) whose row was lost: as the
+        current content when it is newer than the indexed one, else as an earlier version."""
+        with self._index_lock:
+            db = self._db()
+            known = {r["path"] for r in db.execute("SELECT path FROM instances")} | {
+                r["path"] for r in db.execute("SELECT path FROM instance_versions")}
+        added = 0
+        for path in sorted(self.directory.glob("*/*/versions/*.dcm")):
+            if str(path) in known:
+                continue
+            sop = path.name.rsplit(".", 2)[0]
+            encoded = path.read_bytes()
+            digest = hashlib.sha256(encoded).hexdigest()
+            with self._index_lock:
+                current = self._db().execute(
+                    "SELECT received_at FROM instances WHERE sop_instance_uid = ?",
+                    (sop,)).fetchone()
+            written = path.stat().st_mtime
+            if current is None or written > current["received_at"]:
+                try:
+                    import pydicom
+
+                    dataset = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
+                    uids = {k: str(dataset.get(k, "")) for k in (
+                        "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
+                        "SOPClassUID")}
+                    self._index(_describe(dataset, "-", self.settings.series_rules), uids,
+                                str(dataset.file_meta.TransferSyntaxUID), path, digest,
+                                len(encoded), "-")
+                except Exception:  # noqa: BLE001 - a file that cannot be indexed is set aside
+                    path.rename(path.with_suffix(".unreadable"))
+                    log.error("spool file %s cannot be indexed; renamed to .unreadable",
+                              path.name)
+                    continue
+            else:
+                with self._index_lock:
+                    db = self._db()
+                    with transaction(db):
+                        db.execute("INSERT OR IGNORE INTO instance_versions (sop_instance_uid, "
+                                   "sha256, path, bytes, received_at, replaced_at) "
+                                   "VALUES (?, ?, ?, ?, ?, ?)",
+                                   (sop, digest, str(path), len(encoded), written,
+                                    current["received_at"]))
+            added += 1
         return added
 
     def _remove_temporary_files(self) -> None:
@@ -221,8 +275,8 @@ class Spool:
         path = folder / f"{sop}.dcm"
         with self._index_lock:
             known = self._db().execute(
-                "SELECT sha256, series_uid, study_uid FROM instances WHERE sop_instance_uid = ?",
-                (sop,)).fetchone()
+                "SELECT sha256, series_uid, study_uid, path FROM instances "
+                "WHERE sop_instance_uid = ?", (sop,)).fetchone()
             owner = self._db().execute("SELECT study_uid FROM series WHERE series_uid = ?",
                                        (series,)).fetchone()
         if known is not None and (known["series_uid"], known["study_uid"]) != (series, study):
@@ -233,9 +287,20 @@ class Spool:
             return Received(DATA_SET_MISMATCH,
                             f"series {series} was received before in study {owner['study_uid']}",
                             **ids)
-        if known is not None and known["sha256"] == digest and path.is_file():
-            self._touch(series)  # a resend is activity: the series is still being received
-            return Received(0x0000, ignored=ignored, **ids)
+        if known is not None and known["sha256"] == digest:
+            if Path(known["path"]).is_file():
+                self._touch(series)  # a resend is activity: the series is still being received
+                return Received(0x0000, ignored=ignored, **ids)
+            path = Path(known["path"])  # its file was lost: written again where it was
+            folder = path.parent
+        elif known is not None:  # other bytes under a known UID: a new version, beside the old
+            with self._index_lock:
+                earlier = self._db().execute(
+                    "SELECT path FROM instance_versions WHERE sop_instance_uid = ? AND "
+                    "sha256 = ?", (sop, digest)).fetchone()
+            folder = folder / "versions"
+            path = Path(earlier["path"]) if earlier else folder / f"{sop}.{digest[:16]}.dcm"
+            folder = path.parent
         temporary = folder / f".{sop}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -254,7 +319,8 @@ class Spool:
         except sqlite3.Error as exc:
             # the file is complete but unindexed: the peer sees a failure and resends it
             return Received(OUT_OF_RESOURCES, f"cannot index the instance: {exc}", **ids)
-        return Received(0x0000, new=True, ignored=ignored, **ids)
+        replaced = known["sha256"] if known is not None and known["sha256"] != digest else None
+        return Received(0x0000, new=True, ignored=ignored, replaced=replaced, **ids)
 
     def _index(self, described: dict[str, Any], uids: dict[str, str], transfer_syntax: str,
                path: Path, digest: str, size: int, calling_ae: str) -> None:
@@ -264,8 +330,17 @@ class Spool:
             db = self._db()
             with transaction(db):
                 previous = db.execute(
-                    "SELECT series_uid FROM instances WHERE sop_instance_uid = ?",
-                    (uids["SOPInstanceUID"],)).fetchone()
+                    "SELECT series_uid, sha256, path, bytes, received_at FROM instances "
+                    "WHERE sop_instance_uid = ?", (uids["SOPInstanceUID"],)).fetchone()
+                if previous is not None and previous["sha256"] != digest:
+                    # the version it replaces stays, for the jobs created with it
+                    db.execute("INSERT OR REPLACE INTO instance_versions (sop_instance_uid, "
+                               "sha256, path, bytes, received_at, replaced_at) "
+                               "VALUES (?, ?, ?, ?, ?, ?)",
+                               (uids["SOPInstanceUID"], previous["sha256"], previous["path"],
+                                previous["bytes"], previous["received_at"], now))
+                    db.execute("DELETE FROM instance_versions WHERE sop_instance_uid = ? AND "
+                               "sha256 = ?", (uids["SOPInstanceUID"], digest))
                 db.execute(
                     "INSERT OR REPLACE INTO instances (sop_instance_uid, series_uid, study_uid, "
                     "sop_class_uid, transfer_syntax_uid, path, sha256, bytes, received_at, "
@@ -311,28 +386,43 @@ class Spool:
                            (time.time(), series_uid))
 
     def files_of(self, contents: list[tuple[str, str]]) -> list[Path]:
-        """The spooled files of exactly these instances, as they were when listed; raises
-        :class:`config.InputError` when one is gone or was replaced by other bytes since (a
-        resent instance with other content), so that a job never processes other data than
-        its inputs say."""
-        uids = [uid for uid, _ in contents]
+        """The spooled files of exactly these instances, as they were when listed (the
+        version with that SHA-256, also after the UID was resent with other bytes); raises
+        :class:`config.InputError` when one is gone, so that a job never processes other data
+        than its inputs say."""
+        wanted = set(contents)
+        found: dict[str, Path] = {}
         with self._index_lock:
-            rows = {r["sop_instance_uid"]: r for r in self._db().execute(
-                f"SELECT sop_instance_uid, sha256, path FROM instances WHERE sop_instance_uid "
-                f"IN ({', '.join('?' for _ in uids)})", uids).fetchall()}
-        changed = [uid for uid, digest in contents
-                   if uid not in rows or rows[uid]["sha256"] != digest]
-        if changed:
+            for table in ("instances", "instance_versions"):
+                for start in range(0, len(contents), 400):
+                    chunk = [uid for uid, _ in contents[start:start + 400]]
+                    for row in self._db().execute(
+                            f"SELECT sop_instance_uid, sha256, path FROM {table} WHERE "
+                            f"sop_instance_uid IN ({', '.join('?' for _ in chunk)})", chunk):
+                        if (row["sop_instance_uid"], row["sha256"]) in wanted:
+                            found[row["sop_instance_uid"]] = Path(row["path"])
+        missing = [uid for uid, _ in contents if uid not in found or not found[uid].is_file()]
+        if missing:
             raise config.InputError(
-                f"{len(changed)} of the job's {len(contents)} input instances changed or "
-                f"disappeared after the job was created (e.g. {changed[0]}); the new content "
-                "gets a job of its own")
-        return sorted(Path(rows[uid]["path"]) for uid in uids)
+                f"{len(missing)} of the job's {len(contents)} input instances are no longer "
+                f"in the spool as they were when the job was created (e.g. {missing[0]}): "
+                "purged, or removed by hand; send the series again")
+        return sorted(found.values())
 
     def measure(self, uids: list[str]) -> tuple[int, int]:
-        """(instances, bytes) of these spooled instances."""
+        """(instances, bytes) of these spooled instances, earlier versions' bytes included."""
         rows = self._rows(uids)
-        return len(rows), sum(int(r["bytes"]) for r in rows)
+        return len(rows), sum(int(r["bytes"]) for r in rows + self._versions(uids))
+
+    def _versions(self, uids: list[str]) -> list[sqlite3.Row]:
+        rows: list[sqlite3.Row] = []
+        with self._index_lock:
+            for start in range(0, len(uids), 500):
+                chunk = uids[start:start + 500]
+                rows += self._db().execute(
+                    "SELECT sop_instance_uid, path, bytes FROM instance_versions WHERE "
+                    f"sop_instance_uid IN ({', '.join('?' for _ in chunk)})", chunk).fetchall()
+        return rows
 
     def _rows(self, uids: list[str]) -> list[sqlite3.Row]:
         rows: list[sqlite3.Row] = []
@@ -348,14 +438,16 @@ class Spool:
         """Delete these instances (retention): files first, then their index rows (a file
         left without its row would be re-indexed at start); a series left empty loses its
         row too, so that the same series sent again is new. Returns (instances, bytes)."""
-        rows = self._rows(uids)
-        for row in rows:
+        rows, versions = self._rows(uids), self._versions(uids)
+        for row in rows + versions:
             Path(row["path"]).unlink(missing_ok=True)
         series = sorted({row["series_uid"] for row in rows})
         with self._index_lock:
             db = self._db()
             with transaction(db):
                 db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?",
+                               [(row["sop_instance_uid"],) for row in rows])
+                db.executemany("DELETE FROM instance_versions WHERE sop_instance_uid = ?",
                                [(row["sop_instance_uid"],) for row in rows])
                 for series_uid in series:
                     left = db.execute("SELECT count(*) FROM instances WHERE series_uid = ?",
@@ -365,11 +457,14 @@ class Spool:
                                    (left, series_uid))
                     else:
                         db.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
-        for folder in {Path(row["path"]).parent for row in rows}:
-            for empty in (folder, folder.parent):
+        for row in rows:
+            folder = Path(row["path"]).parent
+            if folder.name == "versions":
+                folder = folder.parent
+            for empty in (folder / "versions", folder, folder.parent):
                 with contextlib.suppress(OSError):
                     empty.rmdir()  # only when empty
-        return len(rows), sum(int(r["bytes"]) for r in rows)
+        return len(rows), sum(int(r["bytes"]) for r in rows + versions)
 
     def series_files(self, series_uid: str) -> list[Path]:
         """The spooled files of a series."""

@@ -27,6 +27,7 @@ import planning
 
 from . import jobs as states
 from .jobs import Job, JobQueue, output_folder
+from .lineage import superseded
 from .sender import send
 from .spool import Spool
 
@@ -104,8 +105,9 @@ class Worker:
             else:  # a job created before inputs were recorded (schema version < 3)
                 t1w = self.spool.series_files(job.t1w_series_uid or "")
                 t2w = self.spool.series_files(job.t2w_series_uid or "")
+            earlier = superseded(self.queue, job)
             done = self.service.process(t1w, t2w, out, model=job.model or "default",
-                                        enforce=not job.forced)
+                                        enforce=not job.forced, supersedes=earlier)
         except synthesis.RejectedStudy as rejected:
             log.warning("job %d rejected: %s", job.id, rejected.reason)
             reason = rejected.reason + self._notify(job, getattr(rejected, "notice", None))
@@ -134,8 +136,15 @@ class Worker:
                  (summary.get("edm") or {}).get("line", "EDM -"),
                  (summary.get("verdict") or {}).get("line", "no verdict"), len(outputs))
         destinations = ", ".join(job.destinations) or "no destination"
+        replaces = (summary.get("outputs") or {}).get("supersedes")
+        if replaces:
+            log.info("job %d: its synthetic series supersedes %s, sent %s (%s)", job.id,
+                     replaces["series_uid"], replaces["when"], replaces["change"])
         return self.queue.complete(job.id, states.SENDING,
-                                   f"{len(outputs)} objects written; sending to {destinations}",
+                                   f"{len(outputs)} objects written"
+                                   + (f" (superseding the synthetic series of {replaces['when']}"
+                                      f": {replaces['change']})" if replaces else "")
+                                   + f"; sending to {destinations}",
                                    expected=(states.RUNNING,), result=summary)
 
     def _notify(self, job: Job, notice: Any) -> str:

@@ -11,6 +11,7 @@ _LAZY = {
     "Helper": "helpers", "helper_regions": "helpers", "PlanningOutputs": "write",
     "write_outputs": "write", "ProcessedStudy": "service", "SynthesisService": "service",
     "RTStructureSet": "rtstruct", "ROIInterpretedType": "rtstruct", "result_key": "identity",
+    "Supersedes": "identity",
 }
 
 

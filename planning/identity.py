@@ -7,6 +7,7 @@ versions of one object; anything else gives new UIDs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import synthesis
@@ -35,3 +36,35 @@ def output_uid(key: str, *parts: object) -> str:
     """The UID of an output (``parts`` name it: series, instance k, rtstruct...) of the result
     ``key`` identifies."""
     return synthesis.derived_uid(NAMESPACE, key, *parts)
+
+
+@dataclass(frozen=True)
+class Supersedes:
+    """An earlier synthetic series of the same T1w and T2w series, computed from other content
+    (an instance added, resent with other bytes or missing) and already delivered: the new
+    series says it replaces that one, so that a TPS user who holds both knows which to use."""
+
+    #: the earlier synthetic series' Series Instance UID
+    series_uid: str
+    #: when the earlier series was written or delivered (local time, ``YYYY-MM-DD HH:MM``)
+    when: str
+    #: what changed in the input since, e.g. ``the T1w gained 2 instances``
+    change: str
+
+    def suffix(self) -> str:
+        """What the SeriesDescription gains (a few words: it is 64 characters at most)."""
+        return f" (supersedes {self.when})"
+
+    def sentence(self) -> str:
+        """What the DerivationDescription and comments gain."""
+        return (f"Supersedes the synthetic series {self.series_uid} of {self.when}: "
+                f"{self.change}.")
+
+
+def described(base: str, supersedes: Supersedes | None, limit: int = 64) -> str:
+    """A SeriesDescription (LO, ``limit`` characters) ending in the superseding note, the base
+    shortened where both do not fit."""
+    if supersedes is None:
+        return base[:limit]
+    suffix = supersedes.suffix()
+    return base[:max(0, limit - len(suffix))].rstrip() + suffix

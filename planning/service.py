@@ -19,6 +19,7 @@ import config
 if TYPE_CHECKING:
     import synthesis
 
+    from .identity import Supersedes
     from .write import PlanningOutputs
 
 
@@ -84,11 +85,13 @@ class SynthesisService:
     def process(self, t1w_files: list[Path], t2w_files: list[Path], out: Path, *,
                 model: str = "default", checkpoint: str | None = None,
                 device: str | None = None, align: str = "never",
-                nifti: bool = False, enforce: bool = True) -> ProcessedStudy:
+                nifti: bool = False, enforce: bool = True,
+                supersedes: Supersedes | None = None) -> ProcessedStudy:
         """Synthesize and write the synthetic series, RTSTRUCT helpers and review image (plus
         the VCE and confidence as NIfTI with ``nifti``) into ``out``, and ``result.json``,
         every object stating the verdict; ``enforce`` False processes a study screening
-        refuses (forced: the verdict says so).
+        refuses (forced: the verdict says so); ``supersedes``: the earlier synthetic series of
+        these series (other content) that the new one replaces (the node knows it).
 
         Raises ``synthesis.RejectedStudy`` when screening refuses the study (``result.json``
         then holds the screening and the verdict; the exception's ``notice`` is the refusal
@@ -121,7 +124,7 @@ class SynthesisService:
                  "model": synthesizer.model_info}, indent=1))
             raise
         header = pydicom.dcmread(t1w_files[0], stop_before_pixels=True)
-        written = write_outputs(result, header, out, self.settings.planning)
+        written = write_outputs(result, header, out, self.settings.planning, supersedes)
         extras = []
         if nifti:
             sitk.WriteImage(result.vce.image, str(out / "vce.nii.gz"), useCompression=True)
@@ -134,6 +137,10 @@ class SynthesisService:
         summary["verdict"] = written.verdict.as_dict()
         summary["outputs"] = {
             "synthetic_series": str(written.series[0].path.parent),
+            "synthetic_series_uid": written.series[0].series_instance_uid,
+            "supersedes": None if written.supersedes is None else {
+                "series_uid": written.supersedes.series_uid, "when": written.supersedes.when,
+                "change": written.supersedes.change},
             "rtstruct": None if written.rtstruct is None else str(written.rtstruct.path),
             "review_dicom": str(written.review.path), "review_png": str(written.review_png),
             "notes": written.notes,

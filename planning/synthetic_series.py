@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 import synthesis
 from config import PlanningSettings
 
-from .identity import output_uid, result_key
+from .identity import Supersedes, described, output_uid, result_key
 
 if TYPE_CHECKING:
     from synthesis import SynthesisResult
@@ -85,9 +85,11 @@ def _burn_in(pixels: np.ndarray, value: int) -> np.ndarray:
 
 
 def synthetic_series(result: SynthesisResult, t1w_header: Dataset,
-                     settings: PlanningSettings, verdict: Verdict) -> list[synthesis.MRImage]:
+                     settings: PlanningSettings, verdict: Verdict,
+                     supersedes: Supersedes | None = None) -> list[synthesis.MRImage]:
     """The synthetic series' datasets, ascending along the slice normal; every image's
-    ImageComments states the ``verdict``."""
+    ImageComments states the ``verdict``, and, when ``supersedes`` names an earlier series
+    (of other input content), the description, derivation and comments say it replaces it."""
     image = result.vce.image
     values = sitk.GetArrayFromImage(image)
     storage = pixel_storage(values, t1w_header)
@@ -103,15 +105,22 @@ def synthetic_series(result: SynthesisResult, t1w_header: Dataset,
     description = settings.series_description.replace("{model}", model)
     if "SYNTHETIC" not in description.upper():
         description = f"SYNTHETIC {description}"
+    if supersedes is not None and supersedes.series_uid == series_uid:
+        supersedes = None  # the same content and model: these are the same objects again
+    description = described(description, supersedes)
     where = (result.institution.institution
              or f"external, closest {result.institution.closest}")
     derivation = (f"Synthetic contrast-enhanced T1w computed by {model} from the T1w and T2w "
                   f"series; no contrast agent was given. {result.edm.line()}; "
                   f"institution {where}")
+    if supersedes is not None:
+        derivation = f"{derivation}. {supersedes.sentence()}"
     equipment = synthesis.synthesizing_equipment(model)
     attributes = {k: t1w_header.data_element(k).value for k in MR_COPIED if k in t1w_header}
     attributes["WindowCenterWidthExplanation"] = "synthetic CE-T1w"
-    attributes["ImageComments"] = f"SYNTHETIC (no contrast agent given). Verdict: {verdict.line()}"
+    attributes["ImageComments"] = " ".join(
+        ("SYNTHETIC (no contrast agent given).", f"Verdict: {verdict.line()}",
+         *([supersedes.sentence()] if supersedes else ())))
     window = synthesis.display_window(values)
     created = _dt.datetime.now()
     datasets = []

@@ -13,7 +13,7 @@ import synthesis
 from config import PlanningSettings
 
 from .helpers import helper_regions
-from .identity import output_uid, result_key
+from .identity import Supersedes, described, output_uid, result_key
 from .review import montage, notice, review_slice, secondary_capture
 from .rtstruct import RTStructureSet
 from .synthetic_series import synthetic_series
@@ -34,6 +34,8 @@ class PlanningOutputs:
     review_png: Path
     verdict: Verdict
     notes: list[str] = field(default_factory=list)
+    #: the earlier synthetic series these objects replace, when they do
+    supersedes: Supersedes | None = None
 
     def objects(self) -> list[WrittenObject]:
         """Every DICOM object, in sending order: the images before what references them."""
@@ -41,14 +43,18 @@ class PlanningOutputs:
 
 
 def write_outputs(result: SynthesisResult, t1w_header: Dataset, out: Path,
-                  settings: PlanningSettings) -> PlanningOutputs:
+                  settings: PlanningSettings,
+                  supersedes: Supersedes | None = None) -> PlanningOutputs:
     """Synthetic series in ``out/synthetic``, ``rtstruct.dcm``, ``review.dcm``, ``review.png``,
-    each stating the verdict."""
+    each stating the verdict; the series and the RTSTRUCT say which earlier synthetic series
+    they replace (``supersedes``, when the input changed since it was sent)."""
     helpers, notes = helper_regions(result, settings)
     verdict = verdict_of(result, helpers, settings.helper_prefix)
-    datasets = synthetic_series(result, t1w_header, settings, verdict)
+    datasets = synthetic_series(result, t1w_header, settings, verdict, supersedes)
     series = synthesis.write_series(datasets, out / "synthetic")
     key = result_key(result)
+    if supersedes is not None and supersedes.series_uid == series[0].series_instance_uid:
+        supersedes = None
     structure = None
     if helpers:
         structure = synthesis.write_object(RTStructureSet(
@@ -57,14 +63,17 @@ def write_outputs(result: SynthesisResult, t1w_header: Dataset, out: Path,
             series_number=int(datasets[0].SeriesNumber) + 1,
             sop_instance_uid=output_uid(key, "rtstruct"),
             label="VCE helpers", name="SYNTHETIC helpers",
-            description="Helper contours from a synthetic contrast-enhanced T1w; not a "
+            description=(f"{supersedes.sentence()} " if supersedes else "")
+                        + "Helper contours from a synthetic contrast-enhanced T1w; not a "
                         f"delineation. Verdict: {verdict.line()}. " + "; ".join(notes),
-            series_description="VCE helper contours (SYNTHETIC)",
+            series_description=described("VCE helper contours (SYNTHETIC)", supersedes),
             manufacturer=synthesis.MANUFACTURER, manufacturer_model_name="vcemri helpers",
             software_versions=synthesis.software_version(),
             roi_description="vcemri helper from synthetic CE-T1w"), out / "rtstruct.dcm")
     else:
         notes.append("no RTSTRUCT written: every helper was empty")
+    if supersedes is not None:
+        notes.append(supersedes.sentence())
     rgb = montage(result, helpers, review_slice(helpers, len(datasets)), verdict)
     png = out / "review.png"
     Image.fromarray(rgb).save(png)
@@ -72,7 +81,7 @@ def write_outputs(result: SynthesisResult, t1w_header: Dataset, out: Path,
         secondary_capture(rgb, t1w_header, key, int(datasets[0].SeriesNumber) + 2,
                           str(result.model.get("architecture", "model"))),
         out / "review.dcm")
-    return PlanningOutputs(series, structure, review, png, verdict, notes)
+    return PlanningOutputs(series, structure, review, png, verdict, notes, supersedes)
 
 
 def refusal_notice(t1w_header: Dataset, t1w: Volume, t2w: Volume, model: dict[str, Any],

@@ -218,6 +218,77 @@ def test_resent_series_is_idempotent(cohort, tmp_path):
         tps.assert_each_once(outputs)  # nothing delivered a second time
 
 
+def test_a_resent_uid_with_other_bytes_is_a_new_version_whose_results_supersede_the_first(
+        cohort, tmp_path):
+    """A T1w slice resent (storescu) with other pixels under its SOP Instance UID after the
+    study was delivered: the first file stays byte for byte (a job used it), the new bytes are
+    kept as a version of their own and audited, the series gets a second job whose objects
+    have new UIDs, and its synthetic series and RTSTRUCT say which series they supersede and
+    why; the TPS (storescp) receives every object of both jobs exactly once."""
+    root = tmp_path / "root"
+    t1, t2 = _series(cohort)
+    changed = pydicom.dcmread(t1[3])
+    pixels = changed.pixel_array.copy()
+    pixels[10:20, 10:20] += 50
+    changed.PixelData = pixels.tobytes()
+    changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    with StoreSCP(tmp_path / "tps") as tps:
+        cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                           destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
+                                                 "port": tps.port}})
+        node = start_node(cfg)
+        try:
+            assert storescu(t1 + t2, node.scp.port, called_ae="VCEMRI").ok
+            wait_for(lambda: finished_jobs(root), 90, "the first job")
+            [spooled] = [Path(r["path"]) for r in query(
+                root, "SELECT path FROM instances WHERE sop_instance_uid = ?",
+                str(changed.SOPInstanceUID))]
+            before = spooled.read_bytes()
+            assert _dataset_bytes(spooled) == _dataset_bytes(t1[3])
+            assert storescu([tmp_path / "changed.dcm"], node.scp.port, called_ae="VCEMRI").ok
+            wait_for(lambda: len(finished_jobs(root)) == 2, 120, "the second job")
+        finally:
+            node.stop()
+        first, second = sorted(jobs(root), key=lambda j: j["id"])
+        assert [first["state"], second["state"]] == ["done", "done"], second["reason"]
+        # the first version is untouched; the second sits beside it, both indexed
+        assert spooled.read_bytes() == before
+        [current] = query(root, "SELECT path, sha256 FROM instances WHERE sop_instance_uid = ?",
+                          str(changed.SOPInstanceUID))
+        assert Path(current["path"]).parent.name == "versions"
+        assert _dataset_bytes(Path(current["path"])) == _dataset_bytes(tmp_path / "changed.dcm")
+        [kept] = query(root, "SELECT path FROM instance_versions")
+        assert Path(kept["path"]) == spooled
+        [replaced] = [e for e in _audit(root) if e["event"] == "instance.replaced"]
+        assert replaced["sop_instance_uid"] == str(changed.SOPInstanceUID)
+        outputs = query(root, "SELECT * FROM outputs ORDER BY job_id, position")
+        tps.assert_each_once(o["sop_instance_uid"] for o in outputs)
+        by_job = {job["id"]: [o for o in outputs if o["job_id"] == job["id"]]
+                  for job in (first, second)}
+        assert not ({o["sop_instance_uid"] for o in by_job[first["id"]]}
+                    & {o["sop_instance_uid"] for o in by_job[second["id"]]})
+        old_series, new_series = (
+            pydicom.dcmread(next(o["path"] for o in by_job[job["id"]] if "synthetic" in o["path"]),
+                            stop_before_pixels=True) for job in (first, second))
+        assert "supersedes" not in old_series.SeriesDescription
+        assert re.fullmatch(r"VCE-MRI SYNTHETIC \(.+\) \(supersedes \d{4}-\d\d-\d\d \d\d:\d\d\)",
+                            new_series.SeriesDescription), new_series.SeriesDescription
+        assert len(new_series.SeriesDescription) <= 64
+        note = (f"Supersedes the synthetic series {old_series.SeriesInstanceUID} of ")
+        assert note in new_series.DerivationDescription and note in new_series.ImageComments
+        assert "the T1w 1 instance resent with other content" in new_series.DerivationDescription
+        rtstruct = [o["path"] for o in by_job[second["id"]] if o["path"].endswith("rtstruct.dcm")]
+        for path in rtstruct:  # written when a helper is not empty
+            structure = pydicom.dcmread(path)
+            assert "supersedes" in structure.SeriesDescription
+            assert note in structure.StructureSetDescription
+        result = json.loads(second["result"])
+        assert result["outputs"]["supersedes"]["series_uid"] == old_series.SeriesInstanceUID
+        assert "superseding the synthetic series of" in second["reason"] or any(
+            "superseding" in (t["reason"] or "") for t in query(
+                root, "SELECT reason FROM transitions WHERE job_id = ?", second["id"]))
+
+
 # -- transfer syntaxes --------------------------------------------------------------------------
 
 #: How each transfer syntax is made from the simulated series (16-bit unsigned, explicit VR
@@ -661,6 +732,16 @@ def test_a_series_that_grows_while_its_job_waits_gets_its_own_results_each_once(
         counts = {job["id"]: sum(1 for o in outputs if o["job_id"] == job["id"]
                                  and "synthetic" in o["path"]) for job in (partial, complete)}
         assert counts == {partial["id"]: 5, complete["id"]: 8}
+        # the complete series' results say they replace the partial ones, and why
+        partial_series, complete_series = (pydicom.dcmread(next(
+            o["path"] for o in outputs if o["job_id"] == job["id"] and "synthetic" in o["path"]),
+            stop_before_pixels=True) for job in (partial, complete))
+        assert "supersedes" not in partial_series.SeriesDescription
+        assert "(supersedes " in complete_series.SeriesDescription
+        assert (f"Supersedes the synthetic series {partial_series.SeriesInstanceUID} of "
+                in complete_series.DerivationDescription)
+        assert ("the T1w gained 3 instances; the T2w gained 3 instances"
+                in complete_series.DerivationDescription)
 
 
 def test_destination_down_then_back_is_delivered(cohort, tmp_path):
@@ -1018,7 +1099,10 @@ def test_review_regressions_content_in_flight_bad_headers_moved_uids_and_cancel(
     changed.PixelData = pixels.tobytes()
     buffer = tmp_path / "changed.dcm"
     changed.save_as(buffer)
-    assert spool.store(buffer.read_bytes(), "MR").new
+    assert spool.store(buffer.read_bytes(), "MR").replaced
+    # the running job still reads exactly the bytes it was created with
+    assert sorted(f.read_bytes() for f in spool.files_of(first.inputs["t1w"])) == sorted(
+        f.read_bytes() for f in t1)
     time.sleep(0.6)
     assembler.tick()
     assert len(queue.list()) == 1  # in flight: no second job yet
