@@ -113,6 +113,12 @@ class DicomNode(_Section):
         description="calling AE titles accepted; empty accepts any (not for production)",
     )
     max_associations: int = Field(10, ge=1, description="concurrent associations")
+    max_connections_per_address: int = Field(
+        5, ge=1,
+        description="connections one IP address may hold at once, associations and "
+        "connections that have not yet sent their A-ASSOCIATE-RQ together; more are closed at "
+        "once and audited, so that one host cannot take every association",
+    )
     other_storage: Literal["ignore", "refuse"] = Field(
         "ignore",
         description="storage SOP classes other than MR and Enhanced MR: ignore (acknowledge, "

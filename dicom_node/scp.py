@@ -54,6 +54,14 @@ def _text(value: Any) -> str:
     return str(value or "").strip()
 
 
+def _host_of(assoc: Any) -> str:
+    """The peer's IP address of an association (empty before pynetdicom has set it)."""
+    try:
+        return str(assoc.requestor.address)
+    except (AttributeError, ValueError):
+        return ""
+
+
 class StorageSCP:
     """The listening AE; :meth:`start` returns once the port is bound."""
 
@@ -133,8 +141,11 @@ class StorageSCP:
         PDU, and, on plain TCP, checks that it announces an A-ASSOCIATE-RQ of a sane length
         (at most :data:`MAX_REQUEST_BYTES`; a request announcing a 1 GiB PDU made the node
         read it all). Only then does pynetdicom see the connection. A refusal is logged and
-        audited (association.refused with the reason). (Instance attributes: pynetdicom
-        builds the server class itself.)"""
+        audited (association.refused with the reason). One IP address may hold at most
+        ``dicom.max_connections_per_address`` connections (being vetted, or associations),
+        so that one host (a flood of connections or of real A-ASSOCIATE-RQs) cannot take every
+        association from the others. (Instance attributes: pynetdicom builds the server class
+        itself.)"""
         import select
         import socket
         import ssl
@@ -145,6 +156,25 @@ class StorageSCP:
         timeouts = self.settings.dicom.timeouts
         handshake_s = float(timeouts.acse_s or 30.0)
         first_pdu_s = float(timeouts.first_pdu_s)
+        per_address = self.settings.dicom.max_connections_per_address
+        vetting: Counter[str] = Counter()
+        vetting_lock = threading.Lock()
+
+        def admit(host: str) -> bool:
+            """Count a new connection from ``host`` unless it holds its share already."""
+            with vetting_lock:
+                held = vetting[host] + sum(
+                    1 for assoc in server.active_associations if _host_of(assoc) == host)
+                if held >= per_address:
+                    return False
+                vetting[host] += 1
+                return True
+
+        def release(host: str) -> None:
+            with vetting_lock:
+                vetting[host] -= 1
+                if vetting[host] <= 0:
+                    del vetting[host]
 
         def get_request() -> tuple[Any, Any]:
             client, address = server.socket.accept()
@@ -154,6 +184,17 @@ class StorageSCP:
                                        do_handshake_on_connect=False), address
 
         def finish_request(request: Any, address: Any) -> None:
+            host = str(address[0]) if isinstance(address, tuple) else str(address)
+            if not admit(host):
+                return self._refuse_connection(
+                    request, address, f"too many connections from {host} (dicom."
+                    f"max_connections_per_address is {per_address})")
+            try:
+                vet(request, address)
+            finally:
+                release(host)  # an association it became is counted by pynetdicom from here
+
+        def vet(request: Any, address: Any) -> None:
             if context is not None:
                 try:
                     request.settimeout(handshake_s)

@@ -69,7 +69,8 @@ def test_a_partial_file_keeps_the_other_defaults(tmp_path):
         pytest.param(
             "dicom:\n  prot: 104\n",
             "dicom.prot: unknown key (did you mean 'port'? allowed: ae_title, "
-            "allowed_calling_aes, bind_address, check_called_ae, max_associations, other_storage, port, "
+            "allowed_calling_aes, bind_address, check_called_ae, max_associations, "
+            "max_connections_per_address, other_storage, port, "
             "timeouts, tls) [line 2]",
             id="unknown-key",
         ),

@@ -1180,6 +1180,11 @@ def test_an_unreadable_optional_header_value_is_ignored_with_a_warning_never_sto
 
 
 def test_idle_connections_and_giant_requests_cannot_block_the_port(cohort, tmp_path):
+    """Idle TCP connections and a request announcing 1 GiB are closed before pynetdicom
+    counts them; a host holding its share of connections (dicom.max_connections_per_address:
+    idle ones, then real associations) has the next ones closed at once, while a scanner on
+    another address is served at once (Linux routes all of 127/8 to loopback, so 127.0.0.2
+    and .3 are other hosts here)."""
     import socket
     import struct
 
@@ -1192,35 +1197,56 @@ def test_idle_connections_and_giant_requests_cannot_block_the_port(cohort, tmp_p
         except ConnectionResetError:  # closed with our bytes unread
             return True
 
+    def echo(source: str) -> bool:
+        ae = AE(ae_title="MR_SCANNER")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="VCEMRI",
+                             bind_address=(source, 0))
+        held.append(assoc)
+        return assoc.is_established and assoc.send_c_echo().Status == 0x0000
+
     cfg = write_config(tmp_path / "node.yaml", tmp_path / "root", cohort / "model.safetensors",
-                       dicom={"max_associations": 3,
+                       dicom={"max_associations": 3, "max_connections_per_address": 2,
                               "timeouts": {"acse_s": 10, "dimse_s": 30, "network_s": 30,
-                                           "first_pdu_s": 1.0}})
+                                           "first_pdu_s": 1.5}})
     node = start_node(cfg)
-    idle = [socket.create_connection(("127.0.0.1", node.scp.port)) for _ in range(6)]
+    idle = [socket.create_connection(("127.0.0.1", node.scp.port),
+                                     source_address=(source, 0))
+            for source in ("127.0.0.2",) * 3 + ("127.0.0.3",) * 3]
     giant = socket.create_connection(("127.0.0.1", node.scp.port))
+    held: list = []
     try:
         # An A-ASSOCIATE-RQ announcing 1 GiB: closed before anything is read into memory.
         giant.sendall(b"\x01\x00" + struct.pack(">I", 2**30) + b"\x00" * 4096)
         assert closed_by_node(giant)
-        # Six connections that never speak do not count against max_associations (3).
-        ae = AE(ae_title="MR_SCANNER")
-        ae.add_requested_context("1.2.840.10008.1.1")
+        # Beyond its share of 2, a host's connections are closed at once.
+        assert closed_by_node(idle[2]) and closed_by_node(idle[5])
+        # The 4 connections that never speak do not count against max_associations (3).
         started = time.monotonic()
-        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="VCEMRI")
-        assert assoc.is_established
-        assert assoc.send_c_echo().Status == 0x0000
-        assoc.release()
+        assert echo("127.0.0.1")
         assert time.monotonic() - started < 2.0
+        held.pop().release()
         # ... and are closed after dicom.timeouts.first_pdu_s.
-        assert all(closed_by_node(connection) for connection in idle)
+        assert all(closed_by_node(connection) for connection in idle[:2] + idle[3:5])
+        # Real associations count too: a third one from 127.0.0.2 is closed, another host's
+        # association still gets the last of the 3.
+        assert echo("127.0.0.2") and echo("127.0.0.2")
+        assert not echo("127.0.0.2")
+        assert echo("127.0.0.1")
     finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
         for connection in (*idle, giant):
             connection.close()
         node.stop()
     refused = [e["reason"] for e in _audit(tmp_path / "root")
                if e["event"] == "association.refused"]
-    assert refused.count("no A-ASSOCIATE-RQ within 1 s (dicom.timeouts.first_pdu_s)") == 6
+    assert refused.count("no A-ASSOCIATE-RQ within 1.5 s (dicom.timeouts.first_pdu_s)") == 4
+    assert refused.count("too many connections from 127.0.0.2 "
+                         "(dicom.max_connections_per_address is 2)") == 2
+    assert refused.count("too many connections from 127.0.0.3 "
+                         "(dicom.max_connections_per_address is 2)") == 1
     assert any(f"type 0x01, {2**30} bytes" in r for r in refused)
 
 
