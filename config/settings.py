@@ -148,6 +148,10 @@ class Storage(_Section):
     retention_days: float | None = Field(
         None, gt=0, description="delete the spooled inputs and the outputs of jobs finished "
         "this many days ago (hourly; never an unfinished job's); null: keep everything")
+    retention_free_mib: int | None = Field(
+        None, gt=0, description="while less disk space than this is free, delete the spooled "
+        "inputs and outputs of finished jobs, oldest first (checked every minute; never an "
+        "unfinished job's); null: no free-space target")
 
     @property
     def audit_log_path(self) -> Path:

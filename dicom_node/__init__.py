@@ -18,7 +18,7 @@ from .jobs import (
 )
 from .lineage import input_change, superseded
 from .node import Node
-from .retention import Purge, purge
+from .retention import Purge, purge, purge_for_space
 from .scp import StorageSCP
 from .sender import send
 from .spool import Received, Spool
@@ -46,5 +46,6 @@ __all__ = [
     "choose_route",
     "output_folder",
     "purge",
+    "purge_for_space",
     "send",
 ]

@@ -7,6 +7,7 @@ import datetime as _dt
 import json
 import logging
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -161,18 +162,29 @@ def _jobs_cancel(args: argparse.Namespace) -> int:
 def _jobs_purge(args: argparse.Namespace) -> int:
     import getpass
 
-    from .retention import days, purge
+    from .retention import days, purge, purge_for_space
     from .spool import Spool
 
     settings = config.load_settings(args.config)
     queue = _queue(args)
-    report = purge(queue, Spool(settings, recover=False), days(args.older_than),
-                   audit=queue.audit, user=getpass.getuser(), dry_run=args.dry_run)
+    spool = Spool(settings, recover=False)
     verb = "would delete" if args.dry_run else "deleted"
-    print(f"{len(report.jobs)} finished job(s) older than {args.older_than} days: {verb} "
-          f"{report.instances} spooled instances and {report.output_files} output files "
-          f"({report.bytes / 2**20:.1f} MiB)" + (
+    if args.free_mib is not None:
+        report = purge_for_space(queue, spool, args.free_mib, audit=queue.audit,
+                                 user=getpass.getuser(), dry_run=args.dry_run)
+        which = (f"{len(report.jobs)} finished job(s), oldest first, for {args.free_mib:g} MiB "
+                 f"free ({report.free_before_mib:.0f} MiB free before, "
+                 f"{report.free_after_mib:.0f} {'would be' if args.dry_run else 'now'})")
+    else:
+        report = purge(queue, spool, days(args.older_than), audit=queue.audit,
+                       user=getpass.getuser(), dry_run=args.dry_run)
+        which = f"{len(report.jobs)} finished job(s) older than {args.older_than} days"
+    print(f"{which}: {verb} {report.instances} spooled instances and {report.output_files} "
+          f"output files ({report.bytes / 2**20:.1f} MiB)" + (
               f"; jobs {', '.join(map(str, report.jobs))}" if report.jobs else ""))
+    if args.free_mib is not None and (report.free_after_mib or 0) < args.free_mib:
+        print(f"free space stays below {args.free_mib:g} MiB: no finished job is left to purge "
+              "(unfinished jobs are never purged)", file=sys.stderr)
     return 0
 
 
@@ -213,8 +225,13 @@ def add_commands(commands: Any) -> None:
         description="Delete the spooled input instances and the output files of jobs that "
         "finished (done, failed, rejected, cancelled) more than --older-than days ago; "
         "instances another job still needs are kept, job histories and the audit log stay, "
-        "and every purge is audited. storage.retention_days does the same hourly.")
-    purging.add_argument("--older-than", required=True, metavar="DAYS",
-                         help="age of the job's last change, in days (e.g. 30, 0.5)")
+        "and every purge is audited. With --free-mib, finished jobs are purged oldest first "
+        "until that much disk space is free. storage.retention_days and "
+        "storage.retention_free_mib do the same in the node.")
+    which = purging.add_mutually_exclusive_group(required=True)
+    which.add_argument("--older-than", metavar="DAYS",
+                       help="age of the job's last change, in days (e.g. 30, 0.5)")
+    which.add_argument("--free-mib", type=float, metavar="MIB",
+                       help="purge finished jobs, oldest first, until this much is free")
     purging.add_argument("--dry-run", action="store_true", help="say what would be deleted")
     purging.set_defaults(handler=_jobs_purge)

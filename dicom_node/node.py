@@ -22,7 +22,7 @@ import planning
 
 from .assembly import Assembler
 from .jobs import JobQueue
-from .retention import DAY_S, PURGE_EVERY_S, purge
+from .retention import DAY_S, PURGE_EVERY_S, SPACE_CHECK_EVERY_S, purge, purge_for_space
 from .scp import StorageSCP
 from .spool import Spool
 from .storage_lock import StorageLock, private_storage
@@ -75,19 +75,29 @@ class Node:
         return self
 
     def _tick_loop(self) -> None:
-        purged_at = 0.0
+        purged_at = checked_at = -float("inf")
         while not self._stop.is_set():
             try:
                 self.assembler.tick()
             except Exception:  # keep assembling; the log says what went wrong
                 log.exception("series assembly failed; retrying")
-            days = self.settings.storage.retention_days
-            if days and time.monotonic() - purged_at >= PURGE_EVERY_S:
+            storage = self.settings.storage
+            if storage.retention_days and time.monotonic() - purged_at >= PURGE_EVERY_S:
                 purged_at = time.monotonic()
                 try:
-                    purge(self.queue, self.spool, days * DAY_S, audit=self.audit)
+                    purge(self.queue, self.spool, storage.retention_days * DAY_S,
+                          audit=self.audit)
                 except Exception:  # retention must never stop the node
                     log.exception("retention purge failed; trying again in an hour")
+            if (storage.retention_free_mib
+                    and time.monotonic() - checked_at >= SPACE_CHECK_EVERY_S):
+                checked_at = time.monotonic()
+                try:
+                    if self.spool.free_mib() < storage.retention_free_mib:
+                        purge_for_space(self.queue, self.spool, storage.retention_free_mib,
+                                        audit=self.audit)
+                except Exception:  # retention must never stop the node
+                    log.exception("free-space purge failed; trying again in a minute")
             self._stop.wait(TICK_S)
 
     def stop(self, timeout_s: float = 30.0) -> None:

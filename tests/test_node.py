@@ -1298,6 +1298,62 @@ def test_purge_deletes_old_finished_jobs_data_and_never_an_unfinished_jobs(cohor
         assert spool.store(f.read_bytes(), "MR").new
 
 
+def test_a_free_space_target_purges_finished_jobs_oldest_first_and_never_an_unfinished_one(
+        cohort, tmp_path):
+    """storage.retention_free_mib's purge on a disk whose free space is its capacity less the
+    files under the storage root: below the target it purges the least recently finished job
+    first and stops once the target is met; a target no purge can meet purges every finished
+    job and never the unfinished one. The CLI's dry run lists the same jobs."""
+    import sys as _sys
+
+    node = _offline(cohort, tmp_path, assembly={"series_idle_s": 0.5, "study_timeout_s": 60.0})
+    root, spool, queue, assembler = node.root, node.spool, node.queue, node.assembler
+    (a1, a2), (b1, b2) = _series(cohort), _series(cohort, 2)
+    for f in a1 + a2 + b1 + b2:
+        spool.store(f.read_bytes(), "MR")
+    for f in a1 + a2:  # a third study: patient 1 under other UIDs
+        ds = pydicom.dcmread(f)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            setattr(ds, keyword, generate_uid(entropy_srcs=["third", str(ds[keyword].value)]))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(tmp_path / "third.dcm", enforce_file_format=True)
+        assert spool.store((tmp_path / "third.dcm").read_bytes(), "MR").new
+    assembler.tick(time.time() + 1)
+    first, second, unfinished = sorted(queue.list(states=("ready",)), key=lambda j: j.id)
+    queue.cancel(first.id)
+    time.sleep(0.05)
+    queue.cancel(second.id)
+
+    def used() -> int:
+        return sum(p.stat().st_size for p in (root / "spool").rglob("*.dcm"))
+
+    capacity = used() + 2**20  # 1 MiB free now
+    def free_mib() -> float:
+        return (capacity - used()) / 2**20
+
+    inputs = {j.id: j.inputs for j in (first, second, unfinished)}
+    size_first = spool.measure([u for pairs in inputs[first.id].values() for u, _ in pairs])[1]
+    audit = config.AuditLog(root / "audit.jsonl")
+    met = dicom_node.purge_for_space(queue, spool, 1 + size_first / 2 / 2**20,
+                                     free_mib=free_mib, audit=audit)
+    assert met.jobs == [first.id] and met.bytes == size_first
+    assert met.free_after_mib == pytest.approx(1 + size_first / 2**20)
+    assert queue.get(second.id).result.get("purged_at") is None
+    unmet = dicom_node.purge_for_space(queue, spool, 10**6, free_mib=free_mib, audit=audit)
+    assert unmet.jobs == [second.id] and unmet.free_after_mib < 10**6
+    assert queue.get(unfinished.id).state == "ready"
+    assert len(spool.files_of(unfinished.inputs["t1w"])) == len(a1)  # never touched
+    purged = [e for e in _audit(root) if e["event"] == "job.purged"]
+    assert [e["job_id"] for e in purged] == [first.id, second.id]
+    assert "below storage.retention_free_mib" in purged[0]["reason"]
+    dry = subprocess.run([_sys.executable, "-m", "vcemri", "--config", str(node.cfg), "jobs",
+                          "purge", "--free-mib", "1e12", "--dry-run"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.startswith("0 finished job(s), oldest first, for 1e+12 MiB free")
+    assert dry.stderr.startswith("free space stays below 1e+12 MiB: no finished job is left")
+
+
 def test_serve_with_json_logs_writes_only_json_lines_and_says_how_it_stops(cohort, tmp_path):
     import signal
 
