@@ -7,6 +7,7 @@ instance once" is checked as a count, not as a set of UIDs."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -219,12 +221,13 @@ def test_resent_series_is_idempotent(cohort, tmp_path):
 
 
 def test_a_resent_uid_with_other_bytes_is_a_new_version_whose_results_supersede_the_first(
-        cohort, tmp_path):
+        cohort, tmp_path, orthanc):
     """A T1w slice resent (storescu) with other pixels under its SOP Instance UID after the
     study was delivered: the first file stays byte for byte (a job used it), the new bytes are
     kept as a version of their own and audited, the series gets a second job whose objects
     have new UIDs, and its synthetic series and RTSTRUCT say which series they supersede and
-    why; the TPS (storescp) receives every object of both jobs exactly once."""
+    why; the TPS (storescp) receives every object of both jobs exactly once, and a PACS that
+    keeps the first copy of a UID (Orthanc) holds both series, each with its own pixels."""
     root = tmp_path / "root"
     t1, t2 = _series(cohort)
     changed = pydicom.dcmread(t1[3])
@@ -235,7 +238,10 @@ def test_a_resent_uid_with_other_bytes_is_a_new_version_whose_results_supersede_
     with StoreSCP(tmp_path / "tps") as tps:
         cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
                            destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
-                                                 "port": tps.port}})
+                                                 "port": tps.port},
+                                         "pacs": {"ae_title": orthanc.ae_title,
+                                                  "host": "127.0.0.1",
+                                                  "port": orthanc.dicom_port}})
         node = start_node(cfg)
         try:
             assert storescu(t1 + t2, node.scp.port, called_ae="VCEMRI").ok
@@ -284,6 +290,21 @@ def test_a_resent_uid_with_other_bytes_is_a_new_version_whose_results_supersede_
             assert note in structure.StructureSetDescription
         result = json.loads(second["result"])
         assert result["outputs"]["supersedes"]["series_uid"] == old_series.SeriesInstanceUID
+        # Orthanc holds both synthetic series, each with the node's pixels for its job
+        held = {}
+        for instance in orthanc.instances():
+            tags = orthanc.tags(instance)
+            if "SYNTHETIC" in tags.get("SeriesDescription", "") and tags["Modality"] == "MR":
+                held[tags["SOPInstanceUID"]] = instance
+        for job in (first, second):
+            synthetic = [o for o in by_job[job["id"]] if "synthetic" in o["path"]]
+            assert {o["sop_instance_uid"] for o in synthetic} <= held.keys()
+            sample = synthetic[len(synthetic) // 2]
+            with urllib.request.urlopen(
+                    f"{orthanc.url}/instances/{held[sample['sop_instance_uid']]}/file",
+                    timeout=30) as response:
+                pacs_copy = pydicom.dcmread(io.BytesIO(response.read()))
+            assert pacs_copy.PixelData == pydicom.dcmread(sample["path"]).PixelData
         assert "superseding the synthetic series of" in second["reason"] or any(
             "superseding" in (t["reason"] or "") for t in query(
                 root, "SELECT reason FROM transitions WHERE job_id = ?", second["id"]))
