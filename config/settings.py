@@ -441,6 +441,49 @@ def _default_routes() -> list[Route]:
     return [Route(name="default", model="default", destinations=["tps"])]
 
 
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+class WebTLS(_Section):
+    """HTTPS for the web service; absent means plain HTTP."""
+
+    certificate: ExistingFile = Field(description="server certificate chain (PEM)")
+    private_key: ExistingFile = Field(description="private key of the certificate (PEM)")
+
+
+class Web(_Section):
+    """The web service ``vcemri serve`` runs when this section is present: the dashboard
+    (studies, jobs, review images, deliveries, retry/cancel/force, the audit log), the JSON
+    API under /api/, /healthz and Prometheus /metrics."""
+
+    bind_address: Host = Field(
+        "127.0.0.1", description="address to listen on; anything but loopback needs tokens"
+    )
+    port: TcpPort = Field(8104, description="TCP port to listen on")
+    tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description="user name -> SHA-256 (hex) of that user's access token; required off "
+        "loopback. Every request but /healthz and /metrics then needs the token (a bearer "
+        "header, or the dashboard's sign-in); actions are audited with the user's name",
+    )
+    tls: WebTLS | None = Field(None, description="HTTPS settings; null for plain HTTP")
+
+    @model_validator(mode="after")
+    def _off_loopback_needs_tokens(self) -> Web:
+        bad = [name for name, digest in self.tokens.items() if not _SHA256_HEX.match(digest)]
+        if bad:
+            raise PydanticCustomError(
+                "tokens", "tokens of {names}: give the SHA-256 of the token as 64 lower-case "
+                "hex digits (printf %s TOKEN | sha256sum), never the token itself",
+                {"names": ", ".join(bad)})
+        if not self.tokens and not self.bind_address.startswith(_LOOPBACK):
+            raise PydanticCustomError(
+                "tokens", "web.bind_address {address} is not loopback: set web.tokens so that "
+                "only your users can see and act on jobs", {"address": self.bind_address})
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration; ``config/default.yaml`` spells out these defaults.
 
@@ -482,6 +525,9 @@ class Settings(BaseSettings):
     )
     logging: LoggingSettings = Field(
         default_factory=LoggingSettings, description="console logging"
+    )
+    web: Web | None = Field(
+        None, description="web dashboard, JSON API, /healthz and /metrics; null: none"
     )
 
     @classmethod

@@ -137,24 +137,23 @@ def _jobs_show(args: argparse.Namespace) -> int:
 def _jobs_retry(args: argparse.Namespace) -> int:
     import getpass
 
-    queue = _queue(args)
-    user = getpass.getuser()
+    from .actions import retry
+
+    job = retry(_queue(args), args.id, getpass.getuser(), force=args.force)
     if args.force:
-        job = queue.requeue(args.id, f"forced through screening by {user}", force=True)
-        if queue.audit is not None:
-            queue.audit.record("job.forced", job_id=job.id, study_uid=job.study_uid,
-                               user=user, outcome="success",
-                               reason="processed whatever screening says; every object says so")
         print(f"job {job.id} is {job.state} again and forced through screening; a running "
               "node will process it and mark every object refused-but-forced")
-        return 0
-    job = queue.requeue(args.id, f"retried by {user}")
-    print(f"job {job.id} is {job.state} again; a running node will process it")
+    else:
+        print(f"job {job.id} is {job.state} again; a running node will process it")
     return 0
 
 
 def _jobs_cancel(args: argparse.Namespace) -> int:
-    job = _queue(args).cancel(args.id)
+    import getpass
+
+    from .actions import cancel
+
+    job = cancel(_queue(args), args.id, getpass.getuser())
     print(f"job {job.id} cancelled")
     return 0
 
@@ -188,6 +187,48 @@ def _jobs_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
+    from .storage_lock import holder
+
+    settings = config.load_settings(args.config)
+    root = settings.storage.root
+    pid = holder(root)
+    running = pid is not None
+    web = settings.web
+    lines = [f"node: {'running' if running else 'not running'}"
+             + (f" (PID {pid})" if running and pid and pid > 0 else "")
+             + f"; storage {root}; DICOM {settings.dicom.ae_title} on "
+             f"{settings.dicom.bind_address}:{settings.dicom.port}"
+             + (f"; web on {web.bind_address}:{web.port} (/healthz, /metrics)" if web else "")]
+    from .database import database_path
+
+    counts: dict[str, int] = {}
+    oldest = None
+    if database_path(root).is_file():
+        queue = JobQueue(root)
+        counts, oldest = queue.counts(), queue.oldest_waiting()
+    lines.append("jobs: " + (", ".join(f"{state} {counts[state]}" for state in states.STATES
+                                      if counts.get(state)) or "none"))
+    if oldest is not None:
+        lines.append(f"oldest unfinished job: created {time.time() - oldest:.0f} s ago")
+    free = shutil.disk_usage(root).free / 2**20 if root.is_dir() else None
+    if free is not None:
+        floor = settings.storage.min_free_mib
+        lines.append(f"spool free: {free:.0f} MiB" + (
+            f" (below storage.min_free_mib {floor}: instances are refused)" if free < floor
+            else ""))
+    if args.json:
+        print(json.dumps({"running": running, "pid": pid, "jobs": counts,
+                          "oldest_unfinished_job_created_at": oldest,
+                          "spool_free_mib": free}, indent=1))
+    else:
+        print("\n".join(lines))
+    return 0 if running else 3
+
+
 def add_commands(commands: Any) -> None:
     """Add ``serve`` and ``jobs`` to the ``vcemri`` sub-command parser."""
     serve = commands.add_parser(
@@ -197,6 +238,15 @@ def add_commands(commands: Any) -> None:
         "stops accepting, finishes in-flight writes and exits; interrupted jobs resume at the "
         "next start.")
     serve.set_defaults(handler=_serve)
+
+    status = commands.add_parser(
+        "status", help="is the node running; its jobs by state, the oldest unfinished one, "
+        "free space",
+        description="What a running node's /metrics says, from the command line: whether a "
+        "node holds the storage folder (exit 0) or not (exit 3), jobs by state, the age of "
+        "the oldest unfinished job and the spool's free space.")
+    status.add_argument("--json", action="store_true", help="JSON instead of text")
+    status.set_defaults(handler=_status)
 
     jobs = commands.add_parser("jobs", help="list, show, retry, cancel or purge the node's "
                                "jobs")

@@ -275,6 +275,22 @@ class JobQueue:
             rows = self._db().execute(query, args).fetchall()
         return [Job.from_row(r) for r in rows]
 
+    def counts(self) -> dict[str, int]:
+        """How many jobs are in each state (states without jobs left out)."""
+        with self._lock:
+            rows = self._db().execute(
+                "SELECT state, count(*) AS n FROM jobs GROUP BY state").fetchall()
+        return {r["state"]: int(r["n"]) for r in rows}
+
+    def oldest_waiting(self) -> float | None:
+        """When the oldest job that has not finished (waiting, ready, running or sending)
+        was created (epoch seconds), or None."""
+        with self._lock:
+            row = self._db().execute(
+                f"SELECT min(created_at) AS t FROM jobs WHERE state IN "
+                f"({', '.join('?' for _ in ACTIVE)})", ACTIVE).fetchone()
+        return None if row is None or row["t"] is None else float(row["t"])
+
     def mark_purged(self, job_id: int, at: float | None = None) -> None:
         """Record in a finished job's result that retention deleted its data."""
         with self._lock:

@@ -22,10 +22,12 @@ import planning
 
 from .assembly import Assembler
 from .jobs import JobQueue
+from .metrics import Metrics
 from .retention import DAY_S, PURGE_EVERY_S, SPACE_CHECK_EVERY_S, purge, purge_for_space
 from .scp import StorageSCP
 from .spool import Spool
 from .storage_lock import StorageLock, private_storage
+from .web import WebServer
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -49,10 +51,13 @@ class Node:
             self.queue = JobQueue(self.root, self.audit)
             self.assembler = Assembler(settings, self.queue, self.audit)
             self.service = planning.SynthesisService(settings)
-            self.scp = StorageSCP(settings, self.spool, self.audit)
+            self.metrics = Metrics(self.queue, self.spool)
+            self.scp = StorageSCP(settings, self.spool, self.audit, self.metrics)
             count = settings.jobs.workers if workers is None else workers
             self.workers = [Worker(settings, self.queue, self.spool, self.service, self.audit,
-                                   name=f"worker-{i + 1}") for i in range(count)]
+                                   name=f"worker-{i + 1}", metrics=self.metrics)
+                            for i in range(count)]
+            self.web = None if settings.web is None else WebServer(self)
         except BaseException:
             self.lock.release()
             raise
@@ -66,6 +71,8 @@ class Node:
             log.info("resuming %d interrupted job(s): %s", len(recovered),
                      ", ".join(map(str, recovered)))
         self.scp.start()
+        if self.web is not None:
+            self.web.start()
         self.audit.record("node.started", called_ae=self.settings.dicom.ae_title,
                           listen_port=self.scp.port, count=len(recovered))
         self._ticker = threading.Thread(target=self._tick_loop, name="assembler", daemon=True)
@@ -104,6 +111,8 @@ class Node:
         """Stop accepting, finish in-flight writes, stop the workers (waiting up to
         ``timeout_s`` for a job in progress)."""
         self.scp.stop()
+        if self.web is not None:
+            self.web.stop()
         self._stop.set()
         for worker in self.workers:
             worker.stop()

@@ -18,6 +18,7 @@ from typing import Any
 
 import config
 
+from .metrics import Metrics, refusal_kind
 from .spool import OUT_OF_RESOURCES, Received, Spool
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,11 @@ class StorageSCP:
     """The listening AE; :meth:`start` returns once the port is bound."""
 
     def __init__(self, settings: config.Settings, spool: Spool,
-                 audit: config.AuditLog | None = None) -> None:
+                 audit: config.AuditLog | None = None, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.spool = spool
         self.audit = audit
+        self.metrics = metrics
         self.server: Any = None
         self._counts: dict[int, Counter[str]] = {}
         self._lock = threading.Lock()
@@ -124,6 +126,7 @@ class StorageSCP:
         host, port = (address[0], int(address[1])) if isinstance(address, tuple) else (
             str(address), 0)
         log.warning("connection from %s refused: %s", host, reason)
+        self._count_association("refused")
         self._audit("association.refused", outcome="failure", reason=reason, peer_host=host,
                     peer_port=port)
         with contextlib.suppress(OSError):
@@ -265,7 +268,12 @@ class StorageSCP:
     def _echo(self, event: Any) -> int:
         return 0x0000
 
+    def _count_association(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.associations.labels(outcome).inc()
+
     def _established(self, event: Any) -> None:
+        self._count_association("accepted")
         with self._lock:
             self._counts[id(event.assoc)] = Counter()
         self._audit("association.accepted", **self._peer(event),
@@ -282,6 +290,7 @@ class StorageSCP:
                       "dicom.allowed_calling_aes")
         else:
             reason = f"too many associations (dicom.max_associations is {node.max_associations})"
+        self._count_association("rejected")
         log.warning("association from %s (%s) rejected: %s", peer["calling_ae"],
                     peer["peer_host"], reason)
         self._audit("association.rejected", outcome="failure", reason=reason, **peer,
@@ -291,6 +300,7 @@ class StorageSCP:
         with self._lock:
             counts = self._counts.pop(id(event.assoc), Counter())
         aborted = event.event.name == "EVT_ABORTED"
+        self._count_association("aborted" if aborted else "released")
         self._audit("association.aborted" if aborted else "association.released",
                     outcome="failure" if aborted else "success", **self._peer(event),
                     count=counts["stored"],
@@ -314,15 +324,19 @@ class StorageSCP:
             self._audit("instance.ignored", sop_class_uid=sop_class, calling_ae=peer["calling_ae"],
                         reason="not MR or Enhanced MR (dicom.other_storage: ignore)")
             return 0x0000
+        encoded = event.encoded_dataset()
         try:
             received = self.spool.store(
-                event.encoded_dataset(), peer["calling_ae"],
+                encoded, peer["calling_ae"],
                 announced=str(event.request.AffectedSOPInstanceUID or "").rstrip("\0 "))
         except Exception as exc:  # a response must always go back; the reason is audited
             log.exception("storing an instance failed")
             received = Received(OUT_OF_RESOURCES, f"internal error while storing: {exc}")
         if received.status != 0:
             self._count(event, "failed")
+            if self.metrics is not None:
+                self.metrics.refused.labels(
+                    refusal_kind(received.status, received.reason)).inc()
             ids = {k: v for k, v in (("sop_instance_uid", received.sop_instance_uid),
                                      ("series_uid", received.series_uid),
                                      ("study_uid", received.study_uid)) if v}
@@ -333,6 +347,9 @@ class StorageSCP:
                         calling_ae=peer["calling_ae"], **ids)
             return received.status
         self._count(event, "stored")
+        if self.metrics is not None:
+            self.metrics.instances.inc()
+            self.metrics.received_bytes.inc(len(encoded))
         if received.replaced:
             log.warning("instance %s resent with other content: kept as a new version (the "
                         "earlier one stays for the jobs that used it); its series counts as "

@@ -61,6 +61,25 @@ class StorageLock:
         return self._fd is not None
 
 
+def holder(root: Path) -> int | None:
+    """The PID of the node holding ``root``'s lock, or None when no node runs on it (tried
+    with a shared, non-blocking lock that is let go at once: it never stops a node starting)."""
+    path = Path(root) / LOCK_FILE
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def private_storage(root: Path) -> None:
     """Umask 077 for this process and the storage root closed to others (see the module
     docstring); creates the root if needed."""

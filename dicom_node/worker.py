@@ -28,6 +28,7 @@ import planning
 from . import jobs as states
 from .jobs import Job, JobQueue, output_folder
 from .lineage import superseded
+from .metrics import Metrics
 from .sender import send
 from .spool import Spool
 
@@ -40,12 +41,13 @@ class Worker:
     def __init__(self, settings: config.Settings, queue: JobQueue, spool: Spool,
                  service: planning.SynthesisService,
                  audit: config.AuditLog | None = None,
-                 name: str = "worker") -> None:
+                 name: str = "worker", metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.queue = queue
         self.spool = spool
         self.service = service
         self.audit = audit
+        self.metrics = metrics
         self.name = name
         self._stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -122,6 +124,8 @@ class Worker:
         self.queue.record_outputs(job.id, outputs)
         summary = dict(done.summary)
         summary["processing_s"] = round(time.perf_counter() - started, 3)
+        if self.metrics is not None:
+            self.metrics.synthesis.observe(summary["processing_s"])
         summary["device"] = done.device
         summary["output_folder"] = str(out)
         if self.audit is not None:
@@ -195,6 +199,8 @@ class Worker:
 
             def sent(uid: str, name: str = name, destination: Any = destination) -> None:
                 self.queue.record_delivery(job.id, name, uid)
+                if self.metrics is not None:
+                    self.metrics.deliveries.labels(name).inc()
                 if self.audit is not None:
                     self.audit.record("instance.sent", job_id=job.id, sop_instance_uid=uid,
                                       destination=name, called_ae=destination.ae_title)
@@ -205,9 +211,11 @@ class Worker:
                 log.info("job %d: %d objects sent to %s", job.id, count, name)
             except config.PeerError as exc:
                 problems.append(exc.reason)
+                self._count_failure(name)
             except Exception as exc:  # a missing output file, a refused context: retried too
                 log.exception("job %d: sending to %s failed", job.id, name)
                 problems.append(f"sending to {name} failed: {type(exc).__name__}: {exc}")
+                self._count_failure(name)
         if not problems:
             result = dict(job.result)
             result["delivered_at"] = time.time()
@@ -229,6 +237,10 @@ class Worker:
         log.warning("job %d: %s; retrying in %.0f s", job.id, reason, delay)
         return self.queue.retry(job.id, states.SENDING, f"{reason}; retrying in {delay:.0f} s",
                                 delay, expected=(states.SENDING,))
+
+    def _count_failure(self, destination: str) -> None:
+        if self.metrics is not None:
+            self.metrics.delivery_failures.labels(destination).inc()
 
     def _retry_or_fail(self, job: Job, reason: str) -> None:
         current = self.queue.get(job.id)

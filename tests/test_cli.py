@@ -46,7 +46,7 @@ def test_help_lists_only_commands_that_work():
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
     assert sorted(commands) == ["config", "demo", "evaluate", "jobs", "process",
-                                "refit-confidence", "serve", "simulate", "study", "train",
+                                "refit-confidence", "serve", "simulate", "status", "study", "train",
                                 "version"]
     done = run("--help")
     assert done.returncode == 0
@@ -114,7 +114,7 @@ def test_config_check_messages_are_precise(tmp_path):
     expected = {
         "bad-port": "dicom.port: 70000 is not a valid TCP port (1-65535) [line 2]",
         "unknown-key": "storage.rot: unknown key (did you mean 'root'? allowed: audit_log, "
-                       "min_free_mib, retention_days, root) [line 2]",
+                       "min_free_mib, retention_days, retention_free_mib, root) [line 2]",
         "missing-destination-host": "destinations.tps.host: required setting is missing [line 2]",
         "bad-regex": "routes[0].match.institution: '[queen' is not a valid regular expression "
                      "(unterminated character set at position 0) [line 3]",
