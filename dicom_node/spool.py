@@ -391,16 +391,11 @@ class Spool:
         :class:`config.InputError` when one is gone, so that a job never processes other data
         than its inputs say."""
         wanted = set(contents)
-        found: dict[str, Path] = {}
-        with self._index_lock:
-            for table in ("instances", "instance_versions"):
-                for start in range(0, len(contents), 400):
-                    chunk = [uid for uid, _ in contents[start:start + 400]]
-                    for row in self._db().execute(
-                            f"SELECT sop_instance_uid, sha256, path FROM {table} WHERE "
-                            f"sop_instance_uid IN ({', '.join('?' for _ in chunk)})", chunk):
-                        if (row["sop_instance_uid"], row["sha256"]) in wanted:
-                            found[row["sop_instance_uid"]] = Path(row["path"])
+        uids = [uid for uid, _ in contents]
+        found = {row["sop_instance_uid"]: Path(row["path"])
+                 for table in ("instances", "instance_versions")
+                 for row in self._by_uid(table, "sop_instance_uid, sha256, path", uids)
+                 if (row["sop_instance_uid"], row["sha256"]) in wanted}
         missing = [uid for uid, _ in contents if uid not in found or not found[uid].is_file()]
         if missing:
             raise config.InputError(
@@ -414,25 +409,23 @@ class Spool:
         rows = self._rows(uids)
         return len(rows), sum(int(r["bytes"]) for r in rows + self._versions(uids))
 
-    def _versions(self, uids: list[str]) -> list[sqlite3.Row]:
+    def _by_uid(self, table: str, columns: str, uids: list[str]) -> list[sqlite3.Row]:
+        """``columns`` of ``table``'s rows for these SOP Instance UIDs, queried in chunks
+        (SQLite caps the number of parameters)."""
         rows: list[sqlite3.Row] = []
         with self._index_lock:
             for start in range(0, len(uids), 500):
                 chunk = uids[start:start + 500]
                 rows += self._db().execute(
-                    "SELECT sop_instance_uid, path, bytes FROM instance_versions WHERE "
-                    f"sop_instance_uid IN ({', '.join('?' for _ in chunk)})", chunk).fetchall()
+                    f"SELECT {columns} FROM {table} WHERE sop_instance_uid IN "
+                    f"({', '.join('?' for _ in chunk)})", chunk).fetchall()
         return rows
 
+    def _versions(self, uids: list[str]) -> list[sqlite3.Row]:
+        return self._by_uid("instance_versions", "sop_instance_uid, path, bytes", uids)
+
     def _rows(self, uids: list[str]) -> list[sqlite3.Row]:
-        rows: list[sqlite3.Row] = []
-        with self._index_lock:
-            for start in range(0, len(uids), 500):
-                chunk = uids[start:start + 500]
-                rows += self._db().execute(
-                    "SELECT sop_instance_uid, series_uid, path, bytes FROM instances WHERE "
-                    f"sop_instance_uid IN ({', '.join('?' for _ in chunk)})", chunk).fetchall()
-        return rows
+        return self._by_uid("instances", "sop_instance_uid, series_uid, path, bytes", uids)
 
     def remove(self, uids: list[str]) -> tuple[int, int]:
         """Delete these instances (retention): files first, then their index rows (a file
