@@ -12,7 +12,8 @@ Access: on loopback without ``web.tokens`` everyone on the machine is user ``loc
 tokens, every page and API call needs one (``Authorization: Bearer TOKEN``, or the sign-in
 form, which sets an HttpOnly SameSite=Strict cookie); the token's user name is what the audit
 log records for actions. ``/healthz`` and ``/metrics`` (counts, no patient data) stay open
-for load balancers and Prometheus.
+for load balancers and Prometheus. An action posted from a page of another origin (a web
+site the user visits, forging a request to the loopback dashboard) is refused with 403.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import threading
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
 
 import config
 
@@ -181,6 +183,11 @@ def create_app(node: Node) -> Starlette:
         return FileResponse(path, media_type="image/png")
 
     async def act(request: Request) -> Response:
+        origin = request.headers.get("origin")
+        if origin and urlsplit(origin).netloc != request.url.netloc:
+            # a page of another site posting to the dashboard (cross-site request forgery)
+            return JSONResponse({"error": f"actions are refused from pages of {origin}"},
+                                status_code=403)
         job_id = int(request.path_params["job_id"])
         job_or_404(job_id)
         action = request.path_params["action"]
@@ -200,8 +207,6 @@ def create_app(node: Node) -> Starlette:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"message": message, "job": job_record(
                 node, node.queue.get(job_id))})
-        from urllib.parse import quote
-
         return RedirectResponse(f"/jobs/{job_id}?message={quote(message)}", status_code=303)
 
     async def audit_page(request: Request) -> Response:

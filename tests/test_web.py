@@ -105,6 +105,8 @@ def test_dashboard_api_health_and_metrics_of_a_running_node(served, cohort, tmp_
     assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert httpx.get(f"{base}/jobs/999").status_code == 404
     # an action the job's state forbids is refused with the reason
+    forged = httpx.post(f"{base}/jobs/{job}/cancel", headers={"Origin": "http://evil.example"})
+    assert forged.status_code == 403  # another site's page cannot act on the dashboard
     answer = httpx.post(f"{base}/api/jobs/{job}/retry")
     assert "only failed, rejected or cancelled jobs can be retried" in answer.json()["message"]
     audit = httpx.get(f"{base}/api/audit").json()
