@@ -144,8 +144,6 @@ class Spool:
 
     def reconcile(self) -> int:
         """Index every complete spool file the index lacks; returns how many."""
-        import pydicom
-
         with self._index_lock:
             known = {r["sop_instance_uid"]
                      for r in self._db().execute("SELECT sop_instance_uid FROM instances")}
@@ -153,23 +151,29 @@ class Spool:
         for path in sorted(self.directory.glob("*/*/*.dcm")):
             if path.stem in known:  # file names are the validated SOP Instance UIDs
                 continue
-            encoded = path.read_bytes()
-            try:
-                dataset = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
-                uids = {k: str(dataset.get(k, "")) for k in (
-                    "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")}
-                self._index(_describe(dataset, "-", self.settings.series_rules), uids,
-                            str(dataset.file_meta.TransferSyntaxUID), path,
-                            hashlib.sha256(encoded).hexdigest(), len(encoded), "-")
-            except Exception:  # noqa: BLE001 - a file that cannot be indexed is set aside
-                path.rename(path.with_suffix(".unreadable"))
-                log.error("spool file %s cannot be indexed; renamed to .unreadable", path.name)
-                continue
-            added += 1
+            added += self._index_file(path, path.read_bytes())
         added += self._reconcile_versions()
         if added:
             log.warning("re-indexed %d spool file(s) whose index rows were lost", added)
         return added
+
+    def _index_file(self, path: Path, encoded: bytes) -> bool:
+        """Index a spooled file as its instance's current content (start-up recovery); a file
+        that cannot be indexed is renamed ``.unreadable`` and False returned."""
+        import pydicom
+
+        try:
+            dataset = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
+            uids = {k: str(dataset.get(k, "")) for k in (
+                "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")}
+            self._index(_describe(dataset, "-", self.settings.series_rules), uids,
+                        str(dataset.file_meta.TransferSyntaxUID), path,
+                        hashlib.sha256(encoded).hexdigest(), len(encoded), "-")
+        except Exception:  # noqa: BLE001 - a file that cannot be indexed is set aside
+            path.rename(path.with_suffix(".unreadable"))
+            log.error("spool file %s cannot be indexed; renamed to .unreadable", path.name)
+            return False
+        return True
 
     def _reconcile_versions(self) -> int:
         """Index every acknowledged later version (``versions/``) whose row was lost: as the
@@ -191,20 +195,7 @@ class Spool:
                     (sop,)).fetchone()
             written = path.stat().st_mtime
             if current is None or written > current["received_at"]:
-                try:
-                    import pydicom
-
-                    dataset = pydicom.dcmread(io.BytesIO(encoded), stop_before_pixels=True)
-                    uids = {k: str(dataset.get(k, "")) for k in (
-                        "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
-                        "SOPClassUID")}
-                    self._index(_describe(dataset, "-", self.settings.series_rules), uids,
-                                str(dataset.file_meta.TransferSyntaxUID), path, digest,
-                                len(encoded), "-")
-                except Exception:  # noqa: BLE001 - a file that cannot be indexed is set aside
-                    path.rename(path.with_suffix(".unreadable"))
-                    log.error("spool file %s cannot be indexed; renamed to .unreadable",
-                              path.name)
+                if not self._index_file(path, encoded):
                     continue
             else:
                 with self._index_lock:

@@ -89,7 +89,8 @@ def synthetic_series(result: SynthesisResult, t1w_header: Dataset,
                      supersedes: Supersedes | None = None) -> list[synthesis.MRImage]:
     """The synthetic series' datasets, ascending along the slice normal; every image's
     ImageComments states the ``verdict``, and, when ``supersedes`` names an earlier series
-    (of other input content), the description, derivation and comments say it replaces it."""
+    (of other input content; the caller drops it for the same content), the description,
+    derivation and comments say it replaces it."""
     image = result.vce.image
     values = sitk.GetArrayFromImage(image)
     storage = pixel_storage(values, t1w_header)
@@ -105,8 +106,6 @@ def synthetic_series(result: SynthesisResult, t1w_header: Dataset,
     description = settings.series_description.replace("{model}", model)
     if "SYNTHETIC" not in description.upper():
         description = f"SYNTHETIC {description}"
-    if supersedes is not None and supersedes.series_uid == series_uid:
-        supersedes = None  # the same content and model: these are the same objects again
     description = described(description, supersedes)
     where = (result.institution.institution
              or f"external, closest {result.institution.closest}")

@@ -48,13 +48,13 @@ def write_outputs(result: SynthesisResult, t1w_header: Dataset, out: Path,
     """Synthetic series in ``out/synthetic``, ``rtstruct.dcm``, ``review.dcm``, ``review.png``,
     each stating the verdict; the series and the RTSTRUCT say which earlier synthetic series
     they replace (``supersedes``, when the input changed since it was sent)."""
+    key = result_key(result)
+    if supersedes is not None and supersedes.series_uid == output_uid(key, "series"):
+        supersedes = None  # the same content and model: these are the same objects again
     helpers, notes = helper_regions(result, settings)
     verdict = verdict_of(result, helpers, settings.helper_prefix)
     datasets = synthetic_series(result, t1w_header, settings, verdict, supersedes)
     series = synthesis.write_series(datasets, out / "synthetic")
-    key = result_key(result)
-    if supersedes is not None and supersedes.series_uid == series[0].series_instance_uid:
-        supersedes = None
     structure = None
     if helpers:
         structure = synthesis.write_object(RTStructureSet(
