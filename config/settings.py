@@ -365,6 +365,14 @@ class Destination(_Section):
     host: Host = Field(description="the peer's IP address or host name")
     port: TcpPort = Field(description="the peer's TCP port")
     tls: ClientTLS | None = Field(None, description="TLS settings; null for plain TCP")
+    storage_commitment: bool = Field(
+        False, description="ask the peer to commit every object (Storage Commitment Push "
+        "Model): a job is done only when it has; the peer reports to this node's port"
+    )
+    commitment_timeout_s: Seconds = Field(
+        600.0, description="how long to wait for the peer's commitment report before asking "
+        "again (until jobs.send_max_age_s)"
+    )
 
 
 class ModelChoice(_Section):

@@ -5,6 +5,7 @@ workers (synthesis through ``planning.SynthesisService``), sender, and the ``ser
 
 from .assembly import Assembler, choose_route
 from .cli import add_commands
+from .commitment import Commitment, CommitmentLedger, CommitmentReports
 from .jobs import (
     ACTIVE,
     STATES,
@@ -22,6 +23,7 @@ from .retention import Purge, purge, purge_for_space
 from .scp import StorageSCP
 from .sender import send
 from .spool import Received, Spool
+from .synthesis_process import SynthesisCrashed, SynthesisProcess
 from .worker import Worker
 
 __all__ = [
@@ -29,6 +31,9 @@ __all__ = [
     "STATES",
     "TERMINAL",
     "Assembler",
+    "Commitment",
+    "CommitmentLedger",
+    "CommitmentReports",
     "input_change",
     "superseded",
     "Job",
@@ -40,6 +45,8 @@ __all__ = [
     "Received",
     "Spool",
     "StorageSCP",
+    "SynthesisCrashed",
+    "SynthesisProcess",
     "Worker",
     "add_commands",
     "backoff_s",

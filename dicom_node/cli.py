@@ -14,6 +14,7 @@ from typing import Any
 import config
 
 from . import jobs as states
+from .commitment import CommitmentLedger
 from .jobs import Job, JobQueue
 
 log = logging.getLogger(__name__)
@@ -125,9 +126,11 @@ def _jobs_show(args: argparse.Namespace) -> int:
         print(f"EDM:          {line}")
     if result.get("output_folder"):
         print(f"outputs:      {result['output_folder']}")
+    commitments = CommitmentLedger(queue.root)
     for name in job.destinations:
+        asked = commitments.latest(job.id, name)
         print(f"delivered to {name}: {len(queue.delivered(job.id, name))} of "
-              f"{len(queue.outputs(job.id))}")
+              f"{len(queue.outputs(job.id))}" + (f"; {asked.describe()}" if asked else ""))
     print("history:")
     for step in queue.transitions(job.id):
         print(f"  {_when(step['at'])}  {step['state']:<9} {step['reason'] or ''}")

@@ -146,6 +146,23 @@ CREATE TABLE IF NOT EXISTS instance_versions (
     PRIMARY KEY (sop_instance_uid, sha256)
 );
 """,
+    # 7: storage commitment (PS3.4 Annex J) asked of a destination for a job's outputs: one
+    # row per N-ACTION transaction, its state (pending, committed, failed, expired) and, when
+    # the peer reported failures, the uncommitted objects with their reasons (JSON).
+    """
+CREATE TABLE IF NOT EXISTS commitments (
+    transaction_uid TEXT PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    destination TEXT NOT NULL,
+    called_ae TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    requested_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    reported_at REAL,
+    failures TEXT
+);
+CREATE INDEX IF NOT EXISTS commitments_job ON commitments (job_id, destination);
+""",
 )
 
 #: The newest schema version this code knows (and creates).

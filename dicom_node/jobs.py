@@ -349,6 +349,26 @@ class JobQueue:
                     (destination, *part)).fetchall()}
         return found
 
+    def forget_deliveries(self, destination: str, uids: Sequence[str]) -> None:
+        """Drop the delivery records of ``uids`` at ``destination`` (every job's): the peer
+        did not commit them, so they are to be sent again."""
+        with self._lock:
+            db = self._db()
+            with transaction(db):
+                for start in range(0, len(uids), 500):
+                    part = list(uids[start:start + 500])
+                    db.execute(f"DELETE FROM deliveries WHERE destination = ? AND "
+                               f"sop_instance_uid IN ({', '.join('?' for _ in part)})",
+                               (destination, *part))
+
+    def wake(self, job_id: int) -> None:
+        """Make a ``sending`` job due now (a peer reported what it waited for)."""
+        with self._lock:
+            db = self._db()
+            with transaction(db):
+                db.execute("UPDATE jobs SET next_attempt_at = 0 WHERE id = ? AND state = ?",
+                           (job_id, SENDING))
+
     def delivered(self, job_id: int, destination: str) -> set[str]:
         with self._lock:
             rows = self._db().execute(

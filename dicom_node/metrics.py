@@ -90,6 +90,10 @@ class Metrics:
         self.delivery_failures = Counter(
             "vcemri_delivery_failures", "failed delivery attempts, per destination",
             ["destination"], registry=registry)
+        self.worker_crashes = Counter(
+            "vcemri_synthesis_process_crashes", "synthesis processes that died mid-job "
+            "(killed, a native crash, out of memory); their jobs are retried",
+            registry=registry)
         registry.register(_Snapshot(queue, spool))
 
     def exposition(self) -> bytes:

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import config
-import planning
 
 from .assembly import Assembler
+from .commitment import CommitmentLedger, CommitmentReports
 from .jobs import JobQueue
 from .metrics import Metrics
 from .retention import DAY_S, PURGE_EVERY_S, SPACE_CHECK_EVERY_S, purge, purge_for_space
@@ -50,11 +50,12 @@ class Node:
             self.spool = Spool(settings)
             self.queue = JobQueue(self.root, self.audit)
             self.assembler = Assembler(settings, self.queue, self.audit)
-            self.service = planning.SynthesisService(settings)
             self.metrics = Metrics(self.queue, self.spool)
-            self.scp = StorageSCP(settings, self.spool, self.audit, self.metrics)
+            self.scp = StorageSCP(settings, self.spool, self.audit, self.metrics,
+                                  reports=CommitmentReports(CommitmentLedger(self.root),
+                                                            self.queue, self.audit))
             count = settings.jobs.workers if workers is None else workers
-            self.workers = [Worker(settings, self.queue, self.spool, self.service, self.audit,
+            self.workers = [Worker(settings, self.queue, self.spool, self.audit,
                                    name=f"worker-{i + 1}", metrics=self.metrics)
                             for i in range(count)]
             self.web = None if settings.web is None else WebServer(self)

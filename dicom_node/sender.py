@@ -68,27 +68,19 @@ def _why_not_established(destination: config.Destination, context: ssl.SSLContex
         return f"cannot connect: {exc.strerror or exc}"
 
 
-def send(files: Sequence[Output], destination: config.Destination, name: str, *,
-         calling_ae: str, timeouts: Any,
-         on_sent: Callable[[str], None] | None = None) -> int:
-    """Send a job's outputs to ``destination`` in the order given; returns how many were sent.
-
-    ``on_sent`` is called with the SOP Instance UID after each success status (to record the
-    delivery)."""
-    import pydicom
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+def associate(destination: config.Destination, name: str, *, calling_ae: str, timeouts: Any,
+              contexts: dict[str, set[str]]) -> Any:
+    """An established association with ``destination`` proposing ``contexts`` (SOP Class ->
+    Transfer Syntaxes); raises :class:`config.PeerError` naming why there is none."""
     from pynetdicom import AE, evt
 
-    if not files:
-        return 0
     where = f"{name} ({destination.ae_title}@{destination.host}:{destination.port})"
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeouts.acse_s
     ae.dimse_timeout = timeouts.dimse_s
     ae.network_timeout = timeouts.network_s
-    for sop_class, syntaxes in _contexts(files).items():
-        ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian,
-                                                               ImplicitVRLittleEndian}))
+    for sop_class, syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, sorted(syntaxes))
     context = client_context(destination, name)
     tls_args = None if context is None else (context, destination.host)
     rejections: list[Any] = []  # primitives the ACSE received
@@ -110,6 +102,25 @@ def send(files: Sequence[Output], destination: config.Destination, name: str, *,
     if not assoc.is_established:
         cause = _why_not_established(destination, context, float(timeouts.acse_s or 10))
         raise config.PeerError(f"cannot associate with destination {where}: {cause}")
+    return assoc
+
+
+def send(files: Sequence[Output], destination: config.Destination, name: str, *,
+         calling_ae: str, timeouts: Any,
+         on_sent: Callable[[str], None] | None = None) -> int:
+    """Send a job's outputs to ``destination`` in the order given; returns how many were sent.
+
+    ``on_sent`` is called with the SOP Instance UID after each success status (to record the
+    delivery)."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if not files:
+        return 0
+    where = f"{name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    assoc = associate(destination, name, calling_ae=calling_ae, timeouts=timeouts, contexts={
+        sop_class: syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+        for sop_class, syntaxes in _contexts(files).items()})
     sent = 0
     try:
         for uid, path, *_ in files:

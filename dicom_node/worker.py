@@ -1,10 +1,15 @@
 """Workers: a ``ready`` job is synthesized and written, then a ``sending`` job is delivered.
 
+A worker is a thread of the node that claims jobs and delivers them; the synthesis itself runs
+in the worker's child process (``synthesis_process.py``), so a crash there (kill -9, a native
+crash, no memory) fails one attempt of one job, never the node.
+
 Outcomes, each with a reason in the job, the log and the audit log:
 - screening refuses the study -> ``rejected``;
 - bad input or an unusable model (``InputError``, ``ModelError``) -> ``failed`` at once
   (retrying cannot help);
-- anything else -> retried with exponential backoff up to ``jobs.max_attempts``, then ``failed``;
+- anything else, the synthesis process dying included -> retried with exponential backoff up
+  to ``jobs.max_attempts``, then ``failed``;
 - a destination that is down -> ``sending`` again after a backoff, until
   ``jobs.send_max_age_s`` has passed since sending began -> ``failed``.
 
@@ -23,14 +28,15 @@ import time
 from typing import Any
 
 import config
-import planning
 
+from . import commitment
 from . import jobs as states
 from .jobs import Job, JobQueue, output_folder
 from .lineage import superseded
 from .metrics import Metrics
 from .sender import send
 from .spool import Spool
+from .synthesis_process import Request, SynthesisCrashed, SynthesisProcess
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +45,14 @@ class Worker:
     """Processes jobs from the queue until :meth:`stop`; run several for parallel jobs."""
 
     def __init__(self, settings: config.Settings, queue: JobQueue, spool: Spool,
-                 service: planning.SynthesisService,
                  audit: config.AuditLog | None = None,
                  name: str = "worker", metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.queue = queue
         self.spool = spool
-        self.service = service
+        #: the child process that synthesizes this worker's jobs
+        self.process = SynthesisProcess(settings, name=f"{name}-synthesis")
+        self.commitments = commitment.CommitmentLedger(queue.root)
         self.audit = audit
         self.metrics = metrics
         self.name = name
@@ -60,8 +67,11 @@ class Worker:
         self._stop.set()
 
     def join(self, timeout: float | None = None) -> None:
+        """Wait for the job in progress (up to ``timeout`` seconds), then end the child; a
+        job cut off resumes at the next start."""
         if self.thread is not None:
             self.thread.join(timeout)
+        self.process.stop()
 
     def run(self) -> None:
         while not self._stop.is_set():
@@ -85,6 +95,14 @@ class Worker:
                 self.deliver(job)
         except states.JobChanged as changed:
             log.info("job %d: %s", job.id, changed.reason)
+        except SynthesisCrashed as crashed:
+            log.error("job %d: %s", job.id, crashed.reason)
+            if self.metrics is not None:
+                self.metrics.worker_crashes.inc()
+            if self.audit is not None:
+                self.audit.record("worker.crashed", outcome="failure", reason=crashed.reason,
+                                  job_id=job.id, study_uid=job.study_uid)
+            self._retry_or_fail(job, crashed.reason)
         except Exception as exc:  # the job carries the reason
             log.exception("job %d: unexpected error", job.id)
             self._retry_or_fail(job, f"internal error: {type(exc).__name__}: {exc}")
@@ -93,8 +111,6 @@ class Worker:
     # -- synthesis ----------------------------------------------------------------------------
 
     def synthesize(self, job: Job) -> Job:
-        import synthesis
-
         out = output_folder(self.settings.storage.root, job.id)
         if out.exists():
             shutil.rmtree(out)
@@ -108,18 +124,25 @@ class Worker:
                 t1w = self.spool.series_files(job.t1w_series_uid or "")
                 t2w = self.spool.series_files(job.t2w_series_uid or "")
             earlier = superseded(self.queue, job)
-            done = self.service.process(t1w, t2w, out, model=job.model or "default",
-                                        enforce=not job.forced, supersedes=earlier)
-        except synthesis.RejectedStudy as rejected:
-            log.warning("job %d rejected: %s", job.id, rejected.reason)
-            reason = rejected.reason + self._notify(job, getattr(rejected, "notice", None))
+        except (config.InputError, config.ModelError, config.ConfigError) as exc:
+            log.error("job %d failed: %s", job.id, exc)
+            return self.queue.fail(job.id, str(exc), expected=(states.RUNNING,))
+        done = self.process.run(Request(job.id, t1w, t2w, out, model=job.model or "default",
+                                        enforce=not job.forced, supersedes=earlier))
+        if done.kind == "rejected":
+            log.warning("job %d rejected: %s", job.id, done.reason)
+            reason = done.reason + self._notify(job, done.notice)
             result = json.loads((out / "result.json").read_text()) if (
                 out / "result.json").is_file() else {}
             return self.queue.fail(job.id, reason, state=states.REJECTED,
                                    expected=(states.RUNNING,), result=result)
-        except (config.InputError, config.ModelError, config.ConfigError) as exc:
-            log.error("job %d failed: %s", job.id, exc)
-            return self.queue.fail(job.id, str(exc), expected=(states.RUNNING,))
+        if done.kind == "failed":
+            log.error("job %d failed: %s", job.id, done.reason)
+            return self.queue.fail(job.id, done.reason, expected=(states.RUNNING,))
+        if done.kind == "error":
+            log.error("job %d: synthesis failed: %s\n%s", job.id, done.reason, done.details)
+            self._retry_or_fail(job, f"internal error: {done.reason}")
+            return self.queue.get(job.id)
         outputs = done.objects
         self.queue.record_outputs(job.id, outputs)
         summary = dict(done.summary)
@@ -178,7 +201,9 @@ class Worker:
 
     def deliver(self, job: Job) -> Job:
         outputs = self.queue.outputs(job.id)
-        problems = []
+        problems: list[str] = []
+        # storage commitments asked and not yet reported: (what, when to ask again)
+        waiting: list[tuple[str, float]] = []
         for name in job.destinations:
             destination = self.settings.destinations.get(name)
             if destination is None:
@@ -194,7 +219,7 @@ class Worker:
                          "not sent again", job.id, len(earlier), name)
             pending = [o for o in outputs
                        if o.sop_instance_uid not in delivered | earlier]
-            if not pending:
+            if not pending and not destination.storage_commitment:
                 continue
 
             def sent(uid: str, name: str = name, destination: Any = destination) -> None:
@@ -206,9 +231,17 @@ class Worker:
                                       destination=name, called_ae=destination.ae_title)
 
             try:
-                count = send(pending, destination, name, calling_ae=self.settings.dicom.ae_title,
-                             timeouts=self.settings.dicom.timeouts, on_sent=sent)
-                log.info("job %d: %d objects sent to %s", job.id, count, name)
+                if pending:
+                    count = send(pending, destination, name,
+                                 calling_ae=self.settings.dicom.ae_title,
+                                 timeouts=self.settings.dicom.timeouts, on_sent=sent)
+                    log.info("job %d: %d objects sent to %s", job.id, count, name)
+                if destination.storage_commitment:
+                    wait, problem = self._commitment(job, name, destination, outputs)
+                    if wait is not None:
+                        waiting.append(wait)
+                    if problem is not None:
+                        problems.append(problem)
             except config.PeerError as exc:
                 problems.append(exc.reason)
                 self._count_failure(name)
@@ -216,12 +249,31 @@ class Worker:
                 log.exception("job %d: sending to %s failed", job.id, name)
                 problems.append(f"sending to {name} failed: {type(exc).__name__}: {exc}")
                 self._count_failure(name)
+        if waiting and not problems:
+            held = self.queue.retry(job.id, states.SENDING, f"{len(outputs)} objects delivered; "
+                                    + "; ".join(text for text, _ in waiting),
+                                    max(0.0, min(due for _, due in waiting) - time.time()),
+                                    expected=(states.SENDING,))
+            # a report that arrived while the job was being put back must not wait for it
+            if any(getattr(self.commitments.latest(job.id, n), "state", None)
+                   not in (None, commitment.PENDING) for n in job.destinations
+                   if self.settings.destinations[n].storage_commitment):
+                self.queue.wake(job.id)
+            return held
         if not problems:
             result = dict(job.result)
             result["delivered_at"] = time.time()
+            committed = [n for n in job.destinations
+                         if self.settings.destinations[n].storage_commitment]
+            if committed:
+                result["commitments"] = {
+                    n: self.commitments.latest(job.id, n).transaction_uid  # type: ignore[union-attr]
+                    for n in committed}
             return self.queue.complete(job.id, states.DONE,
                                        f"{len(outputs)} objects delivered to "
-                                       f"{', '.join(job.destinations) or 'no destination'}",
+                                       f"{', '.join(job.destinations) or 'no destination'}"
+                                       + (f"; committed by {', '.join(committed)}"
+                                          if committed else ""),
                                        expected=(states.SENDING,), result=result)
         reason = "; ".join(problems)
         age = time.time() - (job.sending_since or time.time())
@@ -237,6 +289,41 @@ class Worker:
         log.warning("job %d: %s; retrying in %.0f s", job.id, reason, delay)
         return self.queue.retry(job.id, states.SENDING, f"{reason}; retrying in {delay:.0f} s",
                                 delay, expected=(states.SENDING,))
+
+    def _commitment(self, job: Job, name: str, destination: config.Destination,
+                    outputs: list[states.Output]
+                    ) -> tuple[tuple[str, float] | None, str | None]:
+        """Where the job's storage commitment with ``destination`` stands, once every output
+        was delivered there: ((what the job waits for, when to give up waiting), None), (None,
+        a problem to retry on), or (None, None) when the peer committed them all. Asks (again)
+        when no request is open."""
+        latest = self.commitments.latest(job.id, name)
+        if latest is not None and latest.state == commitment.COMMITTED:
+            if latest.count == len(outputs):
+                return None, None
+            latest = None  # outputs changed since (a rerun): ask for the new set
+        if latest is not None and latest.state == commitment.PENDING:
+            age = time.time() - latest.requested_at
+            if age < destination.commitment_timeout_s:
+                return (f"waiting for {name}'s storage commitment report (transaction "
+                        f"{latest.transaction_uid}, asked {age:.0f} s ago)",
+                        latest.requested_at + destination.commitment_timeout_s), None
+            self.commitments.supersede(latest.transaction_uid)
+            return None, (f"{name} sent no storage commitment report within "
+                          f"{destination.commitment_timeout_s:.0f} s (transaction "
+                          f"{latest.transaction_uid}); asking again")
+        if latest is not None and latest.state == commitment.FAILED:
+            self.commitments.supersede(latest.transaction_uid)
+            self.queue.forget_deliveries(name, [uid for uid, _ in latest.failures])
+            return None, (f"{name} did not commit {latest.describe_failures()}; sending them "
+                          "again")
+        transaction_uid = commitment.request(
+            outputs, destination, name, calling_ae=self.settings.dicom.ae_title,
+            timeouts=self.settings.dicom.timeouts, ledger=self.commitments, job_id=job.id)
+        log.info("job %d: asked %s to commit %d objects (transaction %s)", job.id, name,
+                 len(outputs), transaction_uid)
+        return (f"waiting for {name}'s storage commitment report (transaction "
+                f"{transaction_uid})", time.time() + destination.commitment_timeout_s), None
 
     def _count_failure(self, destination: str) -> None:
         if self.metrics is not None:

@@ -169,7 +169,7 @@ def test_a_database_of_the_previous_release_is_upgraded_in_place(tmp_path: Path)
 
     queue = JobQueue(root)
     done, waiting = queue.get(1), queue.get(2)
-    assert _user_version(path) == database.SCHEMA_VERSION == len(database.MIGRATIONS) == 6
+    assert _user_version(path) == database.SCHEMA_VERSION == len(database.MIGRATIONS) == 7
     assert (done.state, done.study_uid, done.t1w_series_uid, done.t2w_series_uid) == (
         "done", STUDY, T1W, T2W)
     assert done.destinations == ["tps"] and done.result == {"sent": 2}
@@ -190,6 +190,8 @@ def test_a_database_of_the_previous_release_is_upgraded_in_place(tmp_path: Path)
     assert _raw(path, "SELECT DISTINCT problem FROM series") == [(None,)]
     # version 6: no earlier versions of any instance
     assert _raw(path, "SELECT count(*) FROM instance_versions") == [(0,)]
+    # version 7: no storage commitment asked yet
+    assert _raw(path, "SELECT count(*) FROM commitments") == [(0,)]
 
     columns = [r[1] for r in _raw(path, "PRAGMA table_info(outputs)")]
     assert columns == ["job_id", "sop_instance_uid", "path", "sop_class_uid",

@@ -12,12 +12,14 @@ import json
 import logging
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,6 +37,7 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from support.commitment_peer import LosingPACS
 from support.dcmtk import StoreSCP, storescu
 from support.faults import FullDisk
 from support.models import make_checkpoint
@@ -441,6 +444,104 @@ def test_orthanc_forwards_a_study_and_receives_the_results(cohort, tmp_path, ort
     synthetic = [s for s in series if s["MainDicomTags"].get("Modality") == "MR"
                  and "SYNTHETIC" in s["MainDicomTags"].get("SeriesDescription", "")]
     assert len(synthetic) == 1 and len(synthetic[0]["Instances"]) == 8
+
+
+def test_a_job_is_done_only_when_orthanc_commits_every_object(cohort, tmp_path, orthanc):
+    """Storage commitment with a real peer: Orthanc (Storage Commitment SCP) is asked for the
+    job's objects after they are stored and reports on an association of its own toward the
+    node; the job is done only then, and its reason, result and audit say so."""
+    root = tmp_path / "root"
+    cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                       destinations={"pacs": {"ae_title": orthanc.ae_title, "host": "127.0.0.1",
+                                              "port": orthanc.dicom_port,
+                                              "storage_commitment": True}},
+                       dicom={"allowed_calling_aes": ["MR_SCANNER"]})
+    node = start_node(cfg)
+    try:
+        orthanc._request("PUT", "/modalities/vcemri", json.dumps(
+            {"AET": "VCEMRI", "Host": "127.0.0.1", "Port": node.scp.port}).encode())
+        assert storescu(_interleaved(cohort), node.scp.port, called_ae="VCEMRI",
+                        calling_ae="MR_SCANNER").ok
+        job = wait_for(lambda: finished_jobs(root), 90, "the job")[0]
+        # the reporting AE may not store: it is allowed in for its reports only
+        refused = storescu(_series(cohort)[0][:1], node.scp.port, called_ae="VCEMRI",
+                           calling_ae=orthanc.ae_title)
+    finally:
+        node.stop()
+    assert job["state"] == "done", job["reason"]
+    assert job["reason"] == "10 objects delivered to pacs; committed by pacs"
+    [asked] = query(root, "SELECT * FROM commitments")
+    assert (asked["state"], asked["count"], asked["called_ae"]) == ("committed", 10, "ORTHANC")
+    assert json.loads(job["result"])["commitments"] == {"pacs": asked["transaction_uid"]}
+    waited = [t["reason"] for t in query(root, "SELECT * FROM transitions WHERE job_id = ?",
+                                         job["id"]) if t["state"] == "sending"]
+    assert any(f"waiting for pacs's storage commitment report (transaction "
+               f"{asked['transaction_uid']})" in (r or "") for r in waited)
+    assert len(orthanc.instances()) == 10
+    assert "N-EVENT-REPORT" not in orthanc.log()  # Orthanc read our response
+    shown = subprocess.run([sys.executable, "-m", "vcemri", "--config", str(cfg), "jobs", "show",
+                            str(job["id"])], capture_output=True, text=True, timeout=60)
+    assert (f"delivered to pacs: 10 of 10; committed all 10 objects (transaction "
+            f"{asked['transaction_uid']})") in shown.stdout, shown.stdout + shown.stderr
+    [report] = [e for e in _audit(root) if e["event"] == "commitment.reported"]
+    assert (report["outcome"], report["calling_ae"], report["count"]) == ("success", "ORTHANC", 10)
+    [stray] = [e for e in _audit(root) if e["event"] == "instance.refused"]
+    assert stray["calling_ae"] == "ORTHANC" and "only to report" in stray["reason"]
+    assert len(query(root, "SELECT * FROM instances")) == 16  # nothing stored from ORTHANC
+    assert not refused.ok
+
+
+def test_objects_a_peer_does_not_commit_are_sent_again_then_the_job_fails_naming_them(
+        cohort, tmp_path):
+    """A PACS that acknowledges the review image and loses it: the job is not done; the
+    uncommitted object is named, sent again and commitment asked again. Lost once: done at the
+    second report. Lost every time: the job fails at jobs.send_max_age_s naming it."""
+    root = tmp_path / "root"
+    lost: Counter[str] = Counter()
+
+    def lose(dataset) -> bool:
+        if dataset.Modality != "OT" or (lost[dataset.StudyInstanceUID] and not always.is_set()):
+            return False
+        lost[dataset.StudyInstanceUID] += 1
+        return True
+
+    always = threading.Event()
+    with LosingPACS(lose=lose) as pacs:
+        cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                           destinations={"pacs": {"ae_title": "PACS", "host": "127.0.0.1",
+                                                  "port": pacs.port,
+                                                  "storage_commitment": True}},
+                           jobs={"send_max_age_s": 8.0})
+        node = start_node(cfg)
+        pacs.reply_to = ("127.0.0.1", node.scp.port, "VCEMRI")
+        try:
+            assert storescu(_interleaved(cohort), node.scp.port, called_ae="VCEMRI").ok
+            first = wait_for(lambda: finished_jobs(root), 90, "the first job")[0]
+            always.set()
+            assert storescu(_interleaved(cohort, 2), node.scp.port, called_ae="VCEMRI").ok
+            second = wait_for(lambda: len(finished_jobs(root)) == 2 and finished_jobs(root)[1],
+                              90, "the second job")
+        finally:
+            node.stop()
+    review = {j: [o["sop_instance_uid"] for o in query(
+        root, "SELECT * FROM outputs WHERE job_id = ?", j) if o["path"].endswith("review.dcm")][0]
+        for j in (first["id"], second["id"])}
+    assert first["state"] == "done", first["reason"]
+    retried = [t["reason"] for t in query(root, "SELECT * FROM transitions WHERE job_id = ?",
+                                          first["id"]) if "did not commit" in (t["reason"] or "")]
+    assert len(retried) == 1
+    assert (f"pacs did not commit 1 of 10 objects: {review[first['id']]} (no such object "
+            "instance); sending them again; retrying in") in retried[0]
+    sent = {uid: pacs.stored[uid] for uid in (o["sop_instance_uid"] for o in query(
+        root, "SELECT * FROM outputs WHERE job_id = ?", first["id"]))}
+    assert sent.pop(review[first["id"]]) == 2 and set(sent.values()) == {1}  # once, the lost twice
+    assert second["state"] == "failed"
+    assert (f"pacs did not commit 1 of 10 objects: {review[second['id']]} (no such object "
+            "instance)") in second["reason"]
+    assert "gave up after" in second["reason"]
+    assert [t for t, _ in pacs.reports][:2] == [2, 1]
+    outcomes = [e["outcome"] for e in _audit(root) if e["event"] == "commitment.reported"]
+    assert outcomes[:2] == ["failure", "success"] and set(outcomes[2:]) == {"failure"}
 
 
 # -- refusals ---------------------------------------------------------------------------------
@@ -863,6 +964,50 @@ def test_kill_9_while_receiving_and_while_running_loses_and_duplicates_nothing(
                  if t["reason"] == "resumed after the node restarted"]
     assert recovered
     assert not list((root / "spool").rglob("*.tmp"))
+
+
+def test_a_synthesis_process_killed_mid_job_never_stops_reception_and_the_job_is_retried(
+        cohort, tmp_path):
+    """kill -9 of the worker's synthesis process while it works on one study and while a
+    scanner sends another: every instance of the second is received, the first job is retried
+    in a new process (its transition names the signal), both are delivered, each object once."""
+    root = tmp_path / "root"
+    with StoreSCP(tmp_path / "tps") as tps:
+        cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                           destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
+                                                 "port": tps.port}})
+        node = start_node(cfg)
+        try:
+            assert storescu(_interleaved(cohort), node.scp.port, called_ae="VCEMRI").ok
+            synthesis = node.workers[0].process
+            wait_for(lambda: synthesis.job_id is not None and synthesis.pid, 90,
+                     "the first job in its synthesis process", interval=0.005)
+            victim = synthesis.pid
+            result: dict[str, object] = {}
+            scanner = threading.Thread(target=lambda: result.update(
+                second=storescu(_interleaved(cohort, 2), node.scp.port, called_ae="VCEMRI")))
+            scanner.start()
+            os.kill(victim, signal.SIGKILL)
+            scanner.join()
+            assert result["second"].ok, result["second"]  # type: ignore[attr-defined]
+            done = wait_for(lambda: len(finished_jobs(root)) == 2 and finished_jobs(root), 120,
+                            "both jobs")
+            assert node.scp.port and synthesis.pid not in (None, victim)  # a new process
+            assert b"vcemri_synthesis_process_crashes_total 1.0" in node.metrics.exposition()
+        finally:
+            node.stop()
+        assert [j["state"] for j in done] == ["done", "done"], [j["reason"] for j in done]
+        tps.assert_each_once(o["sop_instance_uid"]
+                             for o in query(root, "SELECT sop_instance_uid FROM outputs"))
+    first = min(j["id"] for j in done)
+    crash = [t for t in query(root, "SELECT * FROM transitions WHERE job_id = ?", first)
+             if "synthesis process" in (t["reason"] or "")]
+    assert len(crash) == 1 and crash[0]["state"] == "ready"
+    assert f"(pid {victim}) was killed by SIGKILL" in crash[0]["reason"]
+    assert "retrying in" in crash[0]["reason"]
+    audited = [e for e in _audit(root) if e["event"] == "worker.crashed"]
+    assert [e["job_id"] for e in audited] == [first]
+    assert len(query(root, "SELECT * FROM instances")) == 32
 
 
 # -- TLS ----------------------------------------------------------------------------------------

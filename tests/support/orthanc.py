@@ -97,6 +97,10 @@ class Orthanc:
         """An instance's tags by keyword (Orthanc's simplified form)."""
         return dict(self.get(f"/instances/{instance_id}/simplified-tags"))
 
+    def log(self) -> str:
+        """Everything Orthanc has logged so far."""
+        return self.process.log_path.read_text(errors="replace")
+
     def stop(self, *, graceful: bool = False) -> None:
         """Kill the server. Its storage is thrown away with the test, so by default there is
         no graceful shutdown (Orthanc's takes about 3.5 s: it polls its threads)."""
