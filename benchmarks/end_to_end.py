@@ -3,6 +3,10 @@ stored at the TPS (dcmtk storescp), for a simulated 30-slice study sent by dcmtk
 with the breakdown (series idle time, synthesis, sending). Medians over rounds.
 
     python benchmarks/end_to_end.py [--rounds 3] [--slices 30] [--idle 10] [--model builtin]
+                                    [--expected]
+
+``--expected``: the route expects the study's slice counts (``routes[].expected_instances``),
+so each series is complete at its last instance instead of after the idle time.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=30)
     parser.add_argument("--idle", type=float, default=10.0, help="assembly.series_idle_s")
     parser.add_argument("--model", default="builtin")
+    parser.add_argument("--expected", action="store_true",
+                        help="the route expects --slices instances per series")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     import simulation
@@ -47,7 +53,9 @@ def main() -> int:
                  for f in sorted((work / "patient" / record.paths[role]).glob("*.dcm"))]
         print(f"study: T1w + T2w, {args.slices} slices each, "
               f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MiB; series idle time "
-              f"{args.idle:.0f} s; model {args.model}")
+              f"{args.idle:.0f} s" + (f" (the route expects {args.slices} instances per "
+                                      "series)" if args.expected else "")
+              + f"; model {args.model}")
         for round_ in range(args.rounds):
             with StoreSCP(work / f"tps-{round_}") as tps:
                 root = work / f"node-{round_}"
@@ -57,7 +65,10 @@ def main() -> int:
                                           "port": tps.port}},
                     assembly={"series_idle_s": args.idle, "study_timeout_s": 600},
                     models={"default": {"checkpoint": args.model, "device": args.device,
-                                        "batch_size": 8}})
+                                        "batch_size": 8}},
+                    routes=[{"name": "default", "destinations": ["tps"],
+                             "expected_instances": ({"t1w": args.slices, "t2w": args.slices}
+                                                    if args.expected else {})}])
                 node = NodeProcess(config_file, work / f"node-{round_}.log")
                 try:
                     sent = storescu(files, node.port, called_ae="VCEMRI")
@@ -79,7 +90,8 @@ def main() -> int:
                   f"last object at the TPS ({outputs} objects; processing "
                   f"{syntheses[-1]:.1f} s on {result.get('device')})")
     median = statistics.median(latencies)
-    print(f"median: {median:.1f} s end to end, of which {args.idle:.0f} s series idle time and "
+    idle = "no" if args.expected else f"{args.idle:.0f} s"
+    print(f"median: {median:.1f} s end to end, of which {idle} series idle time and "
           f"{statistics.median(syntheses):.1f} s processing (synthesis + writing)")
     return 0
 

@@ -356,6 +356,15 @@ class Route(_Section):
     destinations: list[str] = Field(
         default_factory=list, description="keys into destinations; empty keeps results locally"
     )
+    series_idle_s: Seconds | None = Field(
+        None, description="this route's series are complete this long after their last "
+        "instance (null: assembly.series_idle_s); matched on each series' own header"
+    )
+    expected_instances: dict[Literal["t1w", "t2w"], int] = Field(
+        default_factory=dict, description="this route's series of a role are complete as soon "
+        "as they hold this many instances, e.g. {t1w: 30, t2w: 30} (a scanner protocol's "
+        "slice counts; ImagesInAcquisition in a header takes precedence)"
+    )
 
 
 class Destination(_Section):

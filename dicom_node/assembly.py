@@ -1,8 +1,10 @@
 """Series assembly and study readiness: from spooled instances to jobs.
 
-A series is complete ``assembly.series_idle_s`` seconds after its last instance, or as soon as
-it holds the number of instances its header announces (ImagesInAcquisition; one instance for
-an enhanced multi-frame series). A series that goes quiet with fewer instances than it
+A series is complete ``assembly.series_idle_s`` seconds after its last instance (or its
+route's ``series_idle_s``: the route its own header matches), or as soon as it holds the
+number of instances its header announces (ImagesInAcquisition; one instance for an enhanced
+multi-frame series) or, when its header does not say, its route's ``expected_instances`` for
+its role. A series that goes quiet with fewer instances than it
 announces, or with a gap between its slice positions (a step more than 1.5 times the usual
 spacing), is not whole: it waits for the rest up to ``assembly.incomplete_wait_s`` after its
 last instance, and then its study's job fails with what is missing (a cut-off transfer is
@@ -108,12 +110,17 @@ class Assembler:
         db = self._db()
         idle = self.settings.assembly.series_idle_s
         wait = max(self.settings.assembly.incomplete_wait_s, idle)
+        routes = self.settings.routes
+        shortest = min([idle] + [r.series_idle_s for r in routes if r.series_idle_s is not None])
+        counted = any(r.expected_instances for r in routes)
         candidates = db.execute(
             "SELECT * FROM series WHERE complete_generation IS NOT generation AND "
-            "(last_received + ? <= ? OR (expected IS NOT NULL AND instances >= expected))",
-            (idle, now)).fetchall()
+            "(last_received + ? <= ? OR (expected IS NOT NULL AND instances >= expected) OR ?)",
+            (shortest, now, counted)).fetchall()
         completed, waiting = [], set()
         for row in candidates:
+            if not self._quiet_or_whole(row, now):
+                continue
             problem = incompleteness(db, row)
             if problem is not None and row["last_received"] + wait > now:
                 if problem != row["problem"]:  # waits for the rest; its study says why
@@ -155,6 +162,20 @@ class Assembler:
             if job is not None:
                 changed.append(job)
         return changed
+
+    def _quiet_or_whole(self, row: sqlite3.Row, now: float) -> bool:
+        """Whether a series is complete by time or count: its idle time (its route's, where
+        the route its own header matches sets one) has passed since its last instance, or it
+        holds the instances its header announces or its route expects for its role."""
+        route = choose_route(self.settings, json.loads(row["header"]))
+        idle = self.settings.assembly.series_idle_s
+        if route is not None and route.series_idle_s is not None:
+            idle = route.series_idle_s
+        expected = row["expected"]
+        if expected is None and route is not None:
+            expected = route.expected_instances.get(row["role"])
+        return (row["last_received"] + idle <= now
+                or (expected is not None and row["instances"] >= expected))
 
     def _study(self, study: str, now: float) -> Job | None:
         db = self._db()

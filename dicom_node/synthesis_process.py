@@ -6,8 +6,9 @@ live in the parent and go on. The worker thread that asked for the synthesis rea
 child ended (:class:`SynthesisCrashed`, e.g. "killed by SIGKILL") and retries the job with
 backoff like any other passing error; the next request starts a fresh child.
 
-Each worker has one long-lived child (:class:`SynthesisProcess`) that keeps its loaded model
-between jobs, so a study does not wait for PyTorch to import and the model to load. Children
+Each worker has one long-lived child (:class:`SynthesisProcess`), started with the node, that
+loads the default model at once and keeps its models between jobs, so a study does not wait
+for PyTorch to import and a model to load. Children
 are forked from a ``multiprocessing`` fork server that has imported PyTorch and the pipeline
 once (a fresh interpreter, never a fork of the node's threads and sockets). A child whose node
 died without a word (``kill -9`` of the node) notices that its parent is gone within a second
@@ -241,6 +242,11 @@ def _serve(connection: Connection, settings: config.Settings, level: int) -> Non
     root.handlers[:] = [_PipeHandler(connection, lock)]
     root.setLevel(level)
     service = planning.SynthesisService(settings)
+    if "default" in settings.models:  # loaded before the first study needs it
+        try:
+            service.synthesizer("default")
+        except Exception:  # the job that needs it reports why
+            logging.getLogger(__name__).debug("default model not preloaded", exc_info=True)
     while True:
         try:
             request = connection.recv()

@@ -74,6 +74,10 @@ class Worker:
         self.process.stop()
 
     def run(self) -> None:
+        try:
+            self.process.start()  # here, not in start(): the node does not wait for it
+        except Exception:  # the first job starts it again and reports why it cannot
+            log.exception("%s: could not start its synthesis process", self.name)
         while not self._stop.is_set():
             try:
                 busy = self.work_once()

@@ -676,6 +676,47 @@ def test_a_series_with_a_gap_or_short_of_its_count_waits_then_fails_and_the_rest
     assert [len(newest.inputs[r]) for r in ("t1w", "t2w")] == [len(t1), len(t2)]
 
 
+def test_a_route_may_set_its_series_idle_time_and_expected_counts(cohort, tmp_path):
+    """A scanner whose route expects 8-slice T1w and T2w series: its study is ready at its
+    last instance, with no idle time; another scanner's route sets a 2 s idle time against
+    the node's 60 s; a third scanner, with no route of its own, waits the node's 60 s."""
+    routes = [{"name": "counted", "match": {"calling_ae": "^FAST$"}, "destinations": ["tps"],
+               "expected_instances": {"t1w": 8, "t2w": 8}},
+              {"name": "quick", "match": {"calling_ae": "^QUICK$"}, "destinations": ["tps"],
+               "series_idle_s": 2.0},
+              {"name": "default", "destinations": ["tps"]}]
+    node = _offline(cohort, tmp_path, routes=routes,
+                    assembly={"series_idle_s": 60.0, "study_timeout_s": 600.0})
+    spool, queue, assembler = node.spool, node.queue, node.assembler
+    now = time.time()
+    t1, t2 = _series(cohort)
+    for f in t1 + t2[:7]:
+        assert spool.store(f.read_bytes(), "FAST").status == 0
+    assembler.tick(now)
+    [waiting] = queue.list()
+    assert waiting.state == "waiting" and "T2w series not complete" in waiting.reason
+    assert spool.store(t2[7].read_bytes(), "FAST").status == 0  # the last instance
+    assembler.tick(now)
+    [ready] = queue.list()
+    assert (ready.state, ready.route) == ("ready", "counted"), ready.reason
+    for ae in ("QUICK", "SLOW"):  # patient 1 again under new UIDs, from two more scanners
+        study, series = generate_uid(), {}
+        for f in t1 + t2:
+            ds = pydicom.dcmread(f)
+            ds.StudyInstanceUID, ds.PatientID = study, ae
+            ds.SeriesInstanceUID = series.setdefault(str(ds.SeriesInstanceUID), generate_uid())
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            buffer = io.BytesIO()
+            ds.save_as(buffer)
+            assert spool.store(buffer.getvalue(), ae).status == 0
+    assembler.tick(now + 3.0)
+    states = {j.route or j.reason: j.state for j in queue.list()}
+    assert states.get("quick") == "ready", states
+    assert sum(s == "waiting" for s in states.values()) == 1  # SLOW, 60 s
+    assembler.tick(now + 61.0)
+    assert sorted(j.route for j in queue.list()) == ["counted", "default", "quick"]
+
+
 def test_a_series_cut_off_in_transfer_is_never_delivered_as_whole(cohort, tmp_path):
     """Through storescu to a running node: a T1w whose transfer stopped after 5 of the 8
     slices it announces fails with the reason and nothing reaches the TPS; the rest sent
