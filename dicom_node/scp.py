@@ -76,9 +76,11 @@ class StorageSCP:
         self.metrics = metrics
         #: handles storage commitment reports from destinations that were asked
         self.reports = reports
-        #: destinations' AE titles that may call only to report storage commitment
+        #: destinations' AE titles that dicom.allowed_calling_aes does not list: they may call
+        #: only to report storage commitment (with no allow-list every AE may call anyway)
+        allowed = set(settings.dicom.allowed_calling_aes)
         self.reporters = {d.ae_title for d in settings.destinations.values()
-                          if d.storage_commitment} - set(settings.dicom.allowed_calling_aes)
+                          if d.storage_commitment} - allowed if allowed else set()
         self.server: Any = None
         self._counts: dict[int, Counter[str]] = {}
         self._lock = threading.Lock()

@@ -116,6 +116,7 @@ class SynthesisProcess:
         self._connection: Connection | None = None
         #: the job the child is working on (None while idle)
         self.job_id: int | None = None
+        self._stopping = False
 
     @property
     def pid(self) -> int | None:
@@ -128,6 +129,7 @@ class SynthesisProcess:
         if self._process is not None and self._process.is_alive():
             return
         self._close()
+        self._stopping = False
         context = _context()
         parent_end, child_end = context.Pipe()
         process = context.Process(target=_serve, name=self.name, daemon=True,
@@ -161,8 +163,12 @@ class SynthesisProcess:
         finally:
             self.job_id = None
         process.join(5.0)
-        reason = (f"the synthesis process (pid {process.pid}) {_ended(process.exitcode)} "
-                  f"while working on job {request.job_id}; reception was not affected")
+        if self._stopping:
+            reason = (f"the node stopped while job {request.job_id} was being synthesized; "
+                      "it resumes at the next start")
+        else:
+            reason = (f"the synthesis process (pid {process.pid}) {_ended(process.exitcode)} "
+                      f"while working on job {request.job_id}; reception was not affected")
         self._close()
         raise SynthesisCrashed(reason)
 
@@ -171,6 +177,7 @@ class SynthesisProcess:
         process, connection = self._process, self._connection
         if process is None:
             return
+        self._stopping = True
         try:
             if connection is not None and self.job_id is None:
                 connection.send(None)
