@@ -150,6 +150,44 @@ def test_hinet_reconstructs_its_inputs():
     assert r1.shape == r2.shape == (1, 1, 64, 56)
 
 
+def test_important_net_maps_any_non_empty_subset_of_its_inputs():
+    """Seed 003: one network for whatever sequences were acquired. An absent input takes no
+    part (its values do not change the output), present ones are reconstructed."""
+    torch.manual_seed(0)
+    model = build("important", inputs=("t1w", "t2w", "dwi"), width_multiplier=0.125).eval()
+    x = torch.randn(2, 3, 64, 48)
+    other = x.clone()
+    other[:, 1] = 100.0  # the T2w, absent below
+    with torch.inference_mode():
+        for present in ([True, True, True], [True, False, False], [False, True, True]):
+            assert model(x, present=present).shape == (2, 1, 64, 48)
+        only = [True, False, True]
+        torch.testing.assert_close(model(x, present=only), model(other, present=only))
+        assert not torch.allclose(model(x), model(other))
+        out = model(x, reconstruct=True, present=only)
+        assert [None if r is None else r.shape for r in out[1:]] == [
+            (2, 1, 64, 48), None, (2, 1, 64, 48)]
+        with pytest.raises(ValueError, match="at least one"):
+            model(x, present=[False, False, False])
+
+
+def test_important_net_maps_strategy_and_gradients():
+    from synthesis.models.important import maps
+
+    a, b = torch.tensor([[1.0, -2.0]]), torch.tensor([[3.0, 1.0]])
+    maximum, average, product, difference = maps([a, b])
+    for got, expected in ((maximum, [[3.0, 1.0]]), (average, [[2.0, -0.5]]),
+                          (product, [[3.0, -2.0]]), (difference, [[2.0, 3.0]])):
+        torch.testing.assert_close(got, torch.tensor(expected))
+    model = build("important", width_multiplier=0.125)
+    out = model(torch.randn(2, 2, 32, 32), reconstruct=True)
+    sum(o.mean() for o in out).backward()
+    assert all(p.grad is not None for p in model.parameters())  # every parameter learns
+    assert model.reconstruction_weight == 25.0  # seed 003's lambda_2
+    # seed 003's filters (64-512, bottom 1024 and 512): 101 M parameters for two inputs
+    assert 1.0e8 < parameter_count(build("important")) < 1.02e8
+
+
 def test_registry_rebuilds_from_config():
     model = build("mmgsn", width_multiplier=0.25, attention=False)
     again = build("mmgsn", **model.config)

@@ -449,6 +449,7 @@ def test_every_architecture_trains_under_ddp_with_two_processes(tmp_path):
         assert first == second, name
         assert run["unchanged"] == [], (name, run["unchanged"])
     assert "loss_rec" in report["hinet"]["losses"]
+    assert "loss_rec" in report["important"]["losses"]
 
 
 def test_dataset_level_min_max_is_trained_stored_and_lets_edm_act(cohort, tmp_path):
@@ -496,6 +497,7 @@ def test_the_same_command_trains_baselines_and_ablations(cohort, tmp_path):
     from synthesis import Synthesizer
 
     for name, extra in (("unet", {"inputs": ("t1w",)}), ("hinet", {}),
+                        ("important", {"inputs": ("t1w", "t2w")}),
                         ("pix2pix", {"inputs": ("t1w", "t2w")}),
                         ("mmgsn", {"fusion": "concat", "multi_level": False,
                                    "attention": False})):

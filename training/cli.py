@@ -198,10 +198,11 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--width", type=float, default=0.25,
                          help="MMgSN-Net width multiplier (1 = the seed's; default 0.25)")
     trainer.add_argument("--architecture", default="mmgsn", choices=synthesis.GENERATORS,
-                         help="generator: mmgsn (default) or a baseline of seed 000 (cyclegan "
-                         "trains unpaired, with cycle-consistency, from one modality)")
+                         help="generator: mmgsn (default), a baseline of seed 000 (cyclegan "
+                         "trains unpaired, with cycle-consistency, from one modality) or seed "
+                         "003's important (IMPORTANT-Net)")
     trainer.add_argument("--inputs", type=_modalities, default=("t1w", "t2w"), metavar="LIST",
-                         help="input modalities of unet/pix2pix: t1w, t2w or t1w,t2w "
+                         help="input modalities of unet/pix2pix/important: t1w, t2w or t1w,t2w "
                          "(default both); cyclegan: t1w or t2w")
     trainer.add_argument("--fusion", choices=("sgs", "concat"), default="sgs",
                          help="MMgSN-Net ablation: concat replaces synergistic guidance (SGS)")

@@ -11,7 +11,11 @@
   the VCE). Hi-Net adds its modality networks' reconstruction L1 of each input, weight 20
   each against the synthesis L1's 100 (the weights of Hi-Net's public training code, kept
   in the seed authors' MMgSN-Net repository): without it 3.8 M of Hi-Net's 13 M parameters
-  (the modality decoders) would never learn.
+  (the modality decoders) would never learn. IMPORTANT-Net (seed 003) adds its parameter
+  reconstructors' L1 of each input, weight 25 (its lambda_2; the model says so,
+  ``reconstruction_weight``). Seed 003's VGG19 perceptual loss (weight 200) is not used:
+  ImageNet weights cannot be downloaded here, and a VGG trained on our simulated slices would
+  measure the simulator's textures, not perception.
 - :class:`CycleObjective` (CycleGAN, Zhu et al. 2017, a baseline of seed 000 Table 2): one
   modality and the CE-T1w as two unpaired domains; generators both ways, one unconditional
   PatchGAN per domain, least-squares adversarial losses, cycle-consistency L1 (weight 10) and
@@ -225,10 +229,11 @@ class PairedObjective(_Step):
                 mean_confidence = sum(out[2].detach().float().mean() for out in outputs) / n
                 extra = [loss_cm, mean_confidence, loss_error]
             if self.reconstructing:
-                loss_rec = sum(F.l1_loss(out[1].float(), xi[:, self.channels[:1]])
-                               + F.l1_loss(out[2].float(), xi[:, self.channels[1:2]])
-                               for (xi, _), out in zip(parts, outputs, strict=True)) / n
-                loss_g = loss_g + RECONSTRUCTION_WEIGHT * loss_rec
+                loss_rec = sum(F.l1_loss(rec.float(), xi[:, [c]])
+                               for (xi, _), out in zip(parts, outputs, strict=True)
+                               for c, rec in zip(self.channels, out[1:], strict=True)) / n
+                weight = getattr(self.generator, "reconstruction_weight", RECONSTRUCTION_WEIGHT)
+                loss_g = loss_g + weight * loss_rec
                 extra = [loss_rec]
         self._optimize("opt_g", loss_g)
         if self.guided:

@@ -85,11 +85,11 @@ class TrainOptions:
     #: the network is fully convolutional, so a crop trains the same weights ~4x faster at
     #: 128 x 112 (the pix2pix practice of training on crops)
     crop: tuple[int, int] | None = None
-    #: generator: mmgsn (the seed's), or a baseline: unet, hinet, pix2pix, cyclegan (registry
-    #: names)
+    #: generator: mmgsn (the seed's), a baseline: unet, hinet, pix2pix, cyclegan, or seed 003's
+    #: important (IMPORTANT-Net) (registry names)
     architecture: str = "mmgsn"
-    #: input modalities of single-/multi-input baselines (unet, pix2pix; cyclegan takes one);
-    #: mmgsn/hinet use both
+    #: input modalities of single-/multi-input models (unet, pix2pix, important; cyclegan
+    #: takes one); mmgsn/hinet use both
     inputs: tuple[str, ...] = ("t1w", "t2w")
     #: MMgSN-Net ablations (seed 000 Table 3): fusion "concat" drops SGS
     fusion: str = "sgs"
@@ -270,8 +270,11 @@ def build_generator(options: TrainOptions) -> torch.nn.Module:
     if name == "mmgsn":
         config.update(fusion=options.fusion, multi_level=options.multi_level,
                       attention=options.attention, confidence=options.confidence)
-    elif name in ("unet", "pix2pix", "cyclegan"):
+    elif name in ("unet", "pix2pix", "cyclegan", "important"):
         config["inputs"] = tuple(options.inputs)
+    if name == "important" and options.crop and any(c % 16 for c in options.crop):
+        raise InputError(f"IMPORTANT-Net halves the image four times: crop {options.crop[0]}x"
+                         f"{options.crop[1]} must be multiples of 16 (e.g. 128x112)")
     if name == "cyclegan" and len(options.inputs) != 1:
         raise InputError("CycleGAN translates one modality into CE-T1w (seed 000 trains "
                          "CycleGAN (T1w) and CycleGAN (T2w)): give --inputs t1w or --inputs t2w")

@@ -22,6 +22,7 @@ MODELS: dict[str, str] = {
     "mmgsn": "mmgsn:MMgSNNet",
     "unet": "unet:UNet",
     "hinet": "hinet:HiNet",
+    "important": "important:ImportantNet",
     "pix2pix": "gan_generators:Pix2PixUNet",
     "cyclegan": "gan_generators:ResnetGenerator",
     "patchgan": "discriminator:PatchGAN",

@@ -33,6 +33,7 @@ RUNS: dict[str, dict] = {
     "mmgsn-micro-batches": {"micro_batches": 2},
     "unet": {"architecture": "unet", "inputs": ("t1w",)},
     "hinet": {"architecture": "hinet"},
+    "important": {"architecture": "important"},
     "pix2pix": {"architecture": "pix2pix"},
     "cyclegan": {"architecture": "cyclegan", "inputs": ("t2w",)},
 }
