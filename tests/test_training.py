@@ -512,6 +512,33 @@ def test_the_same_command_trains_baselines_and_ablations(cohort, tmp_path):
         assert Synthesizer(checkpoint).inputs == tuple(extra.get("inputs", ("t1w", "t2w")))
 
 
+def test_modality_dropout_hides_random_proper_subsets_reproducibly():
+    from training.objectives import ModalityDropout
+
+    dropout = ModalityDropout(3, 0.5, seed=4)
+    draws = [dropout.draw() for _ in range(400)]
+    assert all(any(d) for d in draws)  # never every input hidden
+    hidden = [d for d in draws if not all(d)]
+    assert 0.4 < len(hidden) / len(draws) < 0.6
+    assert {sum(d) for d in hidden} == {1, 2}
+    resumed = ModalityDropout(3, 0.5, seed=4)
+    resumed.load_state_dict({"draws": 200})
+    assert [resumed.draw() for _ in range(200)] == draws[200:]
+    assert ModalityDropout(1, 1.0, seed=0).draw() == [True]
+
+
+def test_important_net_trained_with_modality_dropout_accepts_subsets(cohort, tmp_path):
+    result = train(cohort / "manifest.csv", tmp_path / "important", TrainOptions(
+        institutions=("inst2", "inst3"), epochs=1, batch_size=4, width=0.125, device="cpu",
+        max_steps=3, architecture="important", modality_dropout=0.7, fitness_steps=0))
+    config = load_checkpoint(result.checkpoint).meta.architecture.config
+    assert config["accepts_subsets"] is True and config["inputs"] == ["t1w", "t2w"]
+    with pytest.raises(InputError, match="for IMPORTANT-Net"):
+        train(cohort / "manifest.csv", tmp_path / "mmgsn", TrainOptions(
+            institutions=("inst2", "inst3"), epochs=1, max_steps=1, width=0.125,
+            device="cpu", modality_dropout=0.5, fitness_steps=0))
+
+
 def test_cyclegan_trains_unpaired_from_one_modality(cohort, tmp_path):
     import torch
 

@@ -75,7 +75,8 @@ def _train(args: argparse.Namespace) -> int:
         institutions=args.institutions, epochs=args.epochs, batch_size=args.batch_size,
         width=args.width, seed=args.seed, device=args.device, max_steps=args.max_steps,
         checkpoint_every=args.checkpoint_every, crop=args.crop, architecture=args.architecture,
-        inputs=args.inputs, fusion=args.fusion, multi_level=not args.no_multi_level,
+        inputs=args.inputs, modality_dropout=args.modality_dropout, fusion=args.fusion,
+        multi_level=not args.no_multi_level,
         attention=not args.no_attention, confidence=not args.no_confidence,
         amp=not args.no_amp, l1_weight=args.l1_weight,
         adversarial_weight=args.adversarial_weight, cycle_weight=args.cycle_weight,
@@ -204,6 +205,10 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--inputs", type=_modalities, default=("t1w", "t2w"), metavar="LIST",
                          help="input modalities of unet/pix2pix/important: t1w, t2w or t1w,t2w "
                          "(default both); cyclegan: t1w or t2w")
+    trainer.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
+                         help="IMPORTANT-Net: hide a random non-empty proper subset of the "
+                         "inputs in a share P of the steps, so that the checkpoint accepts any "
+                         "subset of them (seed 003; default 0: every input needed)")
     trainer.add_argument("--fusion", choices=("sgs", "concat"), default="sgs",
                          help="MMgSN-Net ablation: concat replaces synergistic guidance (SGS)")
     trainer.add_argument("--no-multi-level", action="store_true",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,6 +93,42 @@ def confidence_loss(intermediate: torch.Tensor, confidence: torch.Tensor, target
     half = F.avg_pool2d(target.float(), 2)
     c = confidence.float().clamp_min(1e-6)
     return (c * (intermediate.float() - half).abs()).mean() - weight * torch.log(c).mean()
+
+
+def _hidden(x: torch.Tensor, channels: list[int], present: list[bool]) -> torch.Tensor:
+    """``x`` with the channels of absent inputs set to 0."""
+    absent = [c for c, p in zip(channels, present, strict=True) if not p]
+    if not absent:
+        return x
+    x = x.clone()
+    x[:, absent] = 0.0
+    return x
+
+
+class ModalityDropout:
+    """Seed 003's absent sequences, in training: with ``probability`` a micro-batch hides a
+    random non-empty proper subset of the generator's inputs (``present`` flags), so that one
+    checkpoint learns to synthesize from any of them. The draws depend only on the seed and
+    their count, which the training state keeps (a resumed run draws as an uninterrupted
+    one)."""
+
+    def __init__(self, count: int, probability: float, seed: int) -> None:
+        self.count, self.probability, self.seed = count, probability, seed
+        self.draws = 0
+
+    def draw(self) -> list[bool]:
+        rng = np.random.default_rng([self.seed, self.draws, 13])
+        self.draws += 1
+        if self.count < 2 or rng.random() >= self.probability:
+            return [True] * self.count
+        kept = rng.choice(self.count, size=int(rng.integers(1, self.count)), replace=False)
+        return [i in kept for i in range(self.count)]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.draws = int(state["draws"])
 
 
 class _Step:
@@ -168,9 +205,15 @@ class PairedObjective(_Step):
     losses = ("loss_g", "loss_l1", "loss_adv", "loss_d")
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, channels: list[int],
-                 l1_weight: float, adversarial_weight: float, **common: Any) -> None:
+                 l1_weight: float, adversarial_weight: float, modality_dropout: float = 0.0,
+                 seed: int = 0, **common: Any) -> None:
         super().__init__(**common)
         self.generator, self.discriminator = generator, discriminator
+        self.dropout = (ModalityDropout(len(channels), modality_dropout, seed)
+                        if modality_dropout > 0 else None)
+        if self.dropout is not None and not getattr(generator, "accepts_subsets", False):
+            raise ValueError("modality dropout needs a generator built to accept subsets of "
+                             "its inputs (IMPORTANT-Net, accepts_subsets=True)")
         self.channels = channels
         self.l1_weight, self.adversarial_weight = l1_weight, adversarial_weight
         self.guided = getattr(generator, "guidance", None) is not None
@@ -192,6 +235,8 @@ class PairedObjective(_Step):
                                    "discriminator": self.discriminator, **self.optimizers}
         if self.guided:
             modules["confidence_lambda"] = self.regularizer
+        if self.dropout is not None:
+            modules["modality_dropout"] = self.dropout
         if self.scaling:
             modules.update(scaler_g=self.scalers["opt_g"], scaler_d=self.scalers["opt_d"])
         return modules
@@ -200,22 +245,31 @@ class PairedObjective(_Step):
              unpaired: torch.Tensor | None = None) -> torch.Tensor:
         parts = list(zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches), strict=True))
         n = len(parts)
+        options: list[dict[str, Any]] = [{} for _ in parts]
+        conditions = [xi for xi, _ in parts]  # what the discriminator is conditioned on
+        if self.dropout is not None:
+            options = [{"present": self.dropout.draw()} for _ in parts]
+            # the generator gets every image and flags (its reconstructors learn from all of
+            # them), the discriminator only what the generator may use
+            conditions = [_hidden(xi, self.channels, o["present"])
+                          for (xi, _), o in zip(parts, options, strict=True)]
         with self._precision():
             if self.guided:
                 outputs = [self.g(xi[:, self.channels], aux=True) for xi, _ in parts]
                 fakes = [out[0] for out in outputs]
             elif self.reconstructing:
-                outputs = [self.g(xi[:, self.channels], reconstruct=True) for xi, _ in parts]
+                outputs = [self.g(xi[:, self.channels], reconstruct=True, **o)
+                           for (xi, _), o in zip(parts, options, strict=True)]
                 fakes = [out[0] for out in outputs]
             else:
                 fakes = [self.g(xi[:, self.channels]) for xi, _ in parts]
-            loss_d = sum(0.5 * (_lsgan(self.d(yi, xi), True)
-                                + _lsgan(self.d(fake.detach(), xi), False))
-                         for (xi, yi), fake in zip(parts, fakes, strict=True)) / n
+            loss_d = sum(0.5 * (_lsgan(self.d(yi, ci), True)
+                                + _lsgan(self.d(fake.detach(), ci), False))
+                         for (_, yi), ci, fake in zip(parts, conditions, fakes, strict=True)) / n
         self._optimize("opt_d", loss_d)
         with self._precision():
-            loss_adv = sum(_lsgan(self.d(fake, xi), True)
-                           for (xi, _), fake in zip(parts, fakes, strict=True)) / n
+            loss_adv = sum(_lsgan(self.d(fake, ci), True)
+                           for ci, fake in zip(conditions, fakes, strict=True)) / n
             loss_l1 = sum(F.l1_loss(fake.float(), yi)
                           for (_, yi), fake in zip(parts, fakes, strict=True)) / n
             loss_g = self.adversarial_weight * loss_adv + self.l1_weight * loss_l1

@@ -91,6 +91,10 @@ class TrainOptions:
     #: input modalities of single-/multi-input models (unet, pix2pix, important; cyclegan
     #: takes one); mmgsn/hinet use both
     inputs: tuple[str, ...] = ("t1w", "t2w")
+    #: IMPORTANT-Net: the probability that a micro-batch hides a random non-empty proper
+    #: subset of the inputs (seed 003's absent sequences); > 0 makes a checkpoint that accepts
+    #: any non-empty subset of its inputs
+    modality_dropout: float = 0.0
     #: MMgSN-Net ablations (seed 000 Table 3): fusion "concat" drops SGS
     fusion: str = "sgs"
     multi_level: bool = True
@@ -272,6 +276,11 @@ def build_generator(options: TrainOptions) -> torch.nn.Module:
                       attention=options.attention, confidence=options.confidence)
     elif name in ("unet", "pix2pix", "cyclegan", "important"):
         config["inputs"] = tuple(options.inputs)
+    if name == "important":
+        config["accepts_subsets"] = options.modality_dropout > 0
+    elif options.modality_dropout > 0:
+        raise InputError("--modality-dropout is for IMPORTANT-Net (--architecture important), "
+                         "which leaves absent sequences out")
     if name == "important" and options.crop and any(c % 16 for c in options.crop):
         raise InputError(f"IMPORTANT-Net halves the image four times: crop {options.crop[0]}x"
                          f"{options.crop[1]} must be multiples of 16 (e.g. 128x112)")
@@ -300,7 +309,8 @@ def build_objective(options: TrainOptions, generator: torch.nn.Module,
         return CycleObjective(generator, discriminator, channels, options.cycle_weight,
                               options.adversarial_weight, **common)
     return PairedObjective(generator, discriminator, channels, options.l1_weight,
-                           options.adversarial_weight, **common)
+                           options.adversarial_weight, modality_dropout=options.modality_dropout,
+                           seed=options.seed, **common)
 
 
 @dataclass(frozen=True)

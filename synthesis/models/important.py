@@ -139,19 +139,24 @@ class MPFA(nn.Module):
 class ImportantNet(nn.Module):
     """``forward`` takes (B, len(inputs), H, W), H and W multiples of 16, and ``present`` (one
     flag per input; default all); returns (B, 1, H, W), with ``reconstruct`` also each
-    input's reconstruction (in the inputs' units; absent ones are not reconstructed: None)."""
+    input's reconstruction (in the inputs' units; absent ones too: training has their
+    images)."""
 
     #: the seed's reconstruction loss weight, read by training (Hi-Net's is 20)
     reconstruction_weight = RECONSTRUCTION_WEIGHT
 
     def __init__(self, inputs: Sequence[str] = ("t1w", "t2w"), width_multiplier: float = 1.0,
-                 output: Literal["tanh", "linear"] = "tanh") -> None:
+                 output: Literal["tanh", "linear"] = "tanh", accepts_subsets: bool = False
+                 ) -> None:
         super().__init__()
         self.inputs = tuple(inputs)
         if not self.inputs:
             raise ValueError("IMPORTANT-Net needs at least one input sequence")
+        #: trained with modality dropout: any non-empty subset of ``inputs`` may be given
+        #: (else every input is needed)
+        self.accepts_subsets = accepts_subsets
         self.config = {"inputs": list(self.inputs), "width_multiplier": width_multiplier,
-                       "output": output}
+                       "output": output, "accepts_subsets": accepts_subsets}
         sizes = [width(c, width_multiplier) for c in LEVELS]
         bottom = [width(c, width_multiplier) for c in BOTTOM]
         n = len(self.inputs)
@@ -176,7 +181,9 @@ class ImportantNet(nn.Module):
         flags = [True] * len(self.inputs) if present is None else [bool(p) for p in present]
         if len(flags) != len(self.inputs) or not any(flags):
             raise ValueError(f"present must flag at least one of the {len(self.inputs)} inputs")
-        encoded = [r(x[:, i:i + 1]) if flags[i] else None
+        # reconstructing (training), every input is encoded and reconstructed, absent or not:
+        # every parameter learns in every step; fusion still leaves the absent ones out
+        encoded = [r(x[:, i:i + 1]) if flags[i] or reconstruct else None
                    for i, r in enumerate(self.reconstructors)]
         template = next(e for e in encoded if e is not None)
         down = [[(e or template)[0][k] for e in encoded] for k in range(len(self.analysis))]

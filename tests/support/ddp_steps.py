@@ -34,6 +34,7 @@ RUNS: dict[str, dict] = {
     "unet": {"architecture": "unet", "inputs": ("t1w",)},
     "hinet": {"architecture": "hinet"},
     "important": {"architecture": "important"},
+    "important-dropout": {"architecture": "important", "modality_dropout": 0.9},
     "pix2pix": {"architecture": "pix2pix"},
     "cyclegan": {"architecture": "cyclegan", "inputs": ("t2w",)},
 }
