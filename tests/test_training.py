@@ -290,6 +290,12 @@ def test_evaluate_recomputes_the_split_of_a_checkpoint_without_its_run(run, coho
     unseen = _split(alone, load_checkpoint(alone), entries, other / "manifest.csv")
     assert set(unseen) == {"internal", "external"} and not unseen["internal"] == []
     assert {e.patient for e in entries if e.institution == "inst5"} == set(unseen["external"])
+    # the same people (the seed) with extra lesions and options a later simulator added (an
+    # older checkpoint does not record them): the training patients stay out of the tests
+    (other / "cohort.json").write_text(json.dumps({"options": {
+        **options, "lesions": 2, "randomized": 4, "families": [["t1w", "IR"]]}}))
+    assert _split(alone, load_checkpoint(alone), entries, other / "manifest.csv") == json.loads(
+        (out / "split.json").read_text())
 
 
 def test_paired_tests_give_the_exact_wilcoxon_p_values_computed_by_hand():

@@ -115,14 +115,17 @@ def _unseen_split(checkpoint: synthesis.Checkpoint,
 
 
 def _foreign(checkpoint: synthesis.Checkpoint, manifest: Path) -> bool:
-    """Whether ``manifest`` is a simulated cohort other than the one the model trained on
-    (its cohort.json names other options, e.g. another seed): its patients share IDs with the
-    training cohort's but are other people."""
+    """Whether ``manifest`` is a simulated cohort of other people than the one the model
+    trained on: its patients share IDs with the training cohort's but not their persons. A
+    simulated patient is drawn from (seed, institution, index) alone, so only another seed
+    makes other people: the same seed with extra lesions, randomised patients added, other
+    slice counts or options a later simulator added (an older checkpoint does not record
+    them) holds the same people, whose training patients must stay out of the test groups."""
     trained = checkpoint.meta.training.get("cohort")
     beside = Path(manifest).with_name("cohort.json")
     if trained is None or not beside.is_file():
         return False
-    return json.loads(beside.read_text()).get("options") != trained
+    return json.loads(beside.read_text()).get("options", {}).get("seed") != trained.get("seed")
 
 
 def _split(path: Path, checkpoint: synthesis.Checkpoint, entries: list[PatientEntry],
