@@ -32,7 +32,7 @@ import config
 
 from .database import Connections, transaction
 from .jobs import JobQueue, Output
-from .sender import associate
+from .sender import associate, sop_class_and_syntax
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +156,7 @@ def request(outputs: Sequence[Output], destination: config.Destination, name: st
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
     where = f"{name} ({destination.ae_title}@{destination.host}:{destination.port})"
-    sop_classes = {o.sop_instance_uid: o.sop_class_uid for o in outputs}
-    missing = [uid for uid, sop_class in sop_classes.items() if sop_class is None]
-    if missing:  # outputs recorded before schema version 2 do not know their class
-        import pydicom
-
-        for output in outputs:
-            if output.sop_instance_uid in missing:
-                sop_classes[output.sop_instance_uid] = str(pydicom.filereader.read_file_meta_info(
-                    output.path).MediaStorageSOPClassUID)
+    sop_classes = {o.sop_instance_uid: sop_class_and_syntax(o)[0] for o in outputs}
     dataset = Dataset()
     dataset.TransactionUID = generate_uid()
     references = []

@@ -51,12 +51,14 @@ class Node:
             self.queue = JobQueue(self.root, self.audit)
             self.assembler = Assembler(settings, self.queue, self.audit)
             self.metrics = Metrics(self.queue, self.spool)
+            self.commitments = CommitmentLedger(self.root)
             self.scp = StorageSCP(settings, self.spool, self.audit, self.metrics,
-                                  reports=CommitmentReports(CommitmentLedger(self.root),
-                                                            self.queue, self.audit))
+                                  reports=CommitmentReports(self.commitments, self.queue,
+                                                            self.audit))
             count = settings.jobs.workers if workers is None else workers
             self.workers = [Worker(settings, self.queue, self.spool, self.audit,
-                                   name=f"worker-{i + 1}", metrics=self.metrics)
+                                   name=f"worker-{i + 1}", metrics=self.metrics,
+                                   commitments=self.commitments)
                             for i in range(count)]
             self.web = None if settings.web is None else WebServer(self)
         except BaseException:

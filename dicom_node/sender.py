@@ -24,17 +24,22 @@ log = logging.getLogger(__name__)
 ATTEMPTS_PER_INSTANCE = 2
 
 
-def _contexts(files: Sequence[Output]) -> dict[str, set[str]]:
-    """SOP Class -> Transfer Syntaxes to propose, from the job's records (the file meta only
-    for outputs recorded before the database kept them)."""
+def sop_class_and_syntax(output: Output) -> tuple[str, str]:
+    """An output's SOP Class and Transfer Syntax: from the job's records, or from the file
+    meta for outputs recorded before the database kept them (schema version < 2)."""
     import pydicom
 
+    if output.sop_class_uid is not None and output.transfer_syntax_uid is not None:
+        return output.sop_class_uid, output.transfer_syntax_uid
+    meta = pydicom.filereader.read_file_meta_info(output.path)
+    return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+
+
+def _contexts(files: Sequence[Output]) -> dict[str, set[str]]:
+    """SOP Class -> Transfer Syntaxes to propose, for a job's outputs."""
     wanted: dict[str, set[str]] = {}
     for output in files:
-        sop_class, syntax = output.sop_class_uid, output.transfer_syntax_uid
-        if sop_class is None or syntax is None:
-            meta = pydicom.filereader.read_file_meta_info(output.path)
-            sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+        sop_class, syntax = sop_class_and_syntax(output)
         wanted.setdefault(sop_class, set()).add(syntax)
     return wanted
 

@@ -32,7 +32,6 @@ import config
 
 from . import actions, health
 from . import jobs as states
-from .commitment import CommitmentLedger
 from .jobs import Job, output_folder
 from .metrics import CONTENT_TYPE
 
@@ -84,8 +83,7 @@ def job_record(node: Node, job: Job, *, detail: bool = False) -> dict[str, Any]:
         record["outputs"] = len(outputs)
         record["deliveries"] = {name: len(node.queue.delivered(job.id, name))
                                 for name in job.destinations}
-        asked = {name: CommitmentLedger(node.root).latest(job.id, name)
-                 for name in job.destinations}
+        asked = {name: node.commitments.latest(job.id, name) for name in job.destinations}
         record["commitments"] = {name: c.describe() for name, c in asked.items() if c}
         record["transitions"] = node.queue.transitions(job.id)
     return record

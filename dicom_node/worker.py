@@ -46,13 +46,14 @@ class Worker:
 
     def __init__(self, settings: config.Settings, queue: JobQueue, spool: Spool,
                  audit: config.AuditLog | None = None,
-                 name: str = "worker", metrics: Metrics | None = None) -> None:
+                 name: str = "worker", metrics: Metrics | None = None,
+                 commitments: commitment.CommitmentLedger | None = None) -> None:
         self.settings = settings
         self.queue = queue
         self.spool = spool
         #: the child process that synthesizes this worker's jobs
         self.process = SynthesisProcess(settings, name=f"{name}-synthesis")
-        self.commitments = commitment.CommitmentLedger(queue.root)
+        self.commitments = commitments or commitment.CommitmentLedger(queue.root)
         self.audit = audit
         self.metrics = metrics
         self.name = name
@@ -206,8 +207,8 @@ class Worker:
     def deliver(self, job: Job) -> Job:
         outputs = self.queue.outputs(job.id)
         problems: list[str] = []
-        # storage commitments asked and not yet reported: (what, when to ask again)
-        waiting: list[tuple[str, float]] = []
+        # storage commitments asked and not yet reported: (what, when to ask again, transaction)
+        waiting: list[tuple[str, float, str]] = []
         for name in job.destinations:
             destination = self.settings.destinations.get(name)
             if destination is None:
@@ -255,13 +256,12 @@ class Worker:
                 self._count_failure(name)
         if waiting and not problems:
             held = self.queue.retry(job.id, states.SENDING, f"{len(outputs)} objects delivered; "
-                                    + "; ".join(text for text, _ in waiting),
-                                    max(0.0, min(due for _, due in waiting) - time.time()),
+                                    + "; ".join(text for text, _, _ in waiting),
+                                    max(0.0, min(due for _, due, _ in waiting) - time.time()),
                                     expected=(states.SENDING,))
             # a report that arrived while the job was being put back must not wait for it
-            if any(getattr(self.commitments.latest(job.id, n), "state", None)
-                   not in (None, commitment.PENDING) for n in job.destinations
-                   if self.settings.destinations[n].storage_commitment):
+            if any(getattr(self.commitments.get(uid), "state", None) != commitment.PENDING
+                   for _, _, uid in waiting):
                 self.queue.wake(job.id)
             return held
         if not problems:
@@ -296,11 +296,11 @@ class Worker:
 
     def _commitment(self, job: Job, name: str, destination: config.Destination,
                     outputs: list[states.Output]
-                    ) -> tuple[tuple[str, float] | None, str | None]:
+                    ) -> tuple[tuple[str, float, str] | None, str | None]:
         """Where the job's storage commitment with ``destination`` stands, once every output
-        was delivered there: ((what the job waits for, when to give up waiting), None), (None,
-        a problem to retry on), or (None, None) when the peer committed them all. Asks (again)
-        when no request is open."""
+        was delivered there: ((what the job waits for, when to give up waiting, the
+        transaction), None), (None, a problem to retry on), or (None, None) when the peer
+        committed them all. Asks (again) when no request is open."""
         latest = self.commitments.latest(job.id, name)
         if latest is not None and latest.state == commitment.COMMITTED:
             if latest.count == len(outputs):
@@ -311,7 +311,8 @@ class Worker:
             if age < destination.commitment_timeout_s:
                 return (f"waiting for {name}'s storage commitment report (transaction "
                         f"{latest.transaction_uid}, asked {age:.0f} s ago)",
-                        latest.requested_at + destination.commitment_timeout_s), None
+                        latest.requested_at + destination.commitment_timeout_s,
+                        latest.transaction_uid), None
             self.commitments.supersede(latest.transaction_uid)
             return None, (f"{name} sent no storage commitment report within "
                           f"{destination.commitment_timeout_s:.0f} s (transaction "
@@ -327,7 +328,8 @@ class Worker:
         log.info("job %d: asked %s to commit %d objects (transaction %s)", job.id, name,
                  len(outputs), transaction_uid)
         return (f"waiting for {name}'s storage commitment report (transaction "
-                f"{transaction_uid})", time.time() + destination.commitment_timeout_s), None
+                f"{transaction_uid})", time.time() + destination.commitment_timeout_s,
+                transaction_uid), None
 
     def _count_failure(self, destination: str) -> None:
         if self.metrics is not None:
