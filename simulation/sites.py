@@ -22,6 +22,9 @@ from typing import Literal
 SequenceFamily = Literal["SE", "FSE", "GRE", "STIR", "IR"]
 Role = Literal["t1w", "t2w", "ce"]
 ROLES: tuple[Role, ...] = ("t1w", "t2w", "ce")
+#: The opt-in diffusion series (``vcemri simulate --dwi``, simulation/diffusion.py): the DWI
+#: (b = 0 and 1000 s/mm^2 in one series) and its ADC map; never part of the loop over ROLES.
+DiffusionRole = Literal["dwi", "adc"]
 
 
 @dataclass(frozen=True)

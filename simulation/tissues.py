@@ -13,6 +13,9 @@ cannot be read off T1w and T2w intensities alone, so synthesis is a genuine lear
 
 Gadolinium relaxivity of Gd-DOTA in plasma (Rohrer et al., Invest Radiol 40:715, 2005):
 r1 = 3.6 /mM/s at 1.5 T and 3.5 /mM/s at 3 T; r2 = 4.3 and 4.9 /mM/s.
+
+Apparent diffusion coefficients (ADC, mm^2/s, the same at 1.5 T and 3 T) are in
+:data:`ADC_MM2_S` with their sources.
 """
 
 from __future__ import annotations
@@ -77,6 +80,47 @@ _TABLE: dict[Tissue, tuple[float, float, float, float, float, float, float]] = {
     Tissue.SPINAL_CORD: (745, 993, 74, 78, 0.70, 0.0, 0.03),  # Stanisz: optic nerve / cord
 }
 
+#: Apparent diffusion coefficient of each tissue (mm^2/s) for diffusion-weighted imaging
+#: (simulation/diffusion.py). Typical published values, rounded:
+#:
+#: - CSF 3.0e-3: free water at 37 C (Holz, Heil & Sacco, PCCP 2:4740, 2000: 2.3e-3 at 25 C,
+#:   about 3.0e-3 at body temperature), as measured in the ventricles;
+#: - grey matter 0.8e-3, white matter 0.7e-3, cerebellum 0.75e-3: Helenius et al., AJNR
+#:   23:194 (2002), normal adult brain (cerebellum chosen between their grey and white values);
+#: - nasopharyngeal carcinoma 0.8e-3: restricted diffusion of a cellular tumour, NPC ADC
+#:   0.7-0.9e-3 in the literature (e.g. Fong et al., Oral Oncol 46:603, 2010); carcinomas in
+#:   Wang et al., Radiology 220:621 (2001) average about 1.1e-3, lymphoma 0.66e-3;
+#: - necrosis 2.0e-3: near free fluid, as benign cystic lesions in Wang et al. (2.05e-3);
+#: - muscle 1.4e-3 (skeletal muscle 1.3-1.6e-3), mucosa 1.5e-3, parotid 1.1e-3, skin 1.0e-3,
+#:   spinal cord 1.0e-3 (mean diffusivity), bone marrow 0.5e-3 (adult vertebral marrow 0.2-0.6
+#:   e-3) and fat 0.05e-3 (almost no water; fat is suppressed in DWI anyway): chosen inside
+#:   published ranges, no single reference;
+#: - blood 2.5e-3: flowing blood loses its signal at any b > 0 (pseudo-diffusion, IVIM),
+#:   besides the spin echo's flow void; chosen, not measured;
+#: - cortical bone and air give no signal, so their value does not matter (0).
+#:
+#: The tumour's ADC is far below the mucosa's (0.8 vs 1.5e-3): this is why DWI helps find
+#: NPC, whose T1 and T2 are close to the mucosa's.
+ADC_MM2_S: dict[Tissue, float] = {
+    Tissue.AIR: 0.0,
+    Tissue.SKIN: 1.0e-3,
+    Tissue.FAT: 0.05e-3,
+    Tissue.MUSCLE: 1.4e-3,
+    Tissue.CORTICAL_BONE: 0.0,
+    Tissue.MARROW: 0.5e-3,
+    Tissue.GREY_MATTER: 0.8e-3,
+    Tissue.WHITE_MATTER: 0.7e-3,
+    Tissue.CSF: 3.0e-3,
+    Tissue.CEREBELLUM: 0.75e-3,
+    Tissue.MUCOSA: 1.5e-3,
+    Tissue.PAROTID: 1.1e-3,
+    Tissue.ARTERY: 2.5e-3,
+    Tissue.VEIN: 2.5e-3,
+    Tissue.TUMOUR: 0.8e-3,
+    Tissue.NECROSIS: 2.0e-3,
+    Tissue.SPINAL_CORD: 1.0e-3,
+}
+
 #: Gadolinium relaxivities (/mM/s) by field strength (Rohrer 2005, Gd-DOTA in plasma).
 R1_PER_MM_S = {1.5: 3.6, 3.0: 3.5}
 R2_PER_MM_S = {1.5: 4.3, 3.0: 4.9}
@@ -109,6 +153,14 @@ def property_maps(labels: np.ndarray, field_t: float) -> dict[str, np.ndarray]:
         for name in tables:
             tables[name][tissue] = getattr(props, name)
     return {name: table[labels] for name, table in tables.items()}
+
+
+def adc_map(labels: np.ndarray) -> np.ndarray:
+    """:data:`ADC_MM2_S` applied to a label map (float32, mm^2/s)."""
+    table = np.zeros(max(int(t) for t in Tissue) + 1, np.float32)
+    for tissue, value in ADC_MM2_S.items():
+        table[tissue] = value
+    return table[labels]
 
 
 def relaxivity(field_t: float) -> tuple[float, float]:
