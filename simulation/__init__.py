@@ -1,6 +1,7 @@
 """Simulated multi-institution head-and-neck MR cohorts: the phantom, tissues, MR physics, the
-acquisition, the site catalogue, DICOM export (through ``synthesis``'s writer), the preview and
-``vcemri simulate``. Imports ``config`` and ``synthesis``.
+acquisition (and, opt-in, diffusion-weighted imaging: simulation/diffusion.py), the site
+catalogue, DICOM export (through ``synthesis``'s writer), the preview and ``vcemri simulate``.
+Imports ``config`` and ``synthesis``.
 
 The demo, the tests, the benchmarks and whoever trains without patient data use it; training
 itself needs manifests, not phantoms.

@@ -62,6 +62,7 @@ def _simulate(args: argparse.Namespace) -> int:
         lesions=args.lesions,
         families=tuple((role, names) for role, names in
                        (("t1w", args.t1w_families), ("t2w", args.t2w_families)) if names),
+        dwi=args.dwi,
     )
     check_output_directory(Path(args.out), args.overwrite)
     total = len(options.institutions) * options.patients_per_institution + options.randomized
@@ -136,6 +137,11 @@ def add_commands(commands: Any) -> None:
                         help="paint N extra lesions of random size (6-60 mm), shape, site and "
                         "necrosis into every patient (seed 004's tumour augmentation; "
                         "default 0)")
+    parser.add_argument("--dwi", action="store_true",
+                        help="also acquire diffusion-weighted imaging: one SE-EPI series with "
+                        "b = 0 and 1000 s/mm2 (lower resolution, EPI distortion) and its ADC "
+                        "map, as roles dwi and adc (default: off; without it the cohort is "
+                        "the same as before)")
     parser.add_argument("--preview", action="store_true",
                         help="write preview.png: one patient per institution")
     parser.add_argument("--workers", type=int, default=_default_workers(), metavar="N",

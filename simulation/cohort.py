@@ -2,12 +2,14 @@
 
 Layout of a cohort directory::
 
-    manifest.csv                 patient,institution,role,path (t1w, t2w, ce, mask, seg)
+    manifest.csv                 patient,institution,role,path (t1w, t2w, ce, mask, seg;
+                                 with --dwi also dwi, adc)
     cohort.json                  options, institutions, and per patient the tumour and protocol
     preview.png                  optional montage, one row per institution
     inst1/inst1-001/t1w/0001.dcm ...   one folder per series
     inst1/inst1-001/tumour.nii.gz      ground truth on the T1w grid
     inst1/inst1-001/tumour_seg.dcm     the same as DICOM SEG
+    inst1/inst1-001/dwi/, adc/         with --dwi: b = 0 and 1000 in one series, the ADC map
 
 Each patient draws from its own random stream, ``SeedSequence([seed, institution, index])``,
 so a patient is the same whatever the worker count, the order, or the other institutions.
@@ -29,7 +31,9 @@ import numpy as np
 import synthesis
 from config import StorageError, VcemriError
 
+from . import diffusion
 from .acquisition import (
+    Artefacts,
     Geometry,
     Scene,
     acquire,
@@ -38,10 +42,16 @@ from .acquisition import (
     make_geometry,
     scene,
 )
-from .export import PatientInfo, series_datasets, write_mask_nifti, write_mask_seg
+from .export import (
+    PatientInfo,
+    diffusion_datasets,
+    series_datasets,
+    write_mask_nifti,
+    write_mask_seg,
+)
 from .lesions import sample_lesion
 from .pelvis import pelvis_scene
-from .phantom import sample_patient
+from .phantom import Patient, sample_patient
 from .preview import write_preview
 from .randomized import RandomDraw, check_families, draw, stream_key
 from .record import PatientRecord
@@ -67,7 +77,11 @@ class SimulationOptions:
 
     ``lesions`` paints that many extra lesions into every patient (seed 004's tumour
     augmentation, simulation/lesions.py), drawn from their own random stream: the patient,
-    protocol and noise are the same as without them."""
+    protocol and noise are the same as without them.
+
+    ``dwi`` adds a diffusion-weighted series (b = 0 and 1000 s/mm^2) and its ADC map to every
+    head (simulation/diffusion.py), drawn from their own random stream after the other series:
+    everything else is the same as without them."""
 
     institutions: tuple[str, ...] = tuple(SITES)
     patients_per_institution: int = 5
@@ -80,6 +94,7 @@ class SimulationOptions:
     random_groups: int = 1
     lesions: int = 0
     families: tuple[tuple[Role, tuple[str, ...]], ...] = ()
+    dwi: bool = False
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.institutions if k not in SITES]
@@ -237,6 +252,14 @@ def simulate_patient(out: Path, key: str, index: int, options: SimulationOptions
             "ce": volumes["ce"][_nearest_slice(geometries["ce"], centre)].tolist(),
             "mask": tumour[k].astype(float).tolist(),
         }
+    record_protocols = {r: {"tr_ms": round(p.tr_ms, 3), "te_ms": round(p.te_ms, 3)}
+                        for r, p in protocols.items()}
+    if options.dwi and body == "head":
+        dwi_rng = np.random.default_rng(
+            np.random.SeedSequence([options.seed, stream, index, 3]))
+        record_protocols["dwi"] = _diffusion(
+            folder, out, patient, site, options, slices, gain, dwi_rng, movement, artefacts,
+            info, paths, misalignment)
     spec = patient.tumour
     return PatientRecord(
         patient=info.patient_id,
@@ -248,14 +271,34 @@ def simulate_patient(out: Path, key: str, index: int, options: SimulationOptions
         skull_base_infiltration=spec.skull_base_infiltration,
         parapharyngeal_infiltration=spec.parapharyngeal_infiltration,
         necrosis=spec.necrosis_radius_mm > 0,
-        protocols={r: {"tr_ms": round(p.tr_ms, 3), "te_ms": round(p.te_ms, 3)}
-                   for r, p in protocols.items()},
+        protocols=record_protocols,
         gain=round(gain, 4),
         misalignment=misalignment,
         randomized=drawn.describe() if drawn else None,
         lesions=[lesion.describe() for lesion in patient.lesions],
         preview=preview,
     )
+
+
+def _diffusion(folder: Path, out: Path, patient: Patient, site: Site,
+               options: SimulationOptions, slices: int, gain: float, rng: np.random.Generator,
+               movement: float, artefacts: Artefacts | None, info: PatientInfo,
+               paths: dict[str, str], misalignment: dict[str, list[float]]) -> dict[str, float]:
+    """Acquire and write the patient's DWI and ADC series (``rng``: the DWI's own stream);
+    adds their paths (and movement) to ``paths`` (and ``misalignment``) and returns the DWI
+    protocol as the record keeps it."""
+    protocol = diffusion.draw_protocol(site, rng)
+    subject = patient
+    if movement > 0:
+        subject = patient.moved(rng, movement, movement / 2)
+        misalignment["dwi"] = [round(float(v - w), 3) for v, w in
+                               zip(subject.translation, patient.translation, strict=True)]
+    geometry = diffusion.geometry(site, slices, protocol, options.matrix_scale)
+    acquired = diffusion.acquire(subject, site, geometry, protocol, gain, rng, artefacts)
+    for role, datasets in diffusion_datasets(acquired, site, info).items():
+        synthesis.write_series(datasets, folder / role)
+        paths[role] = str((folder / role).relative_to(out))
+    return acquired.describe()
 
 
 def _jobs(options: SimulationOptions, preview: bool) -> list[tuple[str, int, bool]]:
