@@ -127,7 +127,8 @@ def sample_tumour(rng: np.random.Generator, diameter_mm: float | None = None) ->
     """
     side = "left" if rng.random() < 0.5 else "right"
     sign = 1.0 if side == "left" else -1.0
-    d = float(diameter_mm if diameter_mm is not None else np.exp(rng.uniform(np.log(10), np.log(50))))
+    d = float(diameter_mm if diameter_mm is not None
+              else np.exp(rng.uniform(np.log(10), np.log(50))))
     radius = d / 2.0
     # The bigger the tumour, the more it grows medially, posteriorly and upwards.
     growth = (radius - 5.0) / 20.0
@@ -147,7 +148,8 @@ def sample_tumour(rng: np.random.Generator, diameter_mm: float | None = None) ->
     if parapharyngeal:
         lobes.append(Lobe(tuple(centre + np.array([sign * core * 0.9, -3.0, -2.0])),
                           max(4.0, core * rng.uniform(0.4, 0.6))))
-    necrosis = float(radius * rng.uniform(0.25, 0.4)) if radius > 15.0 and rng.random() < 0.6 else 0.0
+    necrosis = (float(radius * rng.uniform(0.25, 0.4))
+                if radius > 15.0 and rng.random() < 0.6 else 0.0)
     return TumourSpec(side, d, tuple(lobes), skull_base, parapharyngeal, necrosis,
                       tuple(float(c) for c in centre))
 
