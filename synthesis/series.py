@@ -67,6 +67,11 @@ class SeriesInfo:
     images_in_acquisition: int | None = None
     #: ScanningSequence (SE, GR, IR, EP, RM)
     scanning_sequence: tuple[str, ...] = ()
+    #: ScanOptions (FS: fat saturation, ...)
+    scan_options: tuple[str, ...] = ()
+    #: DiffusionBValue (s/mm2) of the instances read; a DWI series holding several b-values
+    #: is read at its highest (:func:`read_series`); None: not a diffusion series
+    b_value: float | None = None
 
     def header(self) -> dict[str, Any]:
         """DICOM-keyword view used by the configured series rules and routes, and kept in the
@@ -83,6 +88,9 @@ class SeriesInfo:
             "Manufacturer": self.manufacturer,
             "SeriesNumber": self.series_number,
             "ImagesInAcquisition": self.images_in_acquisition,
+            "ImageType": list(self.image_type),
+            "ScanOptions": list(self.scan_options),
+            "DiffusionBValue": self.b_value,
         }
 
 
@@ -234,7 +242,23 @@ def series_info(ds: Dataset) -> SeriesInfo:
         series_number=int(number) if number is not None and number.is_integer() else None,
         images_in_acquisition=_count(ds),
         scanning_sequence=tuple(str(v) for v in _values(ds.get("ScanningSequence"))),
+        scan_options=tuple(str(v) for v in _values(ds.get("ScanOptions"))),
+        b_value=_b_value(ds),
     )
+
+
+def _b_value(ds: Dataset) -> float | None:
+    """DiffusionBValue (s/mm2) at the top level or in an Enhanced MR's MR Diffusion
+    functional group (shared, else the first frame's); None when the series is not DWI."""
+    if "DiffusionBValue" in ds:
+        return _number(ds, "DiffusionBValue")
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in (ds.get(groups) or [])[:1]:
+            for item in group.get("MRDiffusionSequence") or []:
+                value = _float(item.get("DiffusionBValue"))
+                if value is not None and np.isfinite(value):
+                    return value
+    return None
 
 
 def _number_from_groups(ds: Dataset, keyword: str) -> float | None:
@@ -410,6 +434,7 @@ def read_series(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Volum
     if unknown:
         raise InputError(f"series {info.series_uid} holds {', '.join(sorted(unknown))}, "
                          f"not an MR image storage class ({', '.join(MR_STORAGE.values())})")
+    datasets, info = _highest_b_value(datasets, info)
     slices: list[_Slice] = []
     seen: set[str] = set()
     for path, ds in datasets:
@@ -422,6 +447,19 @@ def read_series(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Volum
         else:
             slices.append(_classic_slice(ds, path))
     return _assemble(slices, info)
+
+
+def _highest_b_value(datasets: list[tuple[Path, Dataset]], info: SeriesInfo
+                     ) -> tuple[list[tuple[Path, Dataset]], SeriesInfo]:
+    """A diffusion series that holds several b-values (b = 0 and b = 1000 instances at each
+    position, as scanners send DWI) is read at its highest b-value: the diffusion-weighted
+    image a model uses; the b = 0 image is a T2-weighted EPI the T2w series shows better."""
+    values = {_number(ds, "DiffusionBValue") for _, ds in datasets}
+    if len(values) < 2 or None in values:
+        return datasets, info
+    highest = max(v for v in values if v is not None)
+    kept = [(p, ds) for p, ds in datasets if _number(ds, "DiffusionBValue") == highest]
+    return kept, replace(info, b_value=highest)
 
 
 def _assemble(slices: Sequence[_Slice], info: SeriesInfo) -> Volume:
@@ -492,17 +530,18 @@ def scan_folder(folder: Path) -> dict[str, list[Path]]:
     return dict(groups)
 
 
-def check_pair(t1w: Volume, t2w: Volume) -> None:
-    """T1w and T2w must come from one patient, one study and one frame of reference."""
+def check_pair(t1w: Volume, t2w: Volume, name: str = "T2w") -> None:
+    """The T1w and another input (``name``: T2w, DWI, ...) must come from one patient, one
+    study and one frame of reference."""
     a, b = t1w.info, t2w.info
     if a.patient_key != b.patient_key:
-        raise InputError(f"T1w series {a.series_uid} and T2w series {b.series_uid} belong to "
-                         "different patients")
+        raise InputError(f"T1w series {a.series_uid} and {name} series {b.series_uid} belong "
+                         "to different patients")
     if a.study_uid != b.study_uid:
-        raise InputError(f"T1w and T2w come from different studies ({a.study_uid} and "
+        raise InputError(f"T1w and {name} come from different studies ({a.study_uid} and "
                          f"{b.study_uid})")
     if a.frame_of_reference_uid != b.frame_of_reference_uid:
         raise InputError(
-            f"T1w and T2w have different frames of reference ({a.frame_of_reference_uid} "
+            f"T1w and {name} have different frames of reference ({a.frame_of_reference_uid} "
             f"and {b.frame_of_reference_uid}); their alignment cannot be trusted"
         )
