@@ -8,10 +8,12 @@ its role. A series that goes quiet with fewer instances than it
 announces, or with a gap between its slice positions (a step more than 1.5 times the usual
 spacing), is not whole: it waits for the rest up to ``assembly.incomplete_wait_s`` after its
 last instance, and then its study's job fails with what is missing (a cut-off transfer is
-never synthesized as if it were the whole series). A study is ready when a complete T1w and a
-complete T2w series (``series_rules``) of the same patient and frame of reference are
-present; its job then gets a route (``routes``: model and destinations) and becomes
-``ready``. A study still missing a sequence ``assembly.study_timeout_s`` after its first
+never synthesized as if it were the whole series). A study is ready when the series its
+route's model needs (read from the checkpoint's metadata: a T1w and a T2w, a STIR or
+fat-suppressed T2w standing in, for MMgSN-Net; a T1w and, waited for a while, the optional
+others for IMPORTANT-Net trained on subsets) are complete, of the same patient and frame of
+reference (``series_rules``); its job then gets a route (``routes``: model and
+destinations) and becomes ``ready``. A study still missing a sequence ``assembly.study_timeout_s`` after its first
 instance fails with the reason.
 
 New content for a study that was already processed (a late series, changed instances) starts a
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import config
+import synthesis
 
 from . import jobs as states
 from .database import Connections
@@ -38,7 +41,8 @@ from .spool import series_contents
 
 log = logging.getLogger(__name__)
 
-ROLE_NAMES = {"t1w": "T1w", "t2w": "T2w"}
+ROLE_NAMES = {"t1w": "T1w", "t2w": "T2w", "dwi": "DWI", "adc": "ADC", "t2w_fs": "T2w FS",
+              "stir": "STIR"}
 
 #: How far back (seconds) studies are re-examined for content newer than their last job.
 REVISIT_S = 86400.0
@@ -83,10 +87,20 @@ def choose_route(settings: config.Settings, header: dict[str, Any]) -> config.Ro
 
 
 def input_key(inputs: dict[str, list[tuple[str, str]]], route: config.Route | None) -> str:
-    """What a job's result depends on: the exact instances of both series (UIDs and content
+    """What a job's result depends on: the exact instances of its series (UIDs and content
     hashes) and the route; the same content resent gives the same key, any change another."""
-    text = json.dumps([inputs["t1w"], inputs["t2w"], route and route.name, route and route.model])
+    if set(inputs) == {"t1w", "t2w"}:  # as every T1w + T2w job has been keyed
+        series: list[Any] = [inputs["t1w"], inputs["t2w"]]
+    else:
+        series = [[role, inputs[role]] for role in sorted(inputs)]
+    text = json.dumps([*series, route and route.name, route and route.model])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _names(roles: list[str]) -> str:
+    """'T1w', 'T1w and T2w', 'T1w, T2w and DWI'."""
+    names = [ROLE_NAMES.get(r, r) for r in roles]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 class Assembler:
@@ -99,6 +113,25 @@ class Assembler:
         self.audit = audit
         self.root = Path(settings.storage.root)
         self._connections = Connections(self.root)
+        self._requirements: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+    def requirements(self, route: config.Route | None
+                     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(required, optional) series roles for the route's model, read once from its
+        checkpoint's metadata: T1w + T2w for MMgSN-Net; the T1w alone, the rest optional,
+        for IMPORTANT-Net trained with modality dropout. A model that cannot be read is
+        taken to need T1w + T2w; its job reports why it cannot run."""
+        model = route.model if route is not None else "default"
+        if model not in self._requirements:
+            choice = self.settings.models.get(model)
+            try:
+                found = (synthesis.checkpoint_inputs(choice.checkpoint) if choice is not None
+                         else (("t1w", "t2w"), ()))
+            except config.VcemriError as exc:
+                log.warning("model %s: %s; assuming it needs T1w + T2w", model, exc)
+                found = (("t1w", "t2w"), ())
+            self._requirements[model] = found
+        return self._requirements[model]
 
     def _db(self) -> sqlite3.Connection:
         return self._connections.get()
@@ -183,23 +216,22 @@ class Assembler:
                             (study,)).fetchall()
         jobs = self.queue.list(study_uid=study)
         active = next((j for j in jobs if j.state in states.ACTIVE), None)
-        pair, missing = self._pair(series)
-        if pair is not None:
-            t1w, t2w = pair
+        chosen, missing, route = self._inputs(series, now)
+        if chosen is not None:
+            t1w = chosen["t1w"]
             header = json.loads(t1w["header"])
-            route = choose_route(self.settings, header)
-            inputs = {"t1w": series_contents(db, t1w["series_uid"]),
-                      "t2w": series_contents(db, t2w["series_uid"])}
+            inputs = {role: series_contents(db, row["series_uid"])
+                      for role, row in chosen.items()}
             key = input_key(inputs, route)
             if active is not None and active.state != states.WAITING:
                 return None  # in flight; new content gets its own job when this one ends
             if any(j.input_key == key for j in jobs):
                 return None  # this content was handled already (a resend)
             values = {"input_key": key, "t1w_series_uid": t1w["series_uid"],
-                      "t2w_series_uid": t2w["series_uid"], "keyed_at": now,
-                      "inputs": inputs}
-            broken = [f"the {ROLE_NAMES[s['role']]} series {s['series_uid']} has {s['problem']}"
-                      for s in (t1w, t2w) if s["problem"]]
+                      "t2w_series_uid": chosen["t2w"]["series_uid"] if "t2w" in chosen
+                      else None, "keyed_at": now, "inputs": inputs}
+            broken = [f"the {ROLE_NAMES.get(s['role'], s['role'])} series {s['series_uid']} "
+                      f"has {s['problem']}" for s in chosen.values() if s["problem"]]
             if broken:
                 wait = max(self.settings.assembly.incomplete_wait_s,
                            self.settings.assembly.series_idle_s)
@@ -225,7 +257,7 @@ class Assembler:
                 return self.queue.complete(active.id, states.REJECTED, reason, **values)
             values.update(route=route.name, model=route.model,
                           destinations=list(route.destinations))
-            reason = f"T1w and T2w complete; route {route.name}"
+            reason = f"{_names(list(chosen))} complete; route {route.name}"
             if active is None:
                 job = self.queue.enqueue(study, state=states.READY, reason=reason, **values)
             else:
@@ -250,27 +282,76 @@ class Assembler:
             return self.queue.complete(active.id, states.WAITING, missing)
         return None
 
-    def _pair(self, series: list[sqlite3.Row]) -> tuple[tuple[sqlite3.Row, sqlite3.Row] | None,
-                                                       str]:
-        """The newest complete T1w and T2w of one patient and frame of reference, or why not."""
+    def _inputs(self, series: list[sqlite3.Row], now: float
+                ) -> tuple[dict[str, sqlite3.Row] | None, str, config.Route | None]:
+        """The series a job would read ({role: row}: the newest complete T1w and, of the same
+        patient and frame of reference, each input its route's model needs, a T2w standing in
+        by ``synthesis.STANDS_IN``), or None and why not; and the route.
+
+        Optional inputs (a model that accepts subsets) are waited for: while one is being
+        received, and otherwise until the route's idle time (``series_idle_s``) has passed
+        once more after the study's last instance; never beyond ``study_timeout_s`` after
+        its first."""
         complete = [s for s in series if s["complete_generation"] == s["generation"]]
-        by_role = {role: [s for s in complete if s["role"] == role] for role in ROLE_NAMES}
-        for t1w in reversed(by_role["t1w"]):
-            for t2w in reversed(by_role["t2w"]):
-                if (t1w["patient_id"] == t2w["patient_id"]
-                        and t1w["frame_of_reference_uid"] == t2w["frame_of_reference_uid"]):
-                    return (t1w, t2w), ""
-        if by_role["t1w"] and by_role["t2w"]:
-            return None, ("no T1w and T2w series of the same patient and frame of reference "
-                          "received")
-        absent = [name for role, name in ROLE_NAMES.items() if not by_role[role]]
-        pending = [name for role, name in ROLE_NAMES.items()
-                   if any(s["role"] == role for s in series) and not by_role[role]]
-        partial = [f"{ROLE_NAMES[s['role']]} series incomplete ({s['problem']}); waiting for "
-                   "the rest" for s in series if s["role"] in ROLE_NAMES and s["problem"]
+        t1ws = [s for s in complete if s["role"] == "t1w"]
+        anchor = t1ws[-1] if t1ws else (series[-1] if series else None)
+        route = None if anchor is None else choose_route(self.settings,
+                                                          json.loads(anchor["header"]))
+        required, optional = self.requirements(route)
+
+        def newest(role: str, t1w: sqlite3.Row, rows: list[sqlite3.Row]) -> sqlite3.Row | None:
+            for stand_in in synthesis.STANDS_IN.get(role, (role,)):
+                for row in reversed(rows):
+                    if (row["role"] == stand_in and row["patient_id"] == t1w["patient_id"]
+                            and row["frame_of_reference_uid"] == t1w["frame_of_reference_uid"]):
+                        return row
+            return None
+
+        for t1w in reversed(t1ws):
+            chosen = {"t1w": t1w}
+            for role in required[1:]:
+                found = newest(role, t1w, complete)
+                if found is None:
+                    break
+                chosen[role] = found
+            else:
+                absent = []
+                for role in optional:
+                    found = newest(role, t1w, complete)
+                    if found is not None:
+                        chosen[role] = found
+                    else:
+                        absent.append(role)
+                if not absent:
+                    return chosen, "", route
+                idle = self.settings.assembly.series_idle_s
+                if route is not None and route.series_idle_s is not None:
+                    idle = route.series_idle_s
+                receiving = [r for r in absent if newest(r, t1w, series) is not None]
+                last = max(s["last_received"] for s in series)
+                first = min(s["first_received"] for s in series)
+                bounded = now - first >= self.settings.assembly.study_timeout_s
+                if bounded or (not receiving and now >= last + idle):
+                    return {r: chosen[r] for r in ("t1w", *required[1:], *optional)
+                            if r in chosen}, "", route
+                return None, (f"{_names(list(chosen))} complete; waiting up to {idle:.0f} s "
+                              f"for the optional {_names(absent)} series"), route
+        names = {r: ROLE_NAMES.get(r, r) for r in required}
+        by_role = {r: [s for s in complete if s["role"] in synthesis.STANDS_IN.get(r, (r,))]
+                   for r in required}
+        if all(by_role.values()):
+            return None, (f"no {_names(list(required))} series of the same patient and frame "
+                          "of reference received"), route
+        stands = {r: synthesis.STANDS_IN.get(r, (r,)) for r in required}
+        absent = [names[r] for r in required if not by_role[r]]
+        pending = [names[r] for r in required
+                   if any(s["role"] in stands[r] for s in series) and not by_role[r]]
+        partial = [f"{ROLE_NAMES.get(s['role'], s['role'])} series incomplete "
+                   f"({s['problem']}); waiting for the rest" for s in series
+                   if any(s["role"] in stands[r] for r in required) and s["problem"]
                    and s["complete_generation"] != s["generation"]]
         if partial:
-            return None, "; ".join(partial)
+            return None, "; ".join(partial), route
         if pending:
-            return None, f"{' and '.join(pending)} series not complete"
-        return None, f"{' and '.join(absent)} series not received"
+            return None, f"{' and '.join(pending)} series not complete", route
+        return None, f"{' and '.join(absent)} series not received", route

@@ -109,6 +109,9 @@ def _jobs_show(args: argparse.Namespace) -> int:
     print(f"study:        {job.study_uid}")
     print(f"T1w series:   {job.t1w_series_uid or '-'}")
     print(f"T2w series:   {job.t2w_series_uid or '-'}")
+    if job.inputs and set(job.inputs) != {"t1w", "t2w"}:  # a model reading other series
+        print("inputs:       " + ", ".join(f"{role} ({len(contents)} instances)"
+                                           for role, contents in job.inputs.items()))
     print(f"route/model:  {job.route or '-'} / {job.model or '-'}; destinations: "
           f"{', '.join(job.destinations) or '-'}")
     print(f"attempts:     {job.attempts}" + ("; forced through screening" if job.forced else ""))

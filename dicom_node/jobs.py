@@ -225,7 +225,7 @@ class JobQueue:
             raise config.InputError(
                 f"job {job_id} is {job.state}; only failed, rejected or cancelled jobs can be "
                 "retried")
-        if not job.t1w_series_uid or not job.t2w_series_uid:
+        if not job.t1w_series_uid or not job.inputs and not job.t2w_series_uid:
             raise config.InputError(
                 f"job {job_id} never had both a T1w and a T2w series; send the missing series "
                 "and a new job starts by itself")

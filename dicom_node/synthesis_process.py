@@ -55,11 +55,13 @@ class Request:
 
     job_id: int
     t1w: list[Path]
-    t2w: list[Path]
+    t2w: list[Path] | None
     out: Path
     model: str = "default"
     enforce: bool = True
     supersedes: planning.Supersedes | None = None
+    #: further inputs by role (DWI, ...) for a model that reads them
+    extra: dict[str, list[Path]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,8 @@ def _serve(connection: Connection, settings: config.Settings, level: int) -> Non
             return
         try:
             done = service.process(request.t1w, request.t2w, request.out, model=request.model,
-                                   enforce=request.enforce, supersedes=request.supersedes)
+                                   enforce=request.enforce, supersedes=request.supersedes,
+                                   extra_files=request.extra)
             outcome = Outcome("done", objects=list(done.objects), summary=done.summary,
                               device=done.device)
         except synthesis.RejectedStudy as rejected:

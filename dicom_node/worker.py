@@ -25,6 +25,7 @@ import logging
 import shutil
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import config
@@ -123,8 +124,11 @@ class Worker:
         log.info("job %d running: model %s (route %s)", job.id, job.model or "default",
                  job.route or "-")
         try:
+            extra: dict[str, list[Path]] = {}
             if job.inputs:  # exactly the instances the job was created with
-                t1w, t2w = (self.spool.files_of(job.inputs[r]) for r in ("t1w", "t2w"))
+                files = {r: self.spool.files_of(contents) for r, contents in job.inputs.items()}
+                t1w, t2w = files.pop("t1w"), files.pop("t2w", None)
+                extra = files
             else:  # a job created before inputs were recorded (schema version < 3)
                 t1w = self.spool.series_files(job.t1w_series_uid or "")
                 t2w = self.spool.series_files(job.t2w_series_uid or "")
@@ -133,7 +137,8 @@ class Worker:
             log.error("job %d failed: %s", job.id, exc)
             return self.queue.fail(job.id, str(exc), expected=(states.RUNNING,))
         done = self.process.run(Request(job.id, t1w, t2w, out, model=job.model or "default",
-                                        enforce=not job.forced, supersedes=earlier))
+                                        enforce=not job.forced, supersedes=earlier,
+                                        extra=extra))
         if done.kind == "rejected":
             log.warning("job %d rejected: %s", job.id, done.reason)
             reason = done.reason + self._notify(job, done.notice)

@@ -21,15 +21,20 @@ NAMESPACE = "vcemri-planning"
 
 
 def result_key(result: SynthesisResult) -> str:
-    """What makes an output unique: the exact content of both inputs (instances, geometry,
-    voxels; the T2w as placed on the T1w grid) and the exact model weights. A series that
+    """What makes an output unique: the exact content of its inputs (instances, geometry,
+    voxels; each as placed on the T1w grid) and the exact model weights. A series that
     gained or changed an instance gives new UIDs: the TPS never receives other pixels under
     UIDs it already holds."""
-    return "|".join((result.t1w.info.series_uid, result.t2w.info.series_uid,
-                     result.t1w.digest(), result.t2w.digest(),
+    inputs = result.inputs or {"t1w": result.t1w, "t2w": result.t2w}
+    others = [(role, v) for role, v in inputs.items() if role != "t1w" and v is not None]
+    # a T1w + T2w result keys as it always has (same inputs, same UIDs as before)
+    uids = [result.t1w.info.series_uid, *(v.info.series_uid for _, v in others)]
+    digests = [result.t1w.digest(), *(v.digest() for _, v in others)]
+    roles = [] if [r for r, _ in others] == ["t2w"] else ["inputs=" + "+".join(inputs)]
+    return "|".join((*uids, *digests,
                      str(result.model.get("weights_sha256", "")),
                      str(result.model.get("architecture", "")),
-                     f"align={result.alignment.mode}:{result.alignment.applied}"))
+                     f"align={result.alignment.mode}:{result.alignment.applied}", *roles))
 
 
 def output_uid(key: str, *parts: object) -> str:

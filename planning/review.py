@@ -75,11 +75,12 @@ def montage(result: SynthesisResult, helpers: Sequence[Helper], k: int,
     # T1w and VCE share the T1w's window, with headroom, so enhancement shows as brightening.
     low, high = np.percentile(t1w[head], [1.0, 99.5]) if head.any() else (0.0, 1.0)
     shared = (float(low), float(low + 1.3 * (high - low)))
-    panels = [
-        ("T1w", _grey(t1w, *shared)),
-        ("T2w", _grey(np.asarray(result.t2w.array)[k])),
-        ("VCE (SYNTHETIC)", _grey(vce, *shared)),
-    ]
+    panels = [("T1w", _grey(t1w, *shared))]
+    for role, volume in (result.inputs or {"t2w": result.t2w}).items():
+        if role != "t1w" and volume is not None:
+            panels.append((synthesis.INPUT_NAMES.get(role, role),
+                           _grey(np.asarray(volume.array)[k])))
+    panels.append(("VCE (SYNTHETIC)", _grey(vce, *shared)))
     if result.confidence is not None:
         confidence = sitk.GetArrayFromImage(result.confidence)[k] * head
         panels.append(("confidence", _grey(confidence, 0.0, 1.0)))
@@ -103,7 +104,7 @@ def montage(result: SynthesisResult, helpers: Sequence[Helper], k: int,
         "not for diagnosis without review",
         f"verdict: {verdict.line()}",
         f"{where}, confidence {decision.confidence:.2f}; {result.edm.line()}; model "
-        f"{result.model.get('architecture')}",
+        f"{result.model.get('architecture')} from {result.input_line or 'T1w + T2w'}",
         f"slice {k + 1}/{result.vce.shape[0]}; helpers: "
         + (", ".join(h.name for h in helpers) or "none"),
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,27 +72,32 @@ class SynthesisService:
                 self._locks[key] = threading.Lock()
             return self._synthesizers[key], self._locks[key]
 
-    def synthesize(self, t1w: synthesis.Volume, t2w: synthesis.Volume, *,
+    def synthesize(self, t1w: synthesis.Volume, t2w: synthesis.Volume | None = None, *,
                    model: str = "default", checkpoint: str | None = None,
                    device: str | None = None, align: str = "never",
-                   enforce: bool = True, edm: bool = True) -> synthesis.SynthesisResult:
-        """The synthesis result the TPS would receive for these volumes. With ``enforce``
-        False screening is recorded, not enforced: evaluation scores every patient, and an
-        administrator can force a refused study through."""
+                   enforce: bool = True, edm: bool = True,
+                   extra: Mapping[str, synthesis.Volume] | None = None,
+                   use: Sequence[str] | None = None) -> synthesis.SynthesisResult:
+        """The synthesis result the TPS would receive for these volumes (``extra``: further
+        inputs by role, ``use``: what the network may read; ``Synthesizer.run``). With
+        ``enforce`` False screening is recorded, not enforced: evaluation scores every
+        patient, and an administrator can force a refused study through."""
         synthesizer, lock = self.synthesizer(model, checkpoint, device, align, edm)
         with lock:
-            return synthesizer.run(t1w, t2w, enforce=enforce)
+            return synthesizer.run(t1w, t2w, enforce=enforce, extra=extra, use=use)
 
-    def process(self, t1w_files: list[Path], t2w_files: list[Path], out: Path, *,
+    def process(self, t1w_files: list[Path], t2w_files: list[Path] | None, out: Path, *,
                 model: str = "default", checkpoint: str | None = None,
                 device: str | None = None, align: str = "never",
                 nifti: bool = False, enforce: bool = True,
-                supersedes: Supersedes | None = None) -> ProcessedStudy:
+                supersedes: Supersedes | None = None,
+                extra_files: Mapping[str, list[Path]] | None = None) -> ProcessedStudy:
         """Synthesize and write the synthetic series, RTSTRUCT helpers and review image (plus
         the VCE and confidence as NIfTI with ``nifti``) into ``out``, and ``result.json``,
         every object stating the verdict; ``enforce`` False processes a study screening
         refuses (forced: the verdict says so); ``supersedes``: the earlier synthetic series of
-        these series (other content) that the new one replaces (the node knows it).
+        these series (other content) that the new one replaces (the node knows it);
+        ``t2w_files`` None and ``extra_files`` (DWI, ...) for a model that reads other inputs.
 
         Raises ``synthesis.RejectedStudy`` when screening refuses the study (``result.json``
         then holds the screening and the verdict; the exception's ``notice`` is the refusal
@@ -105,12 +111,15 @@ class SynthesisService:
         from .verdict import refused
         from .write import refusal_notice, write_outputs
 
-        t1w, t2w = synthesis.read_series(t1w_files), synthesis.read_series(t2w_files)
+        t1w = synthesis.read_series(t1w_files)
+        t2w = None if t2w_files is None else synthesis.read_series(t2w_files)
+        extra = {role: synthesis.read_series(files)
+                 for role, files in (extra_files or {}).items()}
         out.mkdir(parents=True, exist_ok=True)
         synthesizer, _ = self.synthesizer(model, checkpoint, device, align)
         try:
             result = self.synthesize(t1w, t2w, model=model, checkpoint=checkpoint,
-                                     device=device, align=align, enforce=enforce)
+                                     device=device, align=align, enforce=enforce, extra=extra)
         except synthesis.RejectedStudy as rejected:
             verdict = refused(rejected.screening)
             rejected.notice = None  # type: ignore[attr-defined]
@@ -119,7 +128,8 @@ class SynthesisService:
                 rejected.notice = refusal_notice(  # type: ignore[attr-defined]
                     header, t1w, t2w, synthesizer.model_info, verdict, out / "refusal.dcm")
             (out / "result.json").write_text(json.dumps(
-                {"t1w_series_uid": t1w.info.series_uid, "t2w_series_uid": t2w.info.series_uid,
+                {"t1w_series_uid": t1w.info.series_uid,
+                 "t2w_series_uid": None if t2w is None else t2w.info.series_uid,
                  "screening": rejected.screening.as_dict(), "verdict": verdict.as_dict(),
                  "model": synthesizer.model_info}, indent=1))
             raise

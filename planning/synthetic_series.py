@@ -4,8 +4,8 @@ geometry and frame of reference, labelled synthetic everywhere a viewer or TPS l
 - ImageType DERIVED\\SECONDARY\\OTHER, SyntheticData YES, a series description that says
   SYNTHETIC, DerivationDescription and DerivationCodeSequence (DCM 123110 Artificial
   Intelligence), vcemri as Synthesizing Equipment, Source Image Sequence naming the T1w slice
-  and the T2w slices it was computed from (all through ``synthesis.MRImage``, the one DICOM
-  writer the simulator uses too);
+  and the slices of each other input (T2w, DWI, ...) it was computed from (all through
+  ``synthesis.MRImage``, the one DICOM writer the simulator uses too);
 - no contrast agent attribute (nothing was injected);
 - pixels in the T1w's scanner units (the T1w's RescaleSlope/Intercept when it has them);
 - optional "SYNTHETIC" burned into the pixels, with BurnedInAnnotation to match;
@@ -39,19 +39,25 @@ MR_COPIED = ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitio
              "PatientPosition", "BodyPartExamined")
 
 
-def _t2w_sources(result: SynthesisResult, position: float,
-                 normal: np.ndarray) -> list[synthesis.SourceInstance]:
-    """The T2w slices within one T2w slice spacing of a T1w slice position, measured along
-    the T1w's normal (the T2w may be another plane); the nearest one at least."""
-    sources = [s for s in result.t2w.sources if s.origin_mm is not None]
+def _sources_near(volume: synthesis.Volume, position: float,
+                  normal: np.ndarray) -> list[synthesis.SourceInstance]:
+    """The slices of an input (T2w, DWI, ...) within one of its slice spacings of a T1w slice
+    position, measured along the T1w's normal (the input may be another plane); the nearest
+    one at least."""
+    sources = [s for s in volume.sources if s.origin_mm is not None]
     if not sources:
-        return list(result.t2w.sources[:1])
+        return list(volume.sources[:1])
     along = np.array([float(np.dot(s.origin_mm, normal)) for s in sources])
     if len(sources) < 2:
         return sources
     spacing = abs(float(np.median(np.diff(np.sort(along))))) or 1.0
     near = [s for s, a in zip(sources, along, strict=True) if abs(a - position) < spacing]
     return near or [sources[int(np.argmin(np.abs(along - position)))]]
+
+
+#: The model inputs every earlier synthetic series came from; other inputs are named in the
+#: series description.
+USUAL_INPUTS = ("t1w", "t2w")
 
 
 def pixel_storage(values: np.ndarray, t1w_header: Dataset) -> synthesis.PixelStorage:
@@ -106,10 +112,13 @@ def synthetic_series(result: SynthesisResult, t1w_header: Dataset,
     description = settings.series_description.replace("{model}", model)
     if "SYNTHETIC" not in description.upper():
         description = f"SYNTHETIC {description}"
+    if tuple(result.inputs) not in ((), USUAL_INPUTS):
+        description = f"{description} from {result.input_line}"
     description = described(description, supersedes)
     where = (result.institution.institution
              or f"external, closest {result.institution.closest}")
-    derivation = (f"Synthetic contrast-enhanced T1w computed by {model} from the T1w and T2w "
+    used = result.input_line or "T1w + T2w"
+    derivation = (f"Synthetic contrast-enhanced T1w computed by {model} from the {used} "
                   f"series; no contrast agent was given. {result.edm.line()}; "
                   f"institution {where}")
     if supersedes is not None:
@@ -126,7 +135,13 @@ def synthetic_series(result: SynthesisResult, t1w_header: Dataset,
     for k in range(values.shape[0]):
         position = np.asarray(image.TransformIndexToPhysicalPoint((0, 0, k)))
         t1_source = result.t1w.sources[k]
-        sources = [t1_source, *_t2w_sources(result, float(np.dot(position, normal)), normal)]
+        # the T1w always (its grid, head and scaling are the output's), then what the
+        # network read besides
+        along = float(np.dot(position, normal))
+        sources = [t1_source]
+        for role, volume in (result.inputs or {"t2w": result.t2w}).items():
+            if role != "t1w" and volume is not None:
+                sources += _sources_near(volume, along, normal)
         pixels = stored[k]
         if settings.burn_in_marker:
             pixels = _burn_in(pixels, int(stored.max()) or 1)

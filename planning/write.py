@@ -84,16 +84,18 @@ def write_outputs(result: SynthesisResult, t1w_header: Dataset, out: Path,
     return PlanningOutputs(series, structure, review, png, verdict, notes, supersedes)
 
 
-def refusal_notice(t1w_header: Dataset, t1w: Volume, t2w: Volume, model: dict[str, Any],
+def refusal_notice(t1w_header: Dataset, t1w: Volume, t2w: Volume | None, model: dict[str, Any],
                    verdict: Verdict, path: Path) -> WrittenObject:
     """A Secondary Capture in the T1w's study that says synthesis was refused and why, for a
     TPS whose users should know that no synthetic series will come."""
     lines = ["vcemri: NO SYNTHETIC CONTRAST-ENHANCED SERIES for this study",
-             f"the T1w (series {t1w_header.get('SeriesNumber', '?')}) and T2w were refused "
+             f"the T1w (series {t1w_header.get('SeriesNumber', '?')})"
+             f"{'' if t2w is None else ' and T2w'} were refused "
              f"by screening for model {model.get('architecture')}:",
              *[f"- {reason}"[:150] for reason in verdict.reasons],
              "Nothing synthetic was sent; the received series are kept on the node."]
-    key = "|".join(("refusal", t1w.digest(), t2w.digest(), str(model.get("weights_sha256"))))
+    key = "|".join(("refusal", t1w.digest(), *(() if t2w is None else (t2w.digest(),)),
+                     str(model.get("weights_sha256"))))
     number = int(t1w_header.get("SeriesNumber", 0) or 0) + 1002
     capture = secondary_capture(notice(lines), t1w_header, key, max(number, 1),
                                 str(model.get("architecture", "model")),

@@ -25,6 +25,7 @@ from torch import nn
 
 from config import ModelError
 
+from .model_inputs import read_header
 from .models import build
 
 FORMAT = "vcemri-checkpoint"
@@ -208,24 +209,10 @@ class Checkpoint:
         self.fitness = fitness
 
 
-def _header(path: Path) -> dict[str, str]:
-    try:
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size < 100 * 2**20:
-                raise ModelError(f"{path} is not a safetensors checkpoint (bad header size)")
-            header = json.loads(handle.read(size))
-    except FileNotFoundError:
-        raise ModelError(f"checkpoint {path} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"checkpoint {path} cannot be read: {exc}") from None
-    return dict(header.get("__metadata__") or {})
-
-
 def load_checkpoint(path: Path | str) -> Checkpoint:
     """Load and validate a checkpoint (see the module docstring for what is checked)."""
     path = Path(path)
-    header = _header(path)
+    header = read_header(path)
     if "vcemri" not in header:
         raise ModelError(f"{path} is not a vcemri checkpoint (no vcemri metadata)")
     try:

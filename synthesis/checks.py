@@ -91,7 +91,8 @@ MAX_HEAD_WIDTH_MM = 260.0
 #: How far outside the training ranges slice thickness and pixel spacing may lie (factor).
 GEOMETRY_FACTOR = 2.0
 
-NAMES = {"t1w": "T1w", "t2w": "T2w"}
+NAMES = {"t1w": "T1w", "t2w": "T2w", "t2w_fs": "fat-suppressed T2w", "stir": "STIR",
+         "dwi": "DWI", "adc": "ADC map"}
 
 
 def _median_at(values: np.ndarray, where: np.ndarray, head: np.ndarray) -> float:
@@ -245,11 +246,12 @@ def header_weighting(info: SeriesInfo) -> str | None:
     return None
 
 
-def header(t1w: SeriesInfo, t2w: SeriesInfo) -> list[str]:
-    """A series whose own TR/TE/TI say the other weighting than its role."""
+def header(t1w: SeriesInfo, t2w: SeriesInfo | None) -> list[str]:
+    """A series whose own TR/TE/TI say the other weighting than its role (the T1w alone
+    when a model is given no T2w)."""
     reasons = []
     for role, info, wrong in (("t1w", t1w, "T2"), ("t2w", t2w, "T1")):
-        if header_weighting(info) == wrong:
+        if info is not None and header_weighting(info) == wrong:
             timing = ", ".join(f"{label} {value:g} ms" for label, value in (
                 ("TR", info.repetition_time_ms), ("TE", info.echo_time_ms),
                 ("TI", info.inversion_time_ms)) if value is not None)
@@ -280,22 +282,33 @@ def geometry(slice_spacing_mm: float, pixel_spacing_mm: float,
 def content_checks(arrays: Mapping[str, np.ndarray], head: np.ndarray,
                    spacing_mm: tuple[float, float],
                    heads: Mapping[str, np.ndarray] | None = None) -> tuple[list[str], dict]:
-    """Every content check on a T1w and T2w on one grid ((slices, rows, columns), scanner
+    """Every content check on a study's inputs on one grid ((slices, rows, columns), scanner
     units) with the T1w's head mask (and, for the misregistration check, each series' own
-    head mask in ``heads``); returns the reasons and the contrast evidence."""
+    head mask in ``heads``); returns the reasons and the contrast evidence. The checks that
+    compare two series (same content, contrast ordering, misregistration) need the T1w and
+    the T2w; every input is checked for signal; DWI and ADC, low-resolution EPI whose
+    distortion moves the head, are not checked for signal outside the T1w's head."""
     reasons: list[str] = []
-    for role in ("t1w", "t2w"):
+    for role in arrays:
         reasons += signal(role, arrays[role], head)
     if reasons:  # noise or nothing: the other checks would only repeat it
         return reasons, {}
-    reasons += same_content(arrays["t1w"], arrays["t2w"], head)
-    found, evidence = contrast(arrays["t1w"], arrays["t2w"], head) if not reasons else ([], {})
-    reasons += found
+    pair = "t1w" in arrays and "t2w" in arrays
+    evidence: dict = {}
+    if pair:
+        reasons += same_content(arrays["t1w"], arrays["t2w"], head)
+        found, evidence = contrast(arrays["t1w"], arrays["t2w"], head) if not reasons \
+            else ([], {})
+        reasons += found
+    anatomical = [r for r in ("t1w", "t2w") if r in arrays]
     # each series' artefacts outside the head both show: a ghost enlarges its own series' mask
-    shared = head if heads is None else heads["t1w"] & heads["t2w"]
-    for role in ("t1w", "t2w"):
+    shared = head
+    if heads is not None:
+        for role in anatomical:
+            shared = shared & heads[role]
+    for role in anatomical:
         reasons += artefacts(role, arrays[role], shared, spacing_mm)
     reasons += body(head, spacing_mm)
-    if heads is not None:
+    if heads is not None and pair:
         reasons += misregistration(heads, spacing_mm)
     return reasons, evidence

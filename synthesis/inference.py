@@ -21,7 +21,7 @@ The delivered VCE is the mean of the plain and the mirrored pass.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -80,12 +80,15 @@ class Predictor:
         return getattr(self.model, "guidance", None) is not None
 
     def predict(self, inputs: np.ndarray, mirror: bool = False,
-                aux: bool = False) -> Any:
+                aux: bool = False, present: Sequence[bool] | None = None) -> Any:
         """(N, C, H, W) -> (N, H, W) float32; ``mirror`` runs on left-right mirrored inputs
         and mirrors the outputs back; ``aux`` (a model with the confidence module) also
         returns its learned maps, (N, 2, H, W): the confidence of the half-resolution
-        intermediate image (upsampled) and the expected absolute error of the VCE."""
+        intermediate image (upsampled) and the expected absolute error of the VCE.
+        ``present`` (a model that accepts subsets of its inputs, seed 003) flags the inputs
+        acquired; the others' channels are ignored."""
         outputs, confidences = [], []
+        extra = {} if present is None else {"present": list(present)}
         with torch.inference_mode(), self._autocast():  # type: ignore[attr-defined]
             for part in _chunks(len(inputs), self.batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(inputs[part])).to(self.device)
@@ -101,7 +104,7 @@ class Predictor:
                         maps = torch.flip(maps, dims=[-1])
                     confidences.append(maps.cpu())
                 else:
-                    out = self.model(batch)
+                    out = self.model(batch, **extra)
                 out = out.float()
                 if mirror:
                     out = torch.flip(out, dims=[-1])

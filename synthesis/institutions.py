@@ -63,7 +63,7 @@ def _in(value: float | None, bounds: tuple[float, float] | None, slack: float = 
 
 
 def _header_score(profile: InstitutionProfile, t1w: SeriesInfo,
-                  t2w: SeriesInfo) -> tuple[float, bool, list[str]]:
+                  t2w: SeriesInfo | None) -> tuple[float, bool, list[str]]:
     score, identified, evidence = 0.0, False, []
     name = _norm(t1w.institution_name)
     if name and name in {_norm(n) for n in profile.institution_names}:
@@ -94,7 +94,7 @@ def _header_score(profile: InstitutionProfile, t1w: SeriesInfo,
                             f"{profile.field_strength_t:g} T")
     for role, info in (("t1w", t1w), ("t2w", t2w)):
         ranges = profile.sequences.get(role)
-        if ranges is None:
+        if ranges is None or info is None:
             continue
         for label, value, bounds in (("TR", info.repetition_time_ms, ranges.repetition_time_ms),
                                      ("TE", info.echo_time_ms, ranges.echo_time_ms)):
@@ -121,9 +121,10 @@ def _intensity_distance(profile: InstitutionProfile, means: dict[str, float]) ->
     return total / used if used else None
 
 
-def classify(t1w: SeriesInfo, t2w: SeriesInfo, means: dict[str, float],
+def classify(t1w: SeriesInfo, t2w: SeriesInfo | None, means: dict[str, float],
              profiles: Sequence[InstitutionProfile]) -> InstitutionDecision:
-    """Decide where a study comes from (see the module docstring)."""
+    """Decide where a study comes from (see the module docstring); a study without a T2w
+    is judged on its T1w alone."""
     if not profiles:
         return InstitutionDecision(False, None, None, 0.0,
                                    ["the model stores no institution profiles"], "none")

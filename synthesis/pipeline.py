@@ -12,6 +12,7 @@ score) -> back to the T1w grid -> back to scanner units (T1w statistics, EDM und
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,22 +20,22 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from config import InputError, ModelError
+from config import InputError
 
 from . import checks, edm
-from .alignment import Alignment, AlignMode, align, field_overlap
+from .alignment import IDENTITY, Alignment, AlignMode, align, field_overlap
 from .checkpoint import Checkpoint, load_checkpoint
 from .edm import EDMFactors
 from .inference import TOLERANCE, Predictor, resolve_device, with_confidence
 from .institutions import InstitutionDecision, classify
+from .model_inputs import BUILTIN_CHECKPOINT as BUILTIN_CHECKPOINT  # where tests look
+from .model_inputs import requirements, resolve_checkpoint
 from .normalization import Normalization, Statistics
-from .preprocess import clean_pair, mask_to_model_grid
+from .preprocess import clean_inputs, mask_to_model_grid
 from .screening import FeatureProbe, Screening, input_checks, judge, ood_score
 from .series import Volume, check_pair
+from .study import INPUT_NAMES, ROLE_NAMES
 from .transforms import Chain, ExternalDistributionMatching, ModelGrid, Normalize
-
-#: Where the shipped model lives (package data); "builtin" in the configuration means it.
-BUILTIN_CHECKPOINT = Path(__file__).with_name("weights") / "vcemri-default.safetensors"
 
 
 class RejectedStudy(InputError):
@@ -69,7 +70,7 @@ class SynthesisResult:
     vce: Volume
     confidence: sitk.Image | None
     t1w: Volume
-    t2w: Volume  # on the T1w grid
+    t2w: Volume | None  # on the T1w grid; None when the model was given none
     institution: InstitutionDecision
     edm: EDMFactors
     screening: Screening
@@ -84,12 +85,21 @@ class SynthesisResult:
     #: scanner units of one normalised unit (the T1w's head standard deviation, EDM undone):
     #: a confidence c means an expected error of TOLERANCE (1 - c) / c of these
     confidence_unit: float | None = None
+    #: the model input each series filled ({"t1w": Volume, "dwi": Volume, ...}, on the T1w
+    #: grid): what the network saw, in the model's input order
+    inputs: dict[str, Volume] = field(default_factory=dict)
+
+    @property
+    def input_line(self) -> str:
+        """Which series the network was given, for descriptions and captions: 'T1w + T2w'."""
+        return " + ".join(INPUT_NAMES.get(r, r) for r in self.inputs)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able record (UIDs only: no patient identity)."""
         return {
             "t1w_series_uid": self.t1w.info.series_uid,
-            "t2w_series_uid": self.t2w.info.series_uid,
+            "t2w_series_uid": None if self.t2w is None else self.t2w.info.series_uid,
+            "inputs": {role: volume.info.series_uid for role, volume in self.inputs.items()},
             "study_uid": self.t1w.info.study_uid,
             "frame_of_reference_uid": self.t1w.info.frame_of_reference_uid,
             "model": self.model,
@@ -108,18 +118,6 @@ class SynthesisResult:
         }
 
 
-def resolve_checkpoint(name: str | Path) -> Path:
-    """``builtin`` -> the shipped model; anything else is a path."""
-    if str(name) != "builtin":
-        return Path(name)
-    if not BUILTIN_CHECKPOINT.is_file():
-        raise ModelError(
-            f"the built-in model {BUILTIN_CHECKPOINT} is missing from this installation",
-            hint="reinstall vcemri, or pass --model CKPT / set models.default.checkpoint",
-        )
-    return BUILTIN_CHECKPOINT
-
-
 class Synthesizer:
     """A loaded model ready to synthesize studies with the given options."""
 
@@ -132,6 +130,9 @@ class Synthesizer:
         self.normalization = Normalization(meta.normalization.method,  # type: ignore[arg-type]
                                            meta.normalization.level)  # type: ignore[arg-type]
         self.inputs = tuple(getattr(self.checkpoint.generator, "inputs", ("t1w", "t2w")))
+        #: trained with modality dropout (seed 003): any non-empty subset of the inputs works
+        self.accepts_subsets = bool(getattr(self.checkpoint.generator, "accepts_subsets",
+                                            False))
         self.predictor = Predictor(self.checkpoint.generator, resolve_device(self.options.device),
                                    self.options.batch_size)
 
@@ -143,18 +144,50 @@ class Synthesizer:
                 "weights_sha256": self.checkpoint.weights_sha256,
                 "description": meta.description}
 
+    @property
+    def required_inputs(self) -> tuple[str, ...]:
+        """The series a study must have for this model (``model_inputs.requirements``)."""
+        return requirements(self.inputs, self.accepts_subsets)[0]
+
+    @property
+    def optional_inputs(self) -> tuple[str, ...]:
+        """Inputs used when present (a model that accepts subsets)."""
+        return requirements(self.inputs, self.accepts_subsets)[1]
+
+    def _chosen(self, given: dict[str, Volume], use: Sequence[str] | None) -> tuple[str, ...]:
+        """The inputs the network gets: those of its inputs given (and in ``use``); refuses
+        a study that misses one the model cannot do without, naming it."""
+        chosen = tuple(m for m in self.inputs if m in given and (use is None or m in use))
+        missing = [m for m in self.inputs if m not in chosen]
+        if missing and not self.accepts_subsets:
+            names = " and ".join(f"a {ROLE_NAMES.get(m, m)} series" for m in missing)
+            raise InputError(
+                f"this model ({self.checkpoint.meta.architecture.name}) needs {names}, which "
+                "the study does not have; it takes " + " + ".join(
+                    INPUT_NAMES.get(m, m) for m in self.inputs),
+                hint="send the missing series, or route the study to a model trained for "
+                     "fewer inputs (IMPORTANT-Net with --modality-dropout)")
+        if not chosen:
+            raise InputError("none of the series this model reads ("
+                             + ", ".join(INPUT_NAMES.get(m, m) for m in self.inputs)
+                             + ") was given")
+        return chosen
+
     def _dataset_stats(self, modality: str) -> Statistics | None:
         stats = self.checkpoint.meta.normalization.dataset_statistics.get(modality)
         return None if stats is None else Statistics(stats.mean, stats.std, stats.minimum,
                                                      stats.maximum)
 
-    def run(self, t1w: Volume, t2w: Volume, screen: bool | None = None,
-            enforce: bool = True) -> SynthesisResult:
+    def run(self, t1w: Volume, t2w: Volume | None = None, screen: bool | None = None,
+            enforce: bool = True, *, extra: Mapping[str, Volume] | None = None,
+            use: Sequence[str] | None = None) -> SynthesisResult:
         """Synthesize the VCE-T1w for one study; raises :class:`RejectedStudy` (with every
         reason) when screening refuses it and :class:`InputError` for unusable input.
         ``screen`` overrides the options' (False: no screening at all); with ``enforce``
         False screening is recorded in the result but refuses nothing (a study an
-        administrator forces through)."""
+        administrator forces through). ``extra`` holds further inputs by role (``dwi``, ...)
+        and ``use`` limits what the network is given (a model that accepts subsets; the T1w
+        still sets the output's grid and scanner units)."""
         screen = self.options.screen if screen is None else screen
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -171,25 +204,36 @@ class Synthesizer:
             if reasons and enforce:
                 raise RejectedStudy(judge(reasons, None, None, evidence=evidence))
 
-        check_pair(t1w, t2w)
-        overlap = field_overlap(t1w, t2w)
+        given = {"t1w": t1w, **({} if t2w is None else {"t2w": t2w}), **(extra or {})}
+        chosen = self._chosen(given, use)
+        # the T1w always: its grid, head and statistics are the output's
+        others = {m: v for m, v in given.items() if m != "t1w" and m in chosen}
+        for role, volume in others.items():
+            check_pair(t1w, volume, INPUT_NAMES.get(role, role))
+        overlap = min((field_overlap(t1w, v) for v in others.values()), default=1.0)
         meta = self.checkpoint.meta
         if screen:  # before registering: registration needs overlap
             reasons += input_checks(t1w.shape[0], t1w.info.body_part, overlap,
                                     min_slices=self.options.min_slices)
-            reasons += checks.header(t1w.info, t2w.info)
+            reasons += checks.header(t1w.info, others["t2w"].info if "t2w" in others
+                                     else None)
             spacing = t1w.image.GetSpacing()
             reasons += checks.geometry(spacing[2], min(spacing[:2]), meta.acquisition)
             refuse_if_unfit()
-        t2w_on_grid, alignment = align(t1w, t2w, self.options.align,
-                                       self.options.align_tolerance_mm)
+        on_grid: dict[str, Volume] = {"t1w": t1w}
+        alignment = Alignment(self.options.align, False, False, IDENTITY, (0.0, 0.0, 0.0),
+                              0.0, None, "no other series to align")
+        for role, volume in others.items():
+            on_grid[role], aligned = align(t1w, volume, self.options.align,
+                                           self.options.align_tolerance_mm)
+            if role == "t2w" or "t2w" not in others:
+                alignment = aligned
         # An implausible registration is not applied and says so (alignment.note): the
         # scanner's alignment is kept and the study is not rejected for it.
         lap("align")
 
-        raw = {"t1w": np.asarray(t1w.array, np.float32),
-               "t2w": np.asarray(t2w_on_grid.array, np.float32)}
-        arrays, masks = clean_pair(raw["t1w"], raw["t2w"])
+        raw = {m: np.asarray(v.array, np.float32) for m, v in on_grid.items()}
+        arrays, masks = clean_inputs(raw)
         if screen:
             spacing = t1w.image.GetSpacing()
             found, evidence = checks.content_checks(raw, masks["t1w"], (spacing[1], spacing[0]),
@@ -201,7 +245,9 @@ class Synthesizer:
         lap("background")
 
         profiles = meta.institutions
-        decision = classify(t1w.info, t2w.info, means, profiles)
+        t2w_on_grid = on_grid.get("t2w")
+        decision = classify(t1w.info, None if t2w_on_grid is None else t2w_on_grid.info,
+                            {m: v for m, v in means.items() if m in edm.MODALITIES}, profiles)
         factors = EDMFactors()
         if self.normalization.scale_invariant:
             factors = edm.not_applicable(self.normalization.describe())
@@ -209,9 +255,13 @@ class Synthesizer:
             factors = EDMFactors(note="EDM switched off")
         elif not decision.known and decision.closest is not None:
             reference = next(p for p in profiles if p.key == decision.closest)
-            if all(reference.patient_mean.get(m) for m in edm.MODALITIES) and all(
+            if all(m in means for m in edm.MODALITIES) and all(
+                    reference.patient_mean.get(m) for m in edm.MODALITIES) and all(
                     means[m] > 0 for m in edm.MODALITIES):
                 factors = edm.factors(reference.patient_mean, means, reference.key)
+            elif not all(m in means for m in edm.MODALITIES):
+                factors = EDMFactors(note="EDM not applied: it matches the T1w and the T2w "
+                                          "together, and the model was given no T2w")
         lap("institution")
 
         # the way there and, in reverse, the way back (synthesis.transforms)
@@ -222,22 +272,28 @@ class Synthesizer:
         grid = steps.forward(arrays)
         # one normalised unit of the output in the T1w's scanner units (what confidence means)
         unit = float(np.mean([s.std for s in normalize.statistics["t1w"]])) / factors.t1w
-        model_inputs = np.stack([grid[m] for m in self.inputs], 1)
+        blank = np.zeros_like(grid["t1w"])
+        model_inputs = np.stack([grid[m] if m in chosen else blank for m in self.inputs], 1)
+        present = [m in chosen for m in self.inputs] if self.accepts_subsets else None
+        complete = len(chosen) == len(self.inputs)
         lap("normalize")
 
         fitness = fitness_threshold = None
-        if screen and self.checkpoint.fitness is not None and meta.fitness is not None:
+        # the fitness classifier reads a T1w and a T2w; the OOD calibration holds for the
+        # inputs the model was calibrated with: a subset is judged by the checks above
+        if screen and self.checkpoint.fitness is not None and meta.fitness is not None \
+                and "t2w" in grid:
             fitness = self.predictor.score(self.checkpoint.fitness,
                                            np.stack([grid[m] for m in ("t1w", "t2w")], 1))
             fitness_threshold = meta.fitness.threshold
         calibration = meta.ood
         probe = None
-        if screen and calibration.threshold is not None:
+        if screen and calibration.threshold is not None and complete:
             probe = FeatureProbe(self.predictor.model, calibration.feature)
         guided = self.predictor.guided and meta.confidence is not None
         learned = None
         try:
-            output = self.predictor.predict(model_inputs, aux=guided)
+            output = self.predictor.predict(model_inputs, aux=guided, present=present)
         finally:
             if probe is not None:
                 probe.close()
@@ -246,7 +302,8 @@ class Synthesizer:
         score = None if probe is None else ood_score(probe.study_vector(), calibration)
         confidence = None
         if self.options.confidence:
-            mirrored = self.predictor.predict(model_inputs, mirror=True, aux=guided)
+            mirrored = self.predictor.predict(model_inputs, mirror=True, aux=guided,
+                                              present=present)
             if guided:
                 mirrored, learned_mirrored = mirrored
                 learned = (learned + learned_mirrored) / 2.0
@@ -278,4 +335,5 @@ class Synthesizer:
         return SynthesisResult(Volume(vce_image, t1w.info, t1w.sources), confidence_image, t1w,
                                t2w_on_grid, decision, factors, screening, alignment,
                                self.model_info, head, timings, model_grid,
-                               unit if confidence is not None else None)
+                               unit if confidence is not None else None,
+                               {m: on_grid[m] for m in self.inputs if m in chosen})

@@ -18,6 +18,8 @@ way back is the exact inverse mapping, not a restoration of the detail the small
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -101,17 +103,30 @@ def foreground(volume: np.ndarray) -> np.ndarray:
     return filled
 
 
+def clean_inputs(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                             dict[str, np.ndarray]]:
+    """Head masks and background-free inputs (one grid, the T1w's), exactly as training and
+    inference both need them: one function, so the two can never drift apart. The T1w and
+    the T2w have their own head masks (a T2w without a usable one borrows the T1w's); other
+    inputs (DWI, ADC: low resolution, distorted, whose foreground is not the head's outline)
+    take the T1w's."""
+    t1w = arrays["t1w"]
+    masks = {"t1w": foreground(t1w)}
+    for role, volume in arrays.items():
+        if role == "t2w":
+            masks[role] = foreground(volume)
+            if not masks[role].any():
+                masks[role] = masks["t1w"]
+        elif role != "t1w":
+            masks[role] = masks["t1w"]
+    clean = {role: remove_background(volume, masks[role]) for role, volume in arrays.items()}
+    return clean, masks
+
+
 def clean_pair(t1w: np.ndarray, t2w: np.ndarray) -> tuple[dict[str, np.ndarray],
                                                            dict[str, np.ndarray]]:
-    """Head masks and background-free T1w and T2w (on one grid), exactly as training and
-    inference both need them: one function, so the two can never drift apart. A T2w without
-    a usable head mask borrows the T1w's."""
-    masks = {"t1w": foreground(t1w), "t2w": foreground(t2w)}
-    if not masks["t2w"].any():
-        masks["t2w"] = masks["t1w"]
-    clean = {"t1w": remove_background(t1w, masks["t1w"]),
-             "t2w": remove_background(t2w, masks["t2w"])}
-    return clean, masks
+    """:func:`clean_inputs` of a T1w and a T2w."""
+    return clean_inputs({"t1w": t1w, "t2w": t2w})
 
 
 def remove_background(volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

@@ -44,7 +44,8 @@ class ExternalDistributionMatching(InvertibleStep):
     name = "edm"
 
     def forward(self, arrays: Arrays) -> Arrays:
-        return {m: edm.apply(x, getattr(self.factors, m)) for m, x in arrays.items()}
+        # EDM matches T1w and T2w (seed 000 eq. 1); other inputs pass unchanged
+        return {m: edm.apply(x, getattr(self.factors, m, 1.0)) for m, x in arrays.items()}
 
     def inverse(self, output: np.ndarray) -> np.ndarray:
         return (np.asarray(output, np.float32) / np.float32(self.factors.t1w)).astype(np.float32)

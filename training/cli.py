@@ -37,9 +37,10 @@ def _institution_list(text: str) -> tuple[str, ...]:
 
 def _modalities(text: str) -> tuple[str, ...]:
     values = tuple(v.strip().lower() for v in text.split(",") if v.strip())
-    if not values or any(v not in ("t1w", "t2w") for v in values) or len(set(values)) < len(
-            values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give t1w, t2w or t1w,t2w")
+    if not values or any(v not in ("t1w", "t2w", "dwi", "adc") for v in values) or len(
+            set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give t1w, t2w or t1w,t2w (IMPORTANT-Net "
+                                         "also dwi and adc, e.g. t1w,t2w,dwi)")
     return values
 
 
@@ -172,8 +173,16 @@ def _refit(args: argparse.Namespace) -> int:
 
 
 def _model_argument(text: str) -> tuple[str, Path]:
+    from synthesis import INPUT_NAMES
+
+    from .evaluate import model_spec
+
     label, _, path = text.rpartition("=")
-    return (label or Path(path).parent.name or Path(path).stem), Path(path)
+    checkpoint, subset = model_spec(path)
+    default = checkpoint.parent.name or checkpoint.stem
+    if subset:
+        default += " {" + ", ".join(INPUT_NAMES.get(r, r) for r in subset) + "}"
+    return (label or default), Path(path)
 
 
 def add_commands(commands: Any) -> None:
@@ -204,7 +213,8 @@ def add_commands(commands: Any) -> None:
                          "003's important (IMPORTANT-Net)")
     trainer.add_argument("--inputs", type=_modalities, default=("t1w", "t2w"), metavar="LIST",
                          help="input modalities of unet/pix2pix/important: t1w, t2w or t1w,t2w "
-                         "(default both); cyclegan: t1w or t2w")
+                         "(default both); important also dwi, adc (the manifest's dwi/adc "
+                         "series, e.g. t1w,t2w,dwi); cyclegan: t1w or t2w")
     trainer.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
                          help="IMPORTANT-Net: hide a random non-empty proper subset of the "
                          "inputs in a share P of the steps, so that the checkpoint accepts any "
@@ -282,10 +292,13 @@ def add_commands(commands: Any) -> None:
         "Writes evaluation.csv/.md, significance.csv (paired Wilcoxon tests) and report.html "
         "with example figures and training curves.",
     )
-    evaluator.add_argument("--model", required=True, metavar="[LABEL=]CKPT", action="append",
+    evaluator.add_argument("--model", required=True, metavar="[LABEL=]CKPT[@INPUTS]",
+                           action="append",
                            help="checkpoint to evaluate (builtin: the shipped model); "
                            "repeat to compare models (paired tests between them; the first "
-                           "model's split is used)")
+                           "model's split is used); @t1w, @t2w+dwi, ... gives a model that "
+                           "accepts subsets (IMPORTANT-Net, --modality-dropout) only those "
+                           "inputs")
     evaluator.add_argument("--manifest", required=True, metavar="CSV")
     evaluator.add_argument("--out", required=True, metavar="DIR")
     evaluator.add_argument("--groups", default="internal,external",

@@ -6,7 +6,8 @@ Manifests, paths relative to the manifest; each series a DICOM folder or an imag
 (NIfTI ``.nii``/``.nii.gz``, NRRD, MetaImage); ``mask`` (optional) a tumour label image:
 
 - CSV, one row per series: ``patient,institution,role,path`` with roles ``t1w``, ``t2w``,
-  ``ce`` (required) and ``mask`` (the simulator's ``manifest.csv``; other roles are ignored);
+  ``ce`` (required), ``mask``, ``dwi`` and ``adc`` (the simulator's ``manifest.csv``; other
+  roles are ignored);
 - CSV, one row per patient: ``patient,institution,t1w,t2w,ce[,mask]``;
 - YAML (``.yaml``/``.yml``): a list of mappings with those keys, or ``patients:`` holding one.
 
@@ -40,7 +41,10 @@ class PatientEntry:
     paths: dict[str, Path]
 
 
-PER_PATIENT = ("t1w", "t2w", "ce", "mask")
+#: Inputs a manifest may add for models trained with them (seed 003; the simulator's --dwi).
+OPTIONAL_INPUTS = ("dwi", "adc")
+
+PER_PATIENT = ("t1w", "t2w", "ce", "mask", *OPTIONAL_INPUTS)
 
 
 def _csv_records(path: Path) -> list[tuple[str, dict[str, str]]]:
@@ -150,7 +154,8 @@ class PreparedPatient:
 
 
 class SliceCache:
-    """Memory-mapped model-grid slices of every patient: inputs (N, 2, H, W) float16 and
+    """Memory-mapped model-grid slices of every patient: inputs (N, C, H, W) float16 (the
+    channels are :attr:`roles`: T1w and T2w, then any further input a model trains on) and
     targets (N, H, W) float16, with the index of each patient's slices."""
 
     def __init__(self, folder: Path) -> None:
@@ -161,6 +166,8 @@ class SliceCache:
         self.inputs = np.load(self.folder / "inputs.npy", mmap_mode="r")
         self.targets = np.load(self.folder / "targets.npy", mmap_mode="r")
         self.normalization = index["normalization"]
+        #: the input channels, in order
+        self.roles: tuple[str, ...] = tuple(index.get("roles", ("t1w", "t2w")))
         #: dataset-level normalization's statistics per modality ({} at other levels)
         self.dataset_statistics = {role: synthesis.Statistics(**values) for role, values in
                                    index.get("dataset_statistics", {}).items()}
@@ -178,7 +185,8 @@ CACHE_FORMAT = 3
 
 
 def _key(entries: list[PatientEntry], normalization: synthesis.Normalization,
-         dataset: Mapping[str, synthesis.Statistics] | None = None) -> str:
+         dataset: Mapping[str, synthesis.Statistics] | None = None,
+         extra: tuple[str, ...] = ()) -> str:
     digest = hashlib.sha256()
     for entry in entries:
         for role in sorted(entry.paths):
@@ -189,20 +197,28 @@ def _key(entries: list[PatientEntry], normalization: synthesis.Normalization,
     digest.update(f"{normalization.method}|{normalization.level}|{CACHE_FORMAT}".encode())
     for role, stats in sorted((dataset or {}).items()):
         digest.update(f"{role}|{stats.as_dict()}".encode())
+    if extra:
+        digest.update(f"inputs|{extra}".encode())
     return digest.hexdigest()[:16]
 
 
-def _load(entry: PatientEntry) -> tuple[dict[str, synthesis.Volume], dict[str, np.ndarray],
-                                        dict[str, np.ndarray]]:
-    """One patient's series (checked to be one study), the T2w and CE resampled onto the
-    T1w, background removed: (volumes, clean arrays, head masks); InputError names what
-    is wrong."""
-    volumes = {role: synthesis.read_volume(entry.paths[role]) for role in REQUIRED_ROLES}
+def _load(entry: PatientEntry, extra: tuple[str, ...] = ()) -> tuple[
+        dict[str, synthesis.Volume], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One patient's series (checked to be one study), the T2w, CE and ``extra`` inputs
+    (DWI, ...) resampled onto the T1w, background removed as the pipeline removes it:
+    (volumes, clean arrays, head masks); InputError names what is wrong."""
+    missing = [role for role in extra if role not in entry.paths]
+    if missing:
+        raise InputError(f"the manifest gives it no {', '.join(missing)} series, which the "
+                         "model is trained on")
+    roles = (*REQUIRED_ROLES, *extra)
+    volumes = {role: synthesis.read_volume(entry.paths[role]) for role in roles}
     # image files carry no identity to compare: the manifest vouches for them
-    if not any(synthesis.is_image_file(entry.paths[r]) for r in REQUIRED_ROLES):
-        synthesis.check_pair(volumes["t1w"], volumes["t2w"])
-        synthesis.check_pair(volumes["t1w"], volumes["ce"])
-    for role in ("t2w", "ce"):
+    if not any(synthesis.is_image_file(entry.paths[r]) for r in roles):
+        for role in roles[1:]:
+            synthesis.check_pair(volumes["t1w"], volumes[role],
+                                 synthesis.INPUT_NAMES.get(role, role.upper()))
+    for role in roles[1:]:
         covered = synthesis.field_overlap(volumes["t1w"], volumes[role])
         if covered < synthesis.MIN_OVERLAP:
             raise InputError(
@@ -211,17 +227,18 @@ def _load(entry: PatientEntry) -> tuple[dict[str, synthesis.Volume], dict[str, n
                 "anatomy in the same place; check their geometry")
     t1 = volumes["t1w"]
     arrays = {"t1w": np.asarray(t1.array, np.float32)}
-    for role in ("t2w", "ce"):
+    for role in roles[1:]:
         arrays[role] = np.asarray(synthesis.resample_onto(volumes[role], t1).array, np.float32)
-    clean, masks = synthesis.clean_pair(arrays["t1w"], arrays["t2w"])
+    ce = arrays.pop("ce")
+    clean, masks = synthesis.clean_inputs(arrays)
     if not masks["t1w"].any():
         raise InputError("no head found in the T1w (empty foreground)")
     masks["ce"] = masks["t1w"]
-    clean["ce"] = synthesis.remove_background(arrays["ce"], masks["ce"])
+    clean["ce"] = synthesis.remove_background(ce, masks["ce"])
     return volumes, clean, masks
 
 
-def _each_patient(entries: list[PatientEntry]) -> Iterator[
+def _each_patient(entries: list[PatientEntry], extra: tuple[str, ...] = ()) -> Iterator[
         tuple[PatientEntry, dict[str, synthesis.Volume], dict[str, np.ndarray],
               dict[str, np.ndarray]]]:
     """Every usable patient of ``entries``, loaded (:func:`_load`); once all are read, raises
@@ -229,7 +246,7 @@ def _each_patient(entries: list[PatientEntry]) -> Iterator[
     problems = []
     for entry in entries:
         try:
-            volumes, clean, masks = _load(entry)
+            volumes, clean, masks = _load(entry, extra)
         except VcemriError as exc:
             problems.append(f"patient {entry.patient}: {exc}")
             continue
@@ -238,43 +255,53 @@ def _each_patient(entries: list[PatientEntry]) -> Iterator[
         raise InputError(f"{len(problems)} patient(s) cannot be used: " + "; ".join(problems))
 
 
-def dataset_statistics(entries: list[PatientEntry]) -> dict[str, synthesis.Statistics]:
-    """Head intensity statistics of T1w and T2w over every patient of ``entries`` (the
-    training patients), pooled by voxel count: what dataset-level normalization (seed 001)
-    divides by, stored in the model."""
+def dataset_statistics(entries: list[PatientEntry], inputs: tuple[str, ...] = ("t1w", "t2w")
+                       ) -> dict[str, synthesis.Statistics]:
+    """Head intensity statistics of T1w, T2w (and any further ``inputs``) over every patient
+    of ``entries`` (the training patients), pooled by voxel count: what dataset-level
+    normalization (seed 001) divides by, stored in the model."""
     if not entries:
         raise InputError("dataset-level normalization needs training patients")
-    parts: dict[str, list[synthesis.Statistics]] = {"t1w": [], "t2w": []}
-    counts: dict[str, list[float]] = {"t1w": [], "t2w": []}
-    for _, _, clean, masks in _each_patient(entries):
+    roles = _roles(inputs)
+    parts: dict[str, list[synthesis.Statistics]] = {r: [] for r in roles}
+    counts: dict[str, list[float]] = {r: [] for r in roles}
+    for _, _, clean, masks in _each_patient(entries, roles[2:]):
         for role in parts:
             parts[role].append(synthesis.Statistics.of(clean[role][masks[role]]))
             counts[role].append(float(masks[role].sum()))
     return {role: synthesis.Statistics.pooled(parts[role], counts[role]) for role in parts}
 
 
+def _roles(inputs: tuple[str, ...]) -> tuple[str, ...]:
+    """The cache's input channels for a model reading ``inputs``: T1w and T2w always (the
+    fitness classifier, OOD calibration and metrics read them), then the others."""
+    return ("t1w", "t2w", *(r for r in inputs if r not in ("t1w", "t2w")))
+
+
 def prepare(entries: list[PatientEntry], cache_root: Path,
             normalization: synthesis.Normalization, progress=None,
-            dataset: Mapping[str, synthesis.Statistics] | None = None) -> SliceCache:
+            dataset: Mapping[str, synthesis.Statistics] | None = None,
+            inputs: tuple[str, ...] = ("t1w", "t2w")) -> SliceCache:
     """Preprocess every patient once (reused while the inputs are unchanged); ``dataset``:
     the training set's statistics (:func:`dataset_statistics`), for dataset-level
-    normalization."""
+    normalization; ``inputs``: the series the model reads (T1w and T2w are always kept)."""
     if normalization.level == "dataset" and dataset is None:
         raise ValueError("dataset-level normalization needs the training set's statistics")
-    folder = Path(cache_root) / _key(entries, normalization, dataset)
+    roles = _roles(tuple(inputs))
+    folder = Path(cache_root) / _key(entries, normalization, dataset, roles[2:])
     if (folder / "index.json").exists():
         return SliceCache(folder)
     inputs, targets, patients, offsets = [], [], [], []
     total = 0
-    for entry, volumes, clean, masks in _each_patient(entries):
+    for entry, volumes, clean, masks in _each_patient(entries, roles[2:]):
         t1 = volumes["t1w"]
         stats = {role: normalization.statistics(clean[role], masks[role],
                                                 (dataset or {}).get(role))
-                 for role in ("t1w", "t2w")}
+                 for role in roles}
         normalized = {role: normalization.normalize_volume(clean[role], stats[role])
-                      for role in ("t1w", "t2w")}
+                      for role in roles}
         target = normalization.normalize_volume(clean["ce"], stats["t1w"], target=True)
-        grid_inputs = synthesis.to_model_grid(np.stack([normalized["t1w"], normalized["t2w"]], 1))
+        grid_inputs = synthesis.to_model_grid(np.stack([normalized[r] for r in roles], 1))
         grid_target = synthesis.to_model_grid(target)
         inputs.append(grid_inputs.numpy().astype(np.float16))
         targets.append(grid_target.numpy().astype(np.float16))
@@ -300,6 +327,7 @@ def prepare(entries: list[PatientEntry], cache_root: Path,
     (folder / "index.json").write_text(json.dumps({
         "patients": [p.__dict__ for p in patients], "offsets": offsets,
         "normalization": {"method": normalization.method, "level": normalization.level},
+        "roles": list(roles),
         "dataset_statistics": {role: stats.as_dict()
                                for role, stats in (dataset or {}).items()}}))
     return SliceCache(folder)

@@ -171,6 +171,22 @@ def _labels(models: Path | list[Path] | dict[str, Path]) -> dict[str, Path]:
     return labels
 
 
+#: Inputs a model may be limited to with ``CKPT@t1w+t2w`` (seed 003's subsets).
+SUBSET_ROLES = ("t1w", "t2w", "dwi", "adc")
+
+
+def model_spec(path: Path | str) -> tuple[Path, tuple[str, ...] | None]:
+    """``CKPT`` or ``CKPT@t1w+dwi`` -> (checkpoint, the inputs the network is given; None:
+    every one it reads). A model that accepts subsets (IMPORTANT-Net trained with modality
+    dropout) is then measured on that subset; the T1w still sets the output's grid and
+    scanner units."""
+    text = str(path)
+    base, at, subset = text.rpartition("@")
+    if at and subset and all(r in SUBSET_ROLES for r in subset.split("+")):
+        return Path(base), tuple(subset.split("+"))
+    return Path(text), None
+
+
 def _example_slice(tumour: np.ndarray | None, depth: int) -> int:
     if tumour is not None and tumour.any():
         return int(np.argmax(tumour.reshape(depth, -1).sum(axis=1)))
@@ -194,9 +210,11 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
     service = planning.SynthesisService(Settings())
     entries = read_manifest(manifest)
     first = next(iter(labelled))
-    synthesizer, _ = service.synthesizer(checkpoint=str(labelled[first]), device=device,
+    specs = {label: model_spec(path) for label, path in labelled.items()}
+    synthesizer, _ = service.synthesizer(checkpoint=str(specs[first][0]), device=device,
                                          edm=edm)
-    split = _split(labelled[first], synthesizer.checkpoint, entries, manifest)
+    split = _split(specs[first][0], synthesizer.checkpoint, entries, manifest)
+    wanted = {role for _, subset in specs.values() for role in (subset or SUBSET_ROLES)}
     chosen, left_out = [], {}
     for entry in entries:
         group = _group(entry.patient, split) if split else "all"
@@ -212,14 +230,18 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
     for entry, group in chosen:
         t1 = synthesis.read_volume(entry.paths["t1w"])
         t2 = synthesis.read_volume(entry.paths["t2w"])
+        # further inputs (DWI, ADC) for the models that read them
+        extra = {role: synthesis.read_volume(entry.paths[role]) for role in ("dwi", "adc")
+                 if role in wanted and role in entry.paths}
         ce = synthesis.resample_onto(synthesis.read_volume(entry.paths["ce"]), t1)
         tumour = _tumour(entry.paths.get("mask"), t1.image)
         predictions, on_grid, results = {}, {}, {}
         head = None
-        for label, path in labelled.items():
+        for label, (path, subset) in specs.items():
             # screening recorded, not enforced: every patient is scored, refusals counted
             results[label] = service.synthesize(t1, t2, checkpoint=str(path), device=device,
-                                                enforce=False, edm=edm)
+                                                enforce=False, edm=edm, extra=extra,
+                                                use=subset)
             if head is None:
                 head = sitk.GetArrayFromImage(results[label].foreground) > 0
             predictions[label] = results[label].vce.array

@@ -205,7 +205,7 @@ def train_fitness(cache: SliceCache, train: Sequence[str], internal: Sequence[st
     model.train()
     for _ in range(options.steps):
         picked = np.sort(rng.choice(rows, options.batch_size, replace=len(rows) < 2 * half))
-        slices = np.asarray(cache.inputs[picked], np.float32)
+        slices = np.asarray(cache.inputs[picked][:, :2], np.float32)
         batch = [_augment(s, rng) for s in slices[:half]]
         batch += [make_unfit(str(rng.choice(FAULTS)), s, rng) for s in slices[half:]]
         x = torch.from_numpy(np.stack(batch)).to(device)
@@ -224,8 +224,8 @@ def calibrate(model: torch.nn.Module, cache: SliceCache, patients: Sequence[str]
     """The refusal threshold from ``patients`` (fit studies never trained on) and the
     detection of each fault kind on the same studies at that threshold."""
     rng = np.random.default_rng(options.seed + 1)
-    fit = {p: study_logit(model, np.asarray(cache.inputs[cache.rows({p})], np.float32), device)
-           for p in patients}
+    fit = {p: study_logit(model, np.asarray(cache.inputs[cache.rows({p})][:, :2], np.float32),
+                          device) for p in patients}
     scores = np.array(sorted(fit.values()))
     kept = scores[int(np.floor(FALSE_REFUSAL_TARGET * len(scores)))]
     threshold = float(kept - MARGIN)
@@ -233,7 +233,7 @@ def calibrate(model: torch.nn.Module, cache: SliceCache, patients: Sequence[str]
     for kind in FAULTS:
         unfit = []
         for patient in patients:
-            slices = np.asarray(cache.inputs[cache.rows({patient})], np.float32)
+            slices = np.asarray(cache.inputs[cache.rows({patient})][:, :2], np.float32)
             seed = int(rng.integers(0, 2**31))
             faulty = np.stack([make_unfit(kind, s, np.random.default_rng(seed)) for s in slices])
             unfit.append(study_logit(model, faulty, device))

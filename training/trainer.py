@@ -386,17 +386,19 @@ def _data(manifest: Path, out: Path, options: TrainOptions, place: Distributed,
         (out / "split.json").write_text(json.dumps(split, indent=1))
         dataset = None
         if normalization.level == "dataset":
-            dataset = dataset_statistics([e for e in entries if e.patient in set(split["train"])])
+            dataset = dataset_statistics([e for e in entries if e.patient in set(split["train"])],
+                                         tuple(options.inputs))
             statistics.write_text(json.dumps({k: v.as_dict() for k, v in dataset.items()}))
         cache = prepare(used, out / "cache", normalization, progress=(
             lambda p: progress("prepare", {"patient": p})) if progress else None,
-            dataset=dataset)
+            dataset=dataset, inputs=tuple(options.inputs))
     if place.world > 1:
         dist.barrier()  # the other ranks read the cache rank 0 wrote
     if not place.main:
         dataset = None if normalization.level != "dataset" else {
             k: synthesis.Statistics(**v) for k, v in json.loads(statistics.read_text()).items()}
-        cache = prepare(used, out / "cache", normalization, dataset=dataset)
+        cache = prepare(used, out / "cache", normalization, dataset=dataset,
+                        inputs=tuple(options.inputs))
     return split, cache
 
 
@@ -485,10 +487,11 @@ def train(manifest: Path, out: Path, options: TrainOptions,
     # CycleGAN's discriminators judge one domain's slices alone (unconditional, as its paper)
     discriminator = synthesis.build_model(
         "patchgan", width_multiplier=options.width,
-        conditional=options.architecture != "cyclegan").to(device)
+        conditional=options.architecture != "cyclegan",
+        condition_channels=len(cache.roles)).to(device)
     if options.init is not None:
         _initialize(generator, discriminator, Path(options.init))
-    channels = [("t1w", "t2w").index(m) for m in getattr(generator, "inputs", ("t1w", "t2w"))]
+    channels = [cache.roles.index(m) for m in getattr(generator, "inputs", ("t1w", "t2w"))]
     autocast, amp_dtype = autocast_for(device, options.amp)
     objective = build_objective(options, generator, discriminator, channels, device,
                                 place.world, autocast, amp_dtype == torch.float16)

@@ -1,6 +1,7 @@
 """``vcemri process``: the node's pipeline on a folder, without the network.
 
-Finds the T1w and T2w series (configured series rules), runs ``synthesis``, and writes what the
+Finds the series the model reads (configured series rules: the T1w and T2w, or for a model
+trained on other inputs, e.g. IMPORTANT-Net, those it has), runs ``synthesis``, and writes what the
 TPS would receive (``planning``): the synthetic series, the RTSTRUCT helpers, the review image
 (PNG and Secondary Capture), plus the VCE and confidence as NIfTI and ``result.json``.
 """
@@ -27,10 +28,17 @@ def _process(args: argparse.Namespace) -> int:
     source = Path(args.input)
     if not source.is_dir():
         raise config.InputError(f"input folder {source} does not exist")
-    t1_files, t2_files = synthesis.find_pair(source, settings.series_rules)
-    done = planning.SynthesisService(settings).process(
-        t1_files, t2_files, out, checkpoint=args.model, device=args.device, align=args.register,
-        nifti=True)
+    service = planning.SynthesisService(settings)
+    synthesizer, _ = service.synthesizer(checkpoint=args.model, device=args.device,
+                                         align=args.register)
+    # the series the model reads: a T1w always (the output's grid and units), the rest as
+    # the model needs them or, for a model that accepts subsets, as the folder has them
+    found = synthesis.find_inputs(source, settings.series_rules,
+                                  tuple(dict.fromkeys(("t1w", *synthesizer.inputs))),
+                                  synthesizer.required_inputs)
+    done = service.process(
+        found.pop("t1w"), found.pop("t2w", None), out, checkpoint=args.model,
+        device=args.device, align=args.register, nifti=True, extra_files=found)
     decision = done.summary["institution"]
     where = (f"known institution {decision['institution']}" if decision["known"] else
              f"external (closest training institution {decision['closest']})")
@@ -40,6 +48,8 @@ def _process(args: argparse.Namespace) -> int:
     print(f"RTSTRUCT: {written.rtstruct.path if written.rtstruct else 'none'}" + (
         f" ({'; '.join(written.notes)})" if written.notes else ""))
     print(f"review: {written.review_png} and {written.review.path}")
+    print("inputs: " + ", ".join(f"{synthesis.INPUT_NAMES.get(role, role)} {uid}"
+                                 for role, uid in done.summary["inputs"].items()))
     print(f"institution: {where}, confidence {decision['confidence']:.2f}; "
           f"{done.summary['edm']['line']}")
     print(f"time: {done.summary['timings_s']['total']:.1f} s on {done.device}", file=sys.stderr)
@@ -52,7 +62,8 @@ def add_commands(commands: Any) -> None:
         "process",
         help="synthesize a VCE-T1w for the T1w and T2w series in a folder and write the "
         "DICOM objects for the TPS",
-        description="Find the T1w and T2w series in INPUT_DIR (configured series rules), run "
+        description="Find the T1w and T2w series (or the inputs the model reads: T1w, T2w, DWI, "
+        "...) in INPUT_DIR (configured series rules), run "
         "the synthesis pipeline and write the synthetic series, RTSTRUCT helpers and review "
         "image (DICOM and PNG), the VCE and confidence as NIfTI, and result.json.",
     )
