@@ -289,9 +289,9 @@ class Assembler:
         by ``synthesis.STANDS_IN``), or None and why not; and the route.
 
         Optional inputs (a model that accepts subsets) are waited for: while one is being
-        received, and otherwise until the route's idle time (``series_idle_s``) has passed
-        once more after the study's last instance; never beyond ``study_timeout_s`` after
-        its first."""
+        received, and otherwise one more idle time (the route's ``series_idle_s``) after the
+        required series went quiet (twice the idle time after the study's last instance);
+        never beyond ``study_timeout_s`` after its first."""
         complete = [s for s in series if s["complete_generation"] == s["generation"]]
         t1ws = [s for s in complete if s["role"] == "t1w"]
         anchor = t1ws[-1] if t1ws else (series[-1] if series else None)
@@ -331,7 +331,9 @@ class Assembler:
                 last = max(s["last_received"] for s in series)
                 first = min(s["first_received"] for s in series)
                 bounded = now - first >= self.settings.assembly.study_timeout_s
-                if bounded or (not receiving and now >= last + idle):
+                # a series is complete one idle time after its last instance: the optional
+                # ones get one more
+                if bounded or (not receiving and now >= last + 2 * idle):
                     return {r: chosen[r] for r in ("t1w", *required[1:], *optional)
                             if r in chosen}, "", route
                 return None, (f"{_names(list(chosen))} complete; waiting up to {idle:.0f} s "
