@@ -53,21 +53,24 @@ class SynthesisService:
         self._guard = threading.Lock()
 
     def synthesizer(self, model: str = "default", checkpoint: str | None = None,
-                    device: str | None = None, align: str = "never", edm: bool = True
+                    device: str | None = None, align: str = "never", edm: bool = True,
+                    confidence: bool = True
                     ) -> tuple[synthesis.Synthesizer, threading.Lock]:
         """The loaded pipeline for a configured model (checkpoint and device overridable;
-        ``edm`` False switches external distribution matching off)."""
+        ``edm`` False switches external distribution matching off, ``confidence`` False the
+        mirrored pass and confidence map)."""
         import synthesis
 
         if model not in self.settings.models:
             raise config.ConfigError("configuration", [f"models: no model named {model!r}"])
         choice = self.settings.models[model]
-        key = (str(checkpoint or choice.checkpoint), device or choice.device, align, edm)
+        key = (str(checkpoint or choice.checkpoint), device or choice.device, align, edm,
+               confidence)
         with self._guard:
             if key not in self._synthesizers:
                 options = synthesis.PipelineOptions(device=key[1], batch_size=choice.batch_size,
                                                     align=align,  # type: ignore[arg-type]
-                                                    edm=edm)
+                                                    edm=edm, confidence=confidence)
                 self._synthesizers[key] = synthesis.Synthesizer(key[0], options)
                 self._locks[key] = threading.Lock()
             return self._synthesizers[key], self._locks[key]
@@ -75,14 +78,14 @@ class SynthesisService:
     def synthesize(self, t1w: synthesis.Volume, t2w: synthesis.Volume | None = None, *,
                    model: str = "default", checkpoint: str | None = None,
                    device: str | None = None, align: str = "never",
-                   enforce: bool = True, edm: bool = True,
+                   enforce: bool = True, edm: bool = True, confidence: bool = True,
                    extra: Mapping[str, synthesis.Volume] | None = None,
                    use: Sequence[str] | None = None) -> synthesis.SynthesisResult:
         """The synthesis result the TPS would receive for these volumes (``extra``: further
         inputs by role, ``use``: what the network may read; ``Synthesizer.run``). With
         ``enforce`` False screening is recorded, not enforced: evaluation scores every
         patient, and an administrator can force a refused study through."""
-        synthesizer, lock = self.synthesizer(model, checkpoint, device, align, edm)
+        synthesizer, lock = self.synthesizer(model, checkpoint, device, align, edm, confidence)
         with lock:
             return synthesizer.run(t1w, t2w, enforce=enforce, extra=extra, use=use)
 

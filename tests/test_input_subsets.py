@@ -18,8 +18,10 @@ import pytest
 from support.node import query, start_node, wait_for, write_config
 
 import config
+import planning
 from simulation import SimulationOptions, simulate_cohort
 from synthesis import (
+    PipelineOptions,
     Synthesizer,
     checkpoint_inputs,
     find_inputs,
@@ -37,7 +39,7 @@ RULES = config.Settings().series_rules
 def cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("subsets")
     simulate_cohort(out, SimulationOptions(
-        institutions=("inst2", "inst3"), patients_per_institution=3, matrix_scale=0.25,
+        institutions=("inst2", "inst3"), patients_per_institution=2, matrix_scale=0.25,
         slices=6, dwi=True), workers=2)
     return out
 
@@ -146,12 +148,13 @@ def test_process_uses_the_dwi_when_the_study_has_one(cohort, important, tmp_path
     dwi = [pydicom.dcmread(p, stop_before_pixels=True) for p in (study / "dwi").glob("*.dcm")]
     high = {ds.SOPInstanceUID for ds in dwi if float(ds.DiffusionBValue) == 1000.0}
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "vcemri", "process", str(study), "--out",
-                           str(out), "--model", str(important)],
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
+    found = find_inputs(study, RULES, ("t1w", "t2w", "dwi"), ("t1w",))
+    assert set(found) == {"t1w", "dwi"}  # no T2w; the ADC map is no input
+    done = planning.SynthesisService(config.Settings()).process(
+        found.pop("t1w"), None, out, checkpoint=str(important), device="cpu",
+        extra_files=found)
     summary = json.loads((out / "result.json").read_text())
-    assert list(summary["inputs"]) == ["t1w", "dwi"]
+    assert list(summary["inputs"]) == ["t1w", "dwi"] == list(done.summary["inputs"])
     series = [pydicom.dcmread(p) for p in sorted((out / "synthetic").glob("*.dcm"))]
     named = {item.ReferencedSOPInstanceUID for ds in series
              for item in ds.SourceImageSequence}
@@ -163,7 +166,7 @@ def test_a_subset_changes_what_the_network_reads(cohort, important):
     patient = _patient(cohort)
     t1w, t2w = read_series(patient / "t1w"), read_series(patient / "t2w")
     dwi = read_series(patient / "dwi")
-    synthesizer = Synthesizer(important)
+    synthesizer = Synthesizer(important, PipelineOptions(device="cpu", confidence=False))
     assert synthesizer.required_inputs == ("t1w",)
     alone = synthesizer.run(t1w, screen=False)
     everything = synthesizer.run(t1w, t2w, screen=False, extra={"dwi": dwi})

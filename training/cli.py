@@ -132,7 +132,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         if len(models) == 1 and not any("=" in m for m in args.model):
             models = {"model": next(iter(models.values()))}
         evaluation = evaluate(models, Path(args.manifest), tuple(args.groups.split(",")),
-                              args.device, progress=advance, edm=not args.no_edm)
+                              args.device, progress=advance, edm=not args.no_edm,
+                              confidence=not args.no_confidence)
     if not evaluation.rows:
         from config import InputError
 
@@ -304,6 +305,9 @@ def add_commands(commands: Any) -> None:
     evaluator.add_argument("--groups", default="internal,external",
                            help="split groups to evaluate (train, internal, external)")
     evaluator.add_argument("--device", default="auto")
+    evaluator.add_argument("--no-confidence", action="store_true",
+                           help="no mirrored pass and confidence map: the VCE is the plain "
+                           "pass (half the time; the confidence columns stay empty)")
     evaluator.add_argument("--no-edm", action="store_true",
                            help="no external distribution matching (it only acts on models "
                            "trained with dataset-level normalization)")
