@@ -282,54 +282,42 @@ _CONTRAST_WORDS = [r"\+c", r"c\+", r"post", r"gad", r"\bgd\b", r"contrast", r"\b
 _OURS = [r"synthetic", r"\bvce"]
 
 
+def _unenhanced(*patterns: str, exclude: tuple[str, ...] = ()) -> SeriesRule:
+    """A default rule for a contrast-free input series described by one of ``patterns``."""
+    return SeriesRule(description=list(patterns),
+                      exclude_description=_CONTRAST_WORDS + _OURS + list(exclude),
+                      contrast_agent="absent")
+
+
 class SeriesRules(_Section):
     """How incoming series are recognized: T1w, T2w (plain, fat-suppressed, STIR), DWI, ADC
     or contrast-enhanced T1w."""
 
     t1w: SeriesRule = Field(
         description="contrast-free T1-weighted (model input)",
-        default_factory=lambda: SeriesRule(
-            description=[r"t1(?![0-9])"],
-            exclude_description=_CONTRAST_WORDS + _OURS,
-            contrast_agent="absent",
-        )
+        default_factory=lambda: _unenhanced(r"t1(?![0-9])"),
     )
     t2w: SeriesRule = Field(
         description="T2-weighted or STIR (model input)",
-        default_factory=lambda: SeriesRule(
-            description=[r"t2(?![0-9*])", r"stir"],
-            exclude_description=_CONTRAST_WORDS + _OURS,
-            contrast_agent="absent",
-        )
+        default_factory=lambda: _unenhanced(r"t2(?![0-9*])", r"stir"),
     )
     t2w_fs: SeriesRule = Field(
         description="fat-suppressed T2-weighted (input of models trained with it; fills a "
                     "model's T2w input when no plain T2w is there); a T2w whose ScanOptions "
                     "say FS is one too",
-        default_factory=lambda: SeriesRule(
-            description=[r"t2.*(fs(?![a-z])|fat.?sat|spair|spir(?![a-z]))",
-                         r"(\bfs(?![a-z])|fat.?sat|spair).*t2"],
-            exclude_description=_CONTRAST_WORDS + _OURS,
-            contrast_agent="absent",
-        )
+        default_factory=lambda: _unenhanced(r"t2.*(fs(?![a-z])|fat.?sat|spair|spir(?![a-z]))",
+                                            r"(\bfs(?![a-z])|fat.?sat|spair).*t2"),
     )
     stir: SeriesRule = Field(
         description="short-tau inversion recovery (fills a model's T2w input when neither a "
                     "plain nor a fat-suppressed T2w is there)",
-        default_factory=lambda: SeriesRule(
-            description=[r"stir", r"t2.*tirm", r"tirm.*t2"],
-            exclude_description=_CONTRAST_WORDS + _OURS,
-            contrast_agent="absent",
-        )
+        default_factory=lambda: _unenhanced(r"stir", r"t2.*tirm", r"tirm.*t2"),
     )
     dwi: SeriesRule = Field(
         description="diffusion-weighted (read at its highest b-value); a series whose "
                     "DiffusionBValue is above 0 is one whatever its description",
-        default_factory=lambda: SeriesRule(
-            description=[r"diff", r"\bdwi\b", r"trace", r"\bb ?1000\b"],
-            exclude_description=_CONTRAST_WORDS + _OURS + [r"(?<![a-z])adc(?![a-z])"],
-            contrast_agent="absent",
-        )
+        default_factory=lambda: _unenhanced(r"diff", r"\bdwi\b", r"trace", r"\bb ?1000\b",
+                                            exclude=(r"(?<![a-z])adc(?![a-z])",)),
     )
     adc: SeriesRule = Field(
         description="apparent diffusion coefficient map; ImageType ADC is one whatever its "
