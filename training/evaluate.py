@@ -250,10 +250,10 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
             on_grid[label] = results[label].model_grid
         assert head is not None
         truth = np.where(head, ce.array, 0.0)
-        confidence = {label: patient_reliability(result, truth, head, tumour)
-                      for label, result in results.items()}
+        reliability = {label: patient_reliability(result, truth, head, tumour)
+                       for label, result in results.items()}
         measured += [(label, group, entry.institution, found)
-                     for label, found in confidence.items() if found is not None]
+                     for label, found in reliability.items() if found is not None]
         predictions[BASELINE] = np.where(head, t1.array, 0.0)
         grid_head = synthesis.mask_to_model_grid(head)
         grid_truth = np.where(grid_head, synthesis.to_model_grid(ce.array).numpy(), 0.0)
@@ -266,7 +266,7 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
 
         for name, prediction in predictions.items():
             acquired = study_metrics(truth, prediction, tumour, head)
-            found = confidence.get(name)
+            found = reliability.get(name)
             screening = results[name].screening if name in results else None
             rows.append({"patient": entry.patient, "institution": entry.institution,
                          "group": group, "method": name,
