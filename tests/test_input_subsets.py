@@ -215,3 +215,16 @@ def test_the_node_runs_important_net_on_a_t1w_alone_after_waiting_for_the_others
                 for i in ds.SourceImageSequence} == t1w_uids
     finally:
         node.stop()
+
+
+def test_evaluate_names_a_subset_of_a_checkpoint():
+    from training.cli import _model_argument
+    from training.evaluate import model_spec
+
+    assert model_spec("run/model.safetensors@t1w+dwi") == (
+        Path("run/model.safetensors"), ("t1w", "dwi"))
+    assert model_spec("run/model.safetensors") == (Path("run/model.safetensors"), None)
+    assert model_spec("odd@name/model.safetensors") == (
+        Path("odd@name/model.safetensors"), None)  # not a subset: part of the path
+    assert _model_argument("run/model.safetensors@t2w")[0] == "run {T2w}"
+    assert _model_argument("mine=run/model.safetensors@t2w")[0] == "mine"
