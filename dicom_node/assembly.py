@@ -13,8 +13,8 @@ route's model needs (read from the checkpoint's metadata: a T1w and a T2w, a STI
 fat-suppressed T2w standing in, for MMgSN-Net; a T1w and, waited for a while, the optional
 others for IMPORTANT-Net trained on subsets) are complete, of the same patient and frame of
 reference (``series_rules``); its job then gets a route (``routes``: model and
-destinations) and becomes ``ready``. A study still missing a sequence ``assembly.study_timeout_s`` after its first
-instance fails with the reason.
+destinations) and becomes ``ready``. A study still missing a sequence
+``assembly.study_timeout_s`` after its first instance fails with the reason.
 
 New content for a study that was already processed (a late series, changed instances) starts a
 new job; the same content resent changes nothing, because the job's input key (series UIDs and
@@ -206,7 +206,11 @@ class Assembler:
             idle = route.series_idle_s
         expected = row["expected"]
         if expected is None and route is not None:
-            expected = route.expected_instances.get(row["role"])
+            # a STIR or fat-suppressed T2w counts as the T2w it stands in for
+            expected = next((route.expected_instances[role]
+                             for role, stands in synthesis.STANDS_IN.items()
+                             if row["role"] in stands and role in route.expected_instances),
+                            None)
         return (row["last_received"] + idle <= now
                 or (expected is not None and row["instances"] >= expected))
 
