@@ -690,12 +690,22 @@ def test_a_route_may_set_its_series_idle_time_and_expected_counts(cohort, tmp_pa
     spool, queue, assembler = node.spool, node.queue, node.assembler
     now = time.time()
     t1, t2 = _series(cohort)
-    for f in t1 + t2[:7]:
+
+    def as_stir(path: Path) -> bytes:  # a STIR stands in for the T2w, and is counted as one
+        ds = pydicom.dcmread(path)
+        ds.SeriesDescription = "t2_tirm_tra"
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        return buffer.getvalue()
+
+    for f in t1:
         assert spool.store(f.read_bytes(), "FAST").status == 0
+    for f in t2[:7]:
+        assert spool.store(as_stir(f), "FAST").status == 0
     assembler.tick(now)
     [waiting] = queue.list()
     assert waiting.state == "waiting" and "T2w series not complete" in waiting.reason
-    assert spool.store(t2[7].read_bytes(), "FAST").status == 0  # the last instance
+    assert spool.store(as_stir(t2[7]), "FAST").status == 0  # the last instance
     assembler.tick(now)
     [ready] = queue.list()
     assert (ready.state, ready.route) == ("ready", "counted"), ready.reason
