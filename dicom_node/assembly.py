@@ -41,8 +41,8 @@ from .spool import series_contents
 
 log = logging.getLogger(__name__)
 
-ROLE_NAMES = {"t1w": "T1w", "t2w": "T2w", "dwi": "DWI", "adc": "ADC", "t2w_fs": "T2w FS",
-              "stir": "STIR"}
+#: Short names of series roles in reasons (T1w, T2w, DWI, STIR, ...).
+ROLE_NAMES = synthesis.INPUT_NAMES
 
 #: How far back (seconds) studies are re-examined for content newer than their last job.
 REVISIT_S = 86400.0
