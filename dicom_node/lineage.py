@@ -15,12 +15,14 @@ import logging
 from pathlib import Path
 
 import planning
+import synthesis
 
 from .jobs import Job, JobQueue
 
 log = logging.getLogger(__name__)
 
-ROLES = {"t1w": "T1w", "t2w": "T2w"}
+#: Short names of the input roles (T1w, T2w, DWI, ...).
+ROLES = synthesis.INPUT_NAMES
 
 
 def _plural(count: int, word: str) -> str:
@@ -32,7 +34,11 @@ def input_change(before: dict[str, list[tuple[str, str]]],
     """What changed between two jobs' inputs (role -> [(SOP Instance UID, SHA-256)]), in
     words: ``the T1w gained 2 instances; the T2w: 1 instance resent with other content``."""
     parts = []
-    for role, name in ROLES.items():
+    for role in dict.fromkeys([*before, *after]):
+        name = ROLES.get(role, role)
+        if role not in before or role not in after:  # a model's optional input
+            parts.append(f"the {name} series was {'added' if role in after else 'left out'}")
+            continue
         old, new = dict(before.get(role, [])), dict(after.get(role, []))
         gained = len(new.keys() - old.keys())
         lost = len(old.keys() - new.keys())

@@ -228,3 +228,17 @@ def test_evaluate_names_a_subset_of_a_checkpoint():
         Path("odd@name/model.safetensors"), None)  # not a subset: part of the path
     assert _model_argument("run/model.safetensors@t2w")[0] == "run {T2w}"
     assert _model_argument("mine=run/model.safetensors@t2w")[0] == "mine"
+
+
+def test_what_a_result_supersedes_names_every_input_that_changed():
+    from dicom_node.lineage import input_change
+
+    t1w = [("1.1", "a"), ("1.2", "b")]
+    pair = {"t1w": t1w, "t2w": [("2.1", "c")]}
+    assert input_change(pair, {**pair, "t1w": [*t1w, ("1.3", "d")]}) == \
+        "the T1w gained 1 instance"  # as before for T1w + T2w
+    alone, with_dwi = {"t1w": t1w}, {"t1w": t1w, "dwi": [("3.1", "e")]}
+    assert input_change(alone, with_dwi) == "the DWI series was added"
+    assert input_change(with_dwi, alone) == "the DWI series was left out"
+    assert input_change(with_dwi, {"t1w": t1w, "dwi": [("3.1", "f")]}) == \
+        "the DWI 1 instance resent with other content"
