@@ -184,14 +184,23 @@ def scene(patient: Patient, geometry: Geometry) -> Scene:
     return Scene(geometry, tuple(anatomy(patient, geometry.points(f)) for f in SUBPLANES))
 
 
+def relaxation(plane: Anatomy, field_t: float) -> tuple[dict[str, np.ndarray], np.ndarray,
+                                                         np.ndarray]:
+    """One sub-plane's tissue property maps (``tissues.property_maps``) and its PD and T1
+    varied by each tissue's texture (T1 by half as much): what every series' signal starts
+    from."""
+    maps = property_maps(plane.labels, field_t)
+    pd = maps["pd"] * (1.0 + maps["texture"] * plane.texture)
+    t1 = maps["t1_ms"] * (1.0 + 0.5 * maps["texture"] * plane.texture)
+    return maps, pd, t1
+
+
 def _signal(scene: Scene, sequence: PulseSequence, protocol: Protocol, field_t: float,
             contrast: bool) -> np.ndarray:
     """Noise-free signal (PD units) averaged over the sub-planes."""
     total = np.zeros(scene.planes[0].labels.shape, np.float32)
     for plane in scene.planes:
-        maps = property_maps(plane.labels, field_t)
-        pd = maps["pd"] * (1.0 + maps["texture"] * plane.texture)
-        t1 = maps["t1_ms"] * (1.0 + 0.5 * maps["texture"] * plane.texture)
+        maps, pd, t1 = relaxation(plane, field_t)
         t2 = maps["t2_ms"]
         if contrast:
             # Heterogeneous uptake inside the tumour, independent of its T1/T2 texture.

@@ -28,11 +28,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .acquisition import SUBPLANES, Artefacts, Geometry, Scene, make_geometry
+from .acquisition import SUBPLANES, Artefacts, Geometry, Scene, make_geometry, relaxation
 from .mr_physics import bias_field, rician, sequence_factor, signal
 from .phantom import Patient, anatomy
 from .sites import Grid, PulseSequence, Site
-from .tissues import Tissue, adc_map, property_maps
+from .tissues import Tissue, adc_map
 
 #: The two b-values (s/mm^2) of the series.
 B_VALUES = (0, 1000)
@@ -203,11 +203,8 @@ def _signals(scene: Scene, jacobians: tuple[np.ndarray, ...], seq: PulseSequence
     low = np.zeros(scene.planes[0].labels.shape, np.float32)
     high = np.zeros_like(low)
     for plane, jacobian in zip(scene.planes, jacobians, strict=True):
-        maps = property_maps(plane.labels, field_t)
-        varies = maps["texture"] * plane.texture
-        pd = maps["pd"] * (1.0 + varies)
-        t1 = maps["t1_ms"] * (1.0 + 0.5 * varies)
-        adc = adc_map(plane.labels) * (1.0 + 0.5 * varies)
+        maps, pd, t1 = relaxation(plane, field_t)
+        adc = adc_map(plane.labels) * (1.0 + 0.5 * maps["texture"] * plane.texture)
         base = signal(seq, protocol.tr_ms, protocol.te_ms, t1, maps["t2_ms"], pd)
         base = base * sequence_factor(seq, plane.labels) * jacobian
         low += base * np.exp(-B_VALUES[0] * adc)

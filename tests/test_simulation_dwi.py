@@ -4,7 +4,6 @@ diffusivities (the tumour's restricted), and the EPI is coarser and distorted.""
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from support.cohorts import manifest_rows as _manifest
+from support.cohorts import role_series as _series
 
 from config import Settings
 from simulation import SITES, SimulationOptions, diffusion, simulate_cohort
@@ -44,16 +45,6 @@ def acquired() -> diffusion.Diffusion:
     protocol = diffusion.draw_protocol(site, rng)
     geometry = diffusion.geometry(site, 30, protocol, matrix_scale=0.5)
     return diffusion.acquire(patient, site, geometry, protocol, 1.0, rng)
-
-
-def _manifest(out: Path) -> list[dict[str, str]]:
-    with open(out / "manifest.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _series(out: Path, institution: str, role: str) -> list[pydicom.Dataset]:
-    [row] = [r for r in _manifest(out) if r["institution"] == institution and r["role"] == role]
-    return [pydicom.dcmread(p) for p in sorted((out / row["path"]).glob("*.dcm"))]
 
 
 def _values(ds: pydicom.Dataset) -> np.ndarray:

@@ -3,7 +3,6 @@ properties the seeds need, geometry that survives a round trip, a working comman
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from support.cohorts import manifest_rows as _manifest
+from support.cohorts import role_series as _series
 
 from config import Settings
 from simulation import SITES, SimulationOptions, simulate_cohort
@@ -30,16 +31,6 @@ def cohort(tmp_path_factory) -> Path:
     simulate_cohort(out, SimulationOptions(patients_per_institution=1, seed=11, **SMALL),
                     preview=True, workers=2)
     return out
-
-
-def _manifest(out: Path) -> list[dict[str, str]]:
-    with open(out / "manifest.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _series(out: Path, institution: str, role: str) -> list[pydicom.Dataset]:
-    [row] = [r for r in _manifest(out) if r["institution"] == institution and r["role"] == role]
-    return [pydicom.dcmread(p) for p in sorted((out / row["path"]).glob("*.dcm"))]
 
 
 def _volume(datasets: list[pydicom.Dataset]) -> np.ndarray:

@@ -30,7 +30,7 @@ import SimpleITK as sitk
 import synthesis
 from config import InputError
 
-from .dataset import PatientEntry, read_manifest
+from .dataset import OPTIONAL_INPUTS, PatientEntry, read_manifest
 from .metrics import study_metrics
 from .reliability import (
     excess_contrast,
@@ -172,7 +172,7 @@ def _labels(models: Path | list[Path] | dict[str, Path]) -> dict[str, Path]:
 
 
 #: Inputs a model may be limited to with ``CKPT@t1w+t2w`` (seed 003's subsets).
-SUBSET_ROLES = ("t1w", "t2w", "dwi", "adc")
+SUBSET_ROLES = ("t1w", "t2w", *OPTIONAL_INPUTS)
 
 
 def model_spec(path: Path | str) -> tuple[Path, tuple[str, ...] | None]:
@@ -232,7 +232,7 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
         t1 = synthesis.read_volume(entry.paths["t1w"])
         t2 = synthesis.read_volume(entry.paths["t2w"])
         # further inputs (DWI, ADC) for the models that read them
-        extra = {role: synthesis.read_volume(entry.paths[role]) for role in ("dwi", "adc")
+        extra = {role: synthesis.read_volume(entry.paths[role]) for role in OPTIONAL_INPUTS
                  if role in wanted and role in entry.paths}
         ce = synthesis.resample_onto(synthesis.read_volume(entry.paths["ce"]), t1)
         tumour = _tumour(entry.paths.get("mask"), t1.image)
