@@ -42,7 +42,7 @@ ALLOWED_FIELDS = frozenset(
         "sop_class_uid", "frame_of_reference_uid", "transfer_syntax_uid", "calling_ae",
         "called_ae", "peer_host", "peer_port", "listen_port", "destination", "route", "role",
         "model", "model_version", "institution", "state", "previous_state", "status", "attempt",
-        "count", "bytes", "duration_s", "path", "command", "user",
+        "count", "bytes", "duration_s", "path", "command", "user", "worker",
     }
 )
 

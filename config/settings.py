@@ -175,10 +175,65 @@ class Assembly(_Section):
     )
 
 
+class Celery(_Section):
+    """Synthesis on Celery workers (``vcemri worker``) when ``jobs.backend`` is celery.
+
+    The node keeps the job states (SQLite) and delivers to the TPS; it sends each study to be
+    synthesized as a Celery task to a queue per device class, and a worker, on any machine that
+    mounts the node's ``storage.root`` (a shared spool path: NFS or SMB), reads the inputs there
+    and writes the outputs there. A task is acknowledged only after it ran (acks late): a worker
+    that dies mid-job leaves its task to be run again by another worker after the visibility
+    timeout; output UIDs depend only on the inputs and the model, so the TPS receives one
+    series however often a task ran."""
+
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Celery broker: redis://[:password@]host:port/db"
+        " (rediss:// for TLS), or amqp://user:password@host// for RabbitMQ"
+    )
+    result_backend: str | None = Field(
+        None, description="where workers leave results (null: the Redis broker_url; set a "
+        "redis:// URL when the broker is RabbitMQ)"
+    )
+    queue_prefix: str = Field(
+        "vcemri", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="queues are <prefix>.cpu (models on cpu or auto) and <prefix>.gpu (models "
+        "on cuda): a worker without a GPU never takes a job routed to a GPU model"
+    )
+    in_flight: int = Field(
+        4, ge=1, le=256, description="jobs the node keeps dispatched to workers at once"
+    )
+    visibility_timeout_s: Seconds = Field(
+        900.0, description="a task whose worker died is given to another worker this long "
+        "after it was taken (longer than any synthesis: a slower one may run twice)"
+    )
+    task_timeout_s: Seconds = Field(
+        3600.0, description="the node dispatches a job again when no worker returned its "
+        "result within this time (e.g. the broker lost the task)"
+    )
+
+    @model_validator(mode="after")
+    def _redis_results(self) -> Celery:
+        backend = self.result_backend or self.broker_url
+        if not backend.startswith(("redis://", "rediss://", "unix://")):
+            raise PydanticCustomError(
+                "result_backend", "result_backend must be a redis:// URL (set it when the "
+                "broker is not Redis)", {})
+        return self
+
+
 class Jobs(_Section):
     """The job queue: workers, retries and how long results are re-sent to a peer that is down."""
 
-    workers: int = Field(1, ge=1, le=64, description="jobs processed at the same time")
+    backend: Literal["sqlite", "celery"] = Field(
+        "sqlite", description="sqlite: synthesis in worker processes of the node; celery: on "
+        "`vcemri worker` processes anywhere, through jobs.celery's broker (job states stay in "
+        "the node's SQLite either way)"
+    )
+    workers: int = Field(1, ge=1, le=64, description="jobs processed at the same time "
+                         "(sqlite backend; celery: jobs.celery.in_flight and the workers' "
+                         "--concurrency)")
+    celery: Celery = Field(default_factory=Celery, description="the celery backend's broker, "
+                           "queues and timeouts")
     max_attempts: int = Field(
         3, ge=1, description="processing attempts before a job fails (errors that may pass)"
     )

@@ -89,7 +89,35 @@ def _jobs_list(args: argparse.Namespace) -> int:
             print(f"{'':>6}  {job.reason}")
     if not jobs:
         print("(no jobs)")
+    settings = config.load_settings(args.config)
+    if settings.jobs.backend == "celery":
+        print("\n".join(_worker_lines(settings)))
     return 0
+
+
+def _worker_lines(settings: config.Settings) -> list[str]:
+    """The Celery workers that answer, one line each (jobs.backend: celery)."""
+    from .broker import redacted, workers
+
+    try:
+        found = workers(settings)
+    except config.PeerError as exc:
+        return [f"workers: {exc.reason}"]
+    url = redacted(settings.jobs.celery.broker_url)
+    if not found:
+        return [f"workers: none answered on {url} within 1 s (start `vcemri worker`)"]
+    return [f"workers on {url}:"] + [f"  {w.line()}" for w in found]
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .celery_tasks import run_worker
+
+    settings = config.load_settings(args.config)
+    level = "DEBUG" if args.debug else settings.logging.level
+    if args.log_format == "human" and settings.logging.format == "json":
+        config.setup_logging("json", level)
+    return run_worker(settings, concurrency=args.concurrency, queues=args.queues,
+                      name=args.name, loglevel=level)
 
 
 def _as_dict(job: Job) -> dict[str, Any]:
@@ -226,6 +254,8 @@ def _status(args: argparse.Namespace) -> int:
         lines.append(f"spool free: {free:.0f} MiB" + (
             f" (below storage.min_free_mib {floor}: instances are refused)" if free < floor
             else ""))
+    if settings.jobs.backend == "celery":
+        lines += _worker_lines(settings)
     if args.json:
         print(json.dumps({"running": running, "pid": pid, "jobs": counts,
                           "oldest_unfinished_job_created_at": oldest,
@@ -253,6 +283,23 @@ def add_commands(commands: Any) -> None:
         "the oldest unfinished job and the spool's free space.")
     status.add_argument("--json", action="store_true", help="JSON instead of text")
     status.set_defaults(handler=_status)
+
+    worker = commands.add_parser(
+        "worker", help="synthesize the node's jobs on this machine (jobs.backend: celery)",
+        description="Run a Celery worker that takes the node's synthesis tasks from "
+        "jobs.celery.broker_url and runs them here. The machine must mount the node's "
+        "storage.root (the shared spool path; README: Scale-out). SIGTERM finishes the "
+        "running tasks and exits; a worker killed mid-task leaves its task to another worker "
+        "after jobs.celery.visibility_timeout_s.")
+    worker.add_argument("--concurrency", type=int, default=1, metavar="N",
+                        help="jobs this worker runs at once, one process each (default 1)")
+    worker.add_argument("--queues", metavar="CLASSES",
+                        help="device classes to take: cpu, gpu or cpu,gpu (default: cpu, plus "
+                        "gpu where a CUDA device is present)")
+    worker.add_argument("--name", metavar="NAME@HOST",
+                        help="the worker's name in logs and `vcemri jobs` (default "
+                        "vcemri-<pid>@<hostname>; %%h is the host name)")
+    worker.set_defaults(handler=_worker)
 
     jobs = commands.add_parser("jobs", help="list, show, retry, cancel or purge the node's "
                                "jobs")

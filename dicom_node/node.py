@@ -55,7 +55,9 @@ class Node:
             self.scp = StorageSCP(settings, self.spool, self.audit, self.metrics,
                                   reports=CommitmentReports(self.commitments, self.queue,
                                                             self.audit))
-            count = settings.jobs.workers if workers is None else workers
+            # with Celery, each thread follows one job on the workers (jobs.celery.in_flight)
+            count = (workers if workers is not None else settings.jobs.celery.in_flight
+                     if settings.jobs.backend == "celery" else settings.jobs.workers)
             self.workers = [Worker(settings, self.queue, self.spool, self.audit,
                                    name=f"worker-{i + 1}", metrics=self.metrics,
                                    commitments=self.commitments)

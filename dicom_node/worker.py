@@ -35,6 +35,7 @@ from . import jobs as states
 from .jobs import Job, JobQueue, output_folder
 from .lineage import superseded
 from .metrics import Metrics
+from .remote import RemoteSynthesis
 from .sender import send
 from .spool import Spool
 from .synthesis_process import Request, SynthesisCrashed, SynthesisProcess
@@ -52,8 +53,12 @@ class Worker:
         self.settings = settings
         self.queue = queue
         self.spool = spool
-        #: the child process that synthesizes this worker's jobs
-        self.process = SynthesisProcess(settings, name=f"{name}-synthesis")
+        #: where this worker's jobs are synthesized: its child process, or (jobs.backend
+        #: celery) the Celery workers
+        self.process: SynthesisProcess | RemoteSynthesis = (
+            RemoteSynthesis(settings, queue, name=f"{name}-dispatch")
+            if settings.jobs.backend == "celery"
+            else SynthesisProcess(settings, name=f"{name}-synthesis"))
         self.commitments = commitments or commitment.CommitmentLedger(queue.root)
         self.audit = audit
         self.metrics = metrics
@@ -67,6 +72,8 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+        if isinstance(self.process, RemoteSynthesis):
+            self.process.stop()  # stop following the job; the Celery worker goes on with it
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the job in progress (up to ``timeout`` seconds), then end the child; a
@@ -102,6 +109,9 @@ class Worker:
         except states.JobChanged as changed:
             log.info("job %d: %s", job.id, changed.reason)
         except SynthesisCrashed as crashed:
+            if self._stop.is_set() and isinstance(self.process, RemoteSynthesis):
+                log.info("job %d: %s", job.id, crashed.reason)
+                return True  # it stays running; the next start dispatches it again (recover)
             log.error("job %d: %s", job.id, crashed.reason)
             if self.metrics is not None:
                 self.metrics.worker_crashes.inc()
@@ -165,10 +175,12 @@ class Worker:
             self.audit.record("job.synthesized", job_id=job.id, study_uid=job.study_uid,
                               model=job.model, count=len(outputs),
                               model_version=str(summary["model"].get("weights_sha256", ""))[:16],
-                              duration_s=summary["processing_s"])
+                              duration_s=summary["processing_s"],
+                              worker=summary.get("worker"))
         decision = summary.get("institution") or {}
-        log.info("job %d synthesized in %.1f s on %s: institution %s; %s; %s; %d objects",
+        log.info("job %d synthesized in %.1f s on %s%s: institution %s; %s; %s; %d objects",
                  job.id, summary["processing_s"], done.device,
+                 f" by worker {summary['worker']}" if summary.get("worker") else "",
                  decision.get("institution") or f"external (closest {decision.get('closest')})",
                  (summary.get("edm") or {}).get("line", "EDM -"),
                  (summary.get("verdict") or {}).get("line", "no verdict"), len(outputs))

@@ -425,6 +425,38 @@ def test_ddp_with_two_cpu_processes_matches_one_process(cohort, tmp_path):
     assert list((tmp_path / "ddp" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_training_across_two_nodes_with_c10d_rendezvous(cohort, tmp_path):
+    """Two machines stood in for by two ``torchrun --nnodes 2 --nproc-per-node 1`` launches on
+    loopback, meeting through the c10d rendezvous (README: training across machines): one
+    job of 2 processes, whichever launch became node 0 writes the checkpoint into the shared
+    --out (its cache, written by rank 0 and read by rank 1 after the barrier), and both ranks
+    end with identical parameters (their checksums), so the gradients crossed the nodes."""
+    import os
+    import shutil
+
+    from support.processes import free_port
+
+    torchrun = shutil.which("torchrun")
+    assert torchrun is not None, "torchrun comes with torch"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VCEMRI_")}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    port = free_port()
+    launch = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "vcemri-test",
+              "--max-restarts", "0", "-m", "vcemri", "train", "--out", str(tmp_path / "shared"),
+              "--manifest", str(cohort / "manifest.csv"), "--institutions", "inst2,inst3",
+              "--epochs", "1", "--batch-size", "4", "--width", "0.125", "--device", "cpu",
+              "--max-steps", "2", "--fitness-steps", "0", "--quiet"]
+    nodes = [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env) for _ in range(2)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    trained = load_checkpoint(tmp_path / "shared" / "model.safetensors")
+    assert trained.meta.training["processes"] == 2 and trained.meta.training["steps"] == 2
+    ranks = trained.meta.training["rank_weights_sha256"]
+    assert len(ranks) == 2 and ranks[0] == ranks[1]
+
+
 def test_every_architecture_trains_under_ddp_with_two_processes(tmp_path):
     """Two steps of every trainable generator (and MMgSN-Net's ablations, and micro-batches)
     under torchrun with 2 gloo processes, each rank on its own random slices, through the

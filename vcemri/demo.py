@@ -9,7 +9,11 @@ the RTSTRUCT and the review image have arrived at the TPS, and prints what happe
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,7 +26,8 @@ DEMO_INSTITUTION = "inst1"
 SERIES_IDLE_S = 2.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -64,6 +69,65 @@ class TPSStandIn:
             self.server.shutdown()
 
 
+#: Worker processes of ``vcemri demo --scale-out``.
+WORKERS = 2
+
+
+class ScaleOut:
+    """The demo on Celery: a private Redis and ``WORKERS`` ``vcemri worker`` processes that
+    share the node's storage folder (the shared spool path, here on one disk)."""
+
+    def __init__(self, out: Path, config_file: str | None, count: int) -> None:
+        from .redis_server import RedisServer
+
+        self.out = out
+        self.config_file = config_file
+        self.redis = RedisServer(out / "redis")
+        self.names = [f"demo-worker-{k + 1}@{socket.gethostname()}" for k in range(count)]
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.environment: dict[str, str] = {}
+
+    def start(self, settings: config.Settings) -> config.Settings:
+        """Start Redis; the node's settings with the celery backend on it."""
+        self.redis.start()
+        celery = settings.jobs.celery.model_copy(update={
+            "broker_url": self.redis.url, "result_backend": None,
+            "in_flight": len(self.names), "visibility_timeout_s": 60.0})
+        settings = settings.model_copy(update={"jobs": settings.jobs.model_copy(
+            update={"backend": "celery", "celery": celery})})
+        self.environment = {
+            "VCEMRI_STORAGE__ROOT": str(settings.storage.root),
+            "VCEMRI_JOBS__BACKEND": "celery",
+            "VCEMRI_JOBS__CELERY__BROKER_URL": self.redis.url,
+            "VCEMRI_JOBS__CELERY__VISIBILITY_TIMEOUT_S": "60",
+        }
+        return settings
+
+    def start_workers(self) -> None:
+        """Start the worker processes (the node's storage folder exists by now)."""
+        command = [sys.executable, "-m", "vcemri"]
+        if self.config_file:
+            command += ["--config", str(self.config_file)]
+        for name in self.names:
+            log = open(self.out / f"{name.split('@')[0]}.log", "ab")
+            self.workers.append(subprocess.Popen(
+                [*command, "worker", "--name", name], stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **self.environment}, start_new_session=True))
+            log.close()
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            try:
+                worker.wait(30.0)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(5.0)
+        self.redis.stop()
+
+
 def _demo(args: argparse.Namespace) -> int:
     import pydicom
 
@@ -76,7 +140,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise config.VcemriError(f"output directory {out} is not empty",
                                  hint="choose another or pass --overwrite")
     base = config.load_settings(args.config)
-    node_port, tps_port = _free_port(), _free_port()
+    node_port, tps_port = free_port(), free_port()
     # One route to the stand-in only: a site configuration's real destinations never see
     # the demo's simulated patient.
     destination = config.Destination(ae_title="TPS", host="127.0.0.1", port=tps_port)
@@ -93,6 +157,12 @@ def _demo(args: argparse.Namespace) -> int:
     if "default" not in settings.models:
         raise config.ConfigError("configuration", ["models: the demo uses models.default"])
     print(f"demo folder: {out}")
+    scale_out = None
+    if args.scale_out:
+        scale_out = ScaleOut(out, args.config, WORKERS)
+        settings = scale_out.start(settings)
+        print(f"    scale-out: Redis on {scale_out.redis.url}, {WORKERS} vcemri worker processes "
+              f"(logs in {out})", flush=True)
     print("1/4 simulating one head-and-neck patient (T1w, T2w) ...", flush=True)
     options = simulation.SimulationOptions(institutions=(DEMO_INSTITUTION,),
                                            patients_per_institution=1, seed=args.seed,
@@ -103,8 +173,16 @@ def _demo(args: argparse.Namespace) -> int:
              for role in ("t1w", "t2w")}
     tps = TPSStandIn(out / "tps", destination.ae_title, tps_port)
     tps.start()
-    node = dicom_node.Node(settings)
     try:
+        node = dicom_node.Node(settings)
+    except BaseException:
+        tps.stop()
+        if scale_out is not None:
+            scale_out.stop()
+        raise
+    try:
+        if scale_out is not None:
+            scale_out.start_workers()
         node.start()
         print(f"2/4 node {settings.dicom.ae_title} on 127.0.0.1:{node_port}, TPS stand-in "
               f"{destination.ae_title} on 127.0.0.1:{tps_port}", flush=True)
@@ -128,6 +206,8 @@ def _demo(args: argparse.Namespace) -> int:
     finally:
         node.stop()
         tps.stop()
+        if scale_out is not None:
+            scale_out.stop()
     if job.state != "done":
         raise config.VcemriError(f"the demo's job ended {job.state}: {job.reason}")
     result = job.result
@@ -146,6 +226,9 @@ def _demo(args: argparse.Namespace) -> int:
           f"{result.get('device')})")
     print(f"  institution:        {where}, confidence {decision['confidence']:.2f}")
     print(f"  EDM:                {result['edm']['line']}")
+    if scale_out is not None:
+        print(f"  synthesized by:     Celery worker {result.get('worker')} (of "
+              f"{', '.join(scale_out.names)})")
     print("  arrived at the TPS: " + ", ".join(f"{n} {m}" for m, n in sorted(modalities.items()))
           + f" in {tps.folder}")
     print(f"  review image:       {result['outputs']['review_png']}")
@@ -185,4 +268,7 @@ def add_commands(commands: Any) -> None:
                         help="give up after this many seconds (default 300)")
     parser.add_argument("--overwrite", action="store_true",
                         help="use a non-empty --out folder")
+    parser.add_argument("--scale-out", action="store_true",
+                        help=f"run the jobs on Celery: a private redis-server and {WORKERS} "
+                        "`vcemri worker` processes (needs redis-server; README: Scale-out)")
     parser.set_defaults(handler=_demo)

@@ -27,6 +27,7 @@ PACKAGES = {
     "dciodvfy": "dicom3tools",
     "Orthanc": "orthanc",
     "openssl": "openssl",
+    "redis-server": "redis-server",
 }
 
 #: Where Debian installs them; searched after PATH.
