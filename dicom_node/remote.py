@@ -17,6 +17,7 @@ and the delivery ledger sends each object to a destination once.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -94,22 +95,19 @@ class RemoteSynthesis:
         self.name = name
         self.root = Path(settings.storage.root)
         self.job_id: int | None = None
-        self._app: Any = None
+        # built here, in the thread that builds the node: Celery's lazy modules and the app's
+        # first use are not safe to race from several worker threads
+        self.app = broker.celery_app(settings)
+        self.app.finalize(auto=True)
+        _ = self.app.amqp, self.app.backend
         self._stopping = threading.Event()
 
     @property
     def pid(self) -> int | None:
         return None
 
-    @property
-    def app(self) -> Any:
-        if self._app is None:
-            self._app = broker.celery_app(self.settings)
-        return self._app
-
     def start(self) -> None:
         self._stopping.clear()
-        self.app  # noqa: B018 -- a missing Celery package is said at start, not at a job
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stopping.set()
@@ -178,6 +176,7 @@ class RemoteSynthesis:
                 broker_down = False
             if state == "SUCCESS" and isinstance(info, dict):
                 outcome = decode(info, self.root)
+                self._sweep(job)
                 log.info("job %d: %s by %s%s", job, outcome.kind, info.get("worker"),
                          " (a duplicate run's identical files were dropped)"
                          if info.get("duplicate") else "")
@@ -222,6 +221,14 @@ class RemoteSynthesis:
             self.queue.note(job, reason, expected=(RUNNING,))
         except Exception:  # a note is for people; the job goes on without it
             log.debug("job %d: note not recorded", job, exc_info=True)
+
+    def _sweep(self, job: int) -> None:
+        """Remove the staging folders other runs of the job left (a worker killed mid-task):
+        the job has its result, so no run's files are needed any more (a duplicate still
+        running finds its folder gone and its result unread)."""
+        for folder in (self.root / "outputs" / ".staging").glob(f"job-{job:06d}.*"):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("job %d: removed %s, left by an interrupted run", job, folder.name)
 
     def _revoke(self, task_id: str) -> None:
         try:
