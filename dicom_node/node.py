@@ -20,6 +20,7 @@ from pathlib import Path
 import config
 
 from .assembly import Assembler
+from .broker import WorkerHealth, workers
 from .commitment import CommitmentLedger, CommitmentReports
 from .jobs import JobQueue
 from .metrics import Metrics
@@ -33,6 +34,9 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
+
+#: How often the node asks which Celery workers are up (jobs.backend celery; seconds).
+WORKERS_EVERY_S = 15.0
 
 
 class Node:
@@ -68,6 +72,10 @@ class Node:
             raise
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
+        #: jobs.backend celery: the workers that answered last (``broker.WorkerHealth``), or
+        #: why none could be asked; refreshed every WORKERS_EVERY_S for the dashboard
+        self.celery_workers: list[WorkerHealth] | str | None = None
+        self._watcher: threading.Thread | None = None
 
     def start(self) -> Node:
         self.spool.restart_idle_clocks()
@@ -84,7 +92,21 @@ class Node:
         self._ticker.start()
         for worker in self.workers:
             worker.start()
+        if self.settings.jobs.backend == "celery":
+            self._watcher = threading.Thread(target=self._watch_workers, name="celery-workers",
+                                             daemon=True)
+            self._watcher.start()
         return self
+
+    def _watch_workers(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.celery_workers = workers(self.settings)
+            except config.PeerError as exc:
+                self.celery_workers = exc.reason
+            except Exception as exc:  # the dashboard says so; the node goes on
+                self.celery_workers = f"the workers could not be asked: {exc}"
+            self._stop.wait(WORKERS_EVERY_S)
 
     def _tick_loop(self) -> None:
         purged_at = checked_at = -float("inf")

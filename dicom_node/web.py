@@ -93,8 +93,12 @@ def status(node: Node) -> dict[str, Any]:
     """The node summary ``/api/status`` and the dashboard's header show."""
     verdict = health.check(node)
     oldest = node.queue.oldest_waiting()
+    found = node.celery_workers
     return {"ae_title": node.settings.dicom.ae_title, "dicom_port": node.scp.port,
             "health": verdict.as_dict(), "jobs": node.queue.counts(),
+            "workers": None if node.settings.jobs.backend != "celery" else (
+                "not asked yet" if found is None else found if isinstance(found, str)
+                else [w.line() for w in found] or "none answered: start `vcemri worker`"),
             "spool_free_mib": round(node.spool.free_mib(), 1),
             "oldest_unfinished_job_age_s": None if oldest is None else round(
                 max(0.0, _dt.datetime.now().timestamp() - oldest), 1)}

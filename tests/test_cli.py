@@ -47,7 +47,7 @@ def test_help_lists_only_commands_that_work():
     commands = parser._subparsers._group_actions[0].choices
     assert sorted(commands) == ["config", "demo", "evaluate", "jobs", "process",
                                 "refit-confidence", "serve", "simulate", "status", "study", "train",
-                                "version"]
+                                "version", "worker"]
     done = run("--help")
     assert done.returncode == 0
     listed = done.stdout.split("positional arguments")[1].split("options")[0]

@@ -33,3 +33,26 @@ def test_the_demo_delivers_a_labelled_synthetic_study_to_its_tps(tmp_path):
             assert ds.SyntheticData == "YES"
     assert (tmp_path / "node" / "outputs").is_dir()
     assert "review image:" in done.stdout and "job:" in done.stdout and "(done)" in done.stdout
+
+
+def test_the_scale_out_demo_runs_the_job_on_a_celery_worker(tmp_path):
+    """``vcemri demo --scale-out``: the same demo on a private redis-server and two ``vcemri
+    worker`` processes; it says which worker synthesized, the TPS gets the series, and the
+    workers and Redis are gone afterwards (their logs say they shut down warm)."""
+    from support.tools import require
+
+    require("redis-server")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VCEMRI_")}
+    done = subprocess.run([sys.executable, "-m", "vcemri", "demo", "--out", str(tmp_path),
+                           "--slices", "8", "--scale-out"], capture_output=True, text=True,
+                          timeout=280, env=env, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    worker = re.search(r"synthesized by: +Celery worker (demo-worker-\d)@", done.stdout)
+    assert worker, done.stdout
+    kinds = Counter(pydicom.dcmread(p, stop_before_pixels=True).Modality
+                    for p in (tmp_path / "tps").glob("*.dcm"))
+    assert kinds["MR"] == 8, kinds
+    log = (tmp_path / f"{worker.group(1)}.log").read_text()
+    assert "job 1: synthesizing on" in log and "Warm shutdown" in log
+    assert not (tmp_path / "node" / "outputs" / ".staging").exists() or not any(
+        (tmp_path / "node" / "outputs" / ".staging").iterdir())

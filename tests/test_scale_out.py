@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ import pytest
 import redis
 from support.dcmtk import StoreSCP, storescu
 from support.node import query, start_node, wait_for, write_config
-from support.processes import ManagedProcess
+from support.processes import ManagedProcess, free_port
 from support.tools import require
 
 import config
@@ -63,6 +64,7 @@ class Cluster:
                   "celery": {"broker_url": self.redis.url, "in_flight": 2,
                              "visibility_timeout_s": VISIBILITY_S}},
             assembly={"series_idle_s": 1.0, "study_timeout_s": 120.0},
+            web={"port": free_port()},
             models={"default": {"checkpoint": "builtin", "device": "cpu"},
                     "on-gpu": {"checkpoint": "builtin", "device": "cuda"}},
             routes=[{"name": "gpu", "match": {"calling_ae": "^GPU_MR$"}, "model": "on-gpu",
@@ -227,6 +229,11 @@ def test_jobs_lists_the_workers_and_a_worker_without_gpu_refuses_the_gpu_queue(c
         and out, 60, "both workers listed")
     assert f"alpha@test: up, queues {prefix}.cpu" in listing
     assert f"beta@test: up, queues {prefix}.cpu" in listing
+    url = f"http://127.0.0.1:{cluster.settings.web.port}/api/status"
+    shown = wait_for(lambda: isinstance(w := json.load(urllib.request.urlopen(
+        url, timeout=10))["workers"], list) and len(w) == 2 and w, 40,
+        "the dashboard's status to list both workers", interval=1.0)
+    assert any(line.startswith("alpha@test: up") for line in shown), shown
     if torch.cuda.is_available():
         return  # this machine may take the gpu queue; the rest was checked
     refused = subprocess.run(
