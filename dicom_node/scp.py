@@ -93,6 +93,11 @@ class StorageSCP:
 
         from .tls import server_context
 
+        # the header reader (synthesis.series, which imports SimpleITK) loaded now, not by the
+        # first C-STORE of the first association (which waited about 0.3 s for it here)
+        import synthesis
+
+        synthesis.series_info  # noqa: B018
         node = self.settings.dicom
         ae = AE(ae_title=node.ae_title)
         ae.maximum_associations = node.max_associations
