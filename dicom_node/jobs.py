@@ -361,19 +361,22 @@ class JobQueue:
                                f"sop_instance_uid IN ({', '.join('?' for _ in part)})",
                                (destination, *part))
 
-    def note(self, job_id: int, reason: str, *, expected: tuple[str, ...] = (RUNNING,)) -> None:
+    def note(self, job_id: int, reason: str, *, expected: tuple[str, ...] = (RUNNING,),
+             **values: Any) -> None:
         """Say where a job stands without changing its state or its deadlines (e.g. which
-        worker runs it); kept in its history, not audited. Nothing happens unless the job is
-        in one of the ``expected`` states."""
+        worker runs it), storing ``values`` (e.g. ``result``); kept in its history, not
+        audited. Nothing happens unless the job is in one of the ``expected`` states."""
         now = time.time()
+        values = _encoded(values)
+        sets = "".join(f", {k} = ?" for k in values)
         with self._lock:
             db = self._db()
             with transaction(db):
                 row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 if row is None or row["state"] not in expected:
                     return
-                db.execute("UPDATE jobs SET reason = ?, updated_at = ? WHERE id = ?",
-                           (reason, now, job_id))
+                db.execute(f"UPDATE jobs SET reason = ?, updated_at = ?{sets} WHERE id = ?",
+                           (reason, now, *values.values(), job_id))
                 db.execute("INSERT INTO transitions VALUES (?, ?, ?, ?)",
                            (job_id, now, row["state"], reason))
 

@@ -117,14 +117,35 @@ class RemoteSynthesis:
         worker returned one in time (the job is then retried) or the node stops."""
         destination = broker.queue_name(
             self.settings, broker.device_class(self.settings, request.model))
-        task_id = f"vcemri-job-{request.job_id}-{uuid.uuid4().hex[:12]}"
-        payload = encode(request, self.root)
         self.job_id = request.job_id
         try:
-            self._send(payload, destination, task_id, request.job_id)
+            task_id = self._adoptable(request.job_id)
+            if task_id is None:
+                if request.out.exists():  # what an earlier attempt wrote
+                    shutil.rmtree(request.out)
+                task_id = f"vcemri-job-{request.job_id}-{uuid.uuid4().hex[:12]}"
+                self._send(encode(request, self.root), destination, task_id, request.job_id)
             return self._wait(task_id, destination, request.job_id)
         finally:
             self.job_id = None
+
+    def _adoptable(self, job: int) -> str | None:
+        """The task this job was dispatched as before the node restarted, when a worker runs
+        it or has finished it (then it is followed, not run again); else None."""
+        task_id = self.queue.get(job).result.get("celery_task")
+        if not task_id:
+            return None
+        try:
+            state = self.app.AsyncResult(task_id).state
+        except Exception:  # the result backend is down: dispatch again (at least once)
+            return None
+        if state not in ("STARTED", "SUCCESS", "RETRY"):
+            return None
+        log.info("job %d: following task %s (%s), dispatched before the node restarted",
+                 job, task_id, state.lower())
+        self._note(job, f"following task {task_id}, dispatched before the node restarted "
+                   f"({state.lower()})")
+        return task_id
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -145,7 +166,8 @@ class RemoteSynthesis:
                 if self._stopping.wait(1.0):
                     raise SynthesisCrashed(self._stopped(job)) from exc
         log.info("job %d: sent to queue %s (task %s)", job, destination, task_id)
-        self._note(job, f"queued on {destination} for a worker")
+        self._note(job, f"queued on {destination} for a worker",
+                   result={"celery_task": task_id, "queue": destination})
 
     def _wait(self, task_id: str, destination: str, job: int) -> Outcome:
         options = self.settings.jobs.celery
@@ -216,9 +238,9 @@ class RemoteSynthesis:
                 + (": start a vcemri worker on a machine with a GPU"
                    if destination.endswith("." + broker.GPU) else ": start a vcemri worker"))
 
-    def _note(self, job: int, reason: str) -> None:
+    def _note(self, job: int, reason: str, **values: Any) -> None:
         try:
-            self.queue.note(job, reason, expected=(RUNNING,))
+            self.queue.note(job, reason, expected=(RUNNING,), **values)
         except Exception:  # a note is for people; the job goes on without it
             log.debug("job %d: note not recorded", job, exc_info=True)
 

@@ -91,12 +91,12 @@ class StorageSCP:
         from pynetdicom import AE, evt
         from pynetdicom.presentation import StoragePresentationContexts
 
+        import synthesis
+
         from .tls import server_context
 
         # the header reader (synthesis.series, which imports SimpleITK) loaded now, not by the
         # first C-STORE of the first association (which waited about 0.3 s for it here)
-        import synthesis
-
         synthesis.series_info  # noqa: B018
         node = self.settings.dicom
         ae = AE(ae_title=node.ae_title)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import threading
 import traceback
@@ -144,6 +145,8 @@ class SynthesisProcess:
     def run(self, request: Request) -> Outcome:
         """The child's outcome for ``request``; raises :class:`SynthesisCrashed` when the child
         ends before it answers (it is restarted on the next request)."""
+        if request.out.exists():  # what an earlier attempt wrote
+            shutil.rmtree(request.out)
         self.start()
         process, connection = self._process, self._connection
         assert process is not None and connection is not None

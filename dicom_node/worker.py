@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -127,9 +126,7 @@ class Worker:
     # -- synthesis ----------------------------------------------------------------------------
 
     def synthesize(self, job: Job) -> Job:
-        out = output_folder(self.settings.storage.root, job.id)
-        if out.exists():
-            shutil.rmtree(out)
+        out = output_folder(self.settings.storage.root, job.id)  # emptied by process.run
         started = time.perf_counter()
         log.info("job %d running: model %s (route %s)", job.id, job.model or "default",
                  job.route or "-")

@@ -193,6 +193,26 @@ def test_redis_killed_and_restarted_mid_run_loses_nothing(cluster):
     _delivered_once(cluster, sent)
 
 
+def test_a_node_restarted_mid_job_follows_the_task_instead_of_running_it_again(cluster):
+    """The node stops while a worker synthesizes its job (the worker goes on) and starts
+    again: the job, left running, is not dispatched a second time; the new node follows the
+    task it had sent (its id kept in the job) and delivers its result once."""
+    sent = _send(cluster, 4)
+    worker = _running_on(cluster, sent.job)
+    task = json.loads(cluster.job(sent.job)["result"])["celery_task"]
+    cluster.node.stop()
+    assert cluster.job(sent.job)["state"] == "running"
+    cluster.node = start_node(cluster.config)
+    _delivered_once(cluster, sent)
+    history = "\n".join(cluster.history(sent.job))
+    assert f"following task {task}, dispatched before the node restarted" in history
+    received = [line for name in cluster.workers
+                for line in (cluster.tmp / f"worker-{name}.log").read_text().splitlines()
+                if f"vcemri.synthesize[vcemri-job-{sent.job}-" in line and "received" in line]
+    assert len(received) == 1 and task in received[0], received
+    assert json.loads(cluster.job(sent.job)["result"])["worker"] == f"{worker}@test"
+
+
 def test_gpu_model_never_taken_by_cpu_workers_and_its_task_survives_redis(cluster):
     """A study routed to a model on CUDA goes to the gpu queue; the CPU-only workers consume
     only the cpu queue, so it waits there (the job's reason says no worker for it is up) and
