@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -257,6 +258,16 @@ def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, 
     return out
 
 
+#: A URL's password (``scheme://user:PASSWORD@host``), masked when settings are printed.
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/@]*):[^@/]+@")
+
+
 def effective_yaml(settings: Settings) -> str:
-    """The effective configuration as YAML (paths absolute, defaults filled in)."""
-    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False, width=100)
+    """The effective configuration as YAML (paths absolute, defaults filled in; the broker
+    URLs' passwords masked)."""
+    values = settings.model_dump(mode="json")
+    celery = values["jobs"]["celery"]
+    for key in ("broker_url", "result_backend"):
+        if celery.get(key):
+            celery[key] = _URL_PASSWORD.sub(r"\1:**@", celery[key])
+    return yaml.safe_dump(values, sort_keys=False, width=100)

@@ -269,3 +269,19 @@ def test_non_json_list_in_the_environment_is_a_config_error(tmp_path, monkeypatc
 def test_a_key_that_is_not_a_name_is_a_config_error(tmp_path):
     [problem] = _problems(_write(tmp_path, "? [a, b]\n: 1\n"))
     assert "a key must be a plain name, not a list" in problem
+
+
+def test_printed_settings_mask_the_broker_password():
+    """`vcemri config check` prints the effective settings: a broker URL's password is masked
+    there, the rest of the URL kept; a result backend must be Redis."""
+    from config import effective_yaml
+
+    settings = Settings(jobs={"backend": "celery", "celery": {
+        "broker_url": "amqp://vcemri:s3cret@rabbit.lan:5672//",
+        "result_backend": "redis://:other-s3cret@redis.lan:6379/1"}})
+    printed = effective_yaml(settings)
+    assert "s3cret" not in printed
+    assert "amqp://vcemri:**@rabbit.lan:5672//" in printed
+    assert "redis://:**@redis.lan:6379/1" in printed
+    with pytest.raises(ValueError, match="result_backend must be a redis"):
+        Settings(jobs={"celery": {"broker_url": "amqp://guest:guest@localhost//"}})
