@@ -214,7 +214,7 @@ class Celery(_Section):
     @model_validator(mode="after")
     def _redis_results(self) -> Celery:
         backend = self.result_backend or self.broker_url
-        if not backend.startswith(("redis://", "rediss://", "unix://")):
+        if not backend.startswith(("redis://", "rediss://")):
             raise PydanticCustomError(
                 "result_backend", "result_backend must be a redis:// URL (set it when the "
                 "broker is not Redis)", {})

@@ -7,8 +7,10 @@ semantics:
 - **acks late**: a task is acknowledged after it ran, not when a worker took it; a worker that
   dies mid-task (``kill -9``, the machine lost) leaves the task unacknowledged, and the broker
   gives it to another worker after ``jobs.celery.visibility_timeout_s`` (Redis) or at once when
-  the connection drops (RabbitMQ). A pool process that dies is reported at once
-  (``task_reject_on_worker_lost``): the task goes back to the queue.
+  the connection drops (RabbitMQ). A pool process that dies while its worker lives (a native
+  crash, the out-of-memory killer) fails that run (``WorkerLostError``), and the node retries
+  the job with backoff up to ``jobs.max_attempts`` as it does a crash of local synthesis: a
+  study that crashes every process it touches is not requeued for ever.
 - **one task at a time per pool process** (prefetch 1), so that a busy worker does not hold
   tasks an idle one could run.
 - **JSON only**: no pickle, so a message on the broker can never run code in a worker.
@@ -20,6 +22,7 @@ Queues per device class: ``<prefix>.cpu`` for models on ``cpu`` or ``auto`` (any
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,9 +57,12 @@ def redacted(url: str) -> str:
     return str(maybe_sanitize_url(url))
 
 
-def celery_app(settings: config.Settings, name: str = "vcemri") -> Celery:
+def celery_app(settings: config.Settings, name: str = "vcemri",
+               worker: bool = False) -> Celery:
     """The Celery app for ``settings.jobs.celery`` (raises ``ConfigError`` when Celery is not
-    installed)."""
+    installed). ``worker``: a worker's app, which retries storing a result for as long as the
+    backend is down; the node's raises at once, so that it can say the broker is down and
+    still notice a cancel or its own stop."""
     try:
         from celery import Celery
     except ImportError as exc:
@@ -70,7 +76,7 @@ def celery_app(settings: config.Settings, name: str = "vcemri") -> Celery:
                  set_as_current=False)
     app.conf.update(
         task_serializer="json", result_serializer="json", accept_content=["json"],
-        task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
+        task_acks_late=True, task_reject_on_worker_lost=False, worker_prefetch_multiplier=1,
         task_track_started=True, task_default_queue=queue_name(settings, CPU),
         # Redis: how long an unacknowledged task waits for its worker before another takes it,
         # and a sweep for such tasks often enough for that timeout
@@ -84,8 +90,8 @@ def celery_app(settings: config.Settings, name: str = "vcemri") -> Celery:
         result_extended=True,
         # a broker restart: reconnect for ever, never drop what is running
         broker_connection_retry=True, broker_connection_retry_on_startup=True,
-        broker_connection_max_retries=None, result_backend_always_retry=True,
-        result_backend_max_retries=1_000_000,
+        broker_connection_max_retries=None, result_backend_always_retry=worker,
+        result_backend_max_retries=1_000_000 if worker else 0,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         # our logging setup (the PHI filter, --log-format json) stays in charge
         worker_hijack_root_logger=False, worker_redirect_stdouts=False,
@@ -95,6 +101,25 @@ def celery_app(settings: config.Settings, name: str = "vcemri") -> Celery:
                                    "interval_step": 0.5, "interval_max": 3.0},
     )
     return app
+
+
+_NODE_APPS: dict[tuple[str, str | None, str], Any] = {}
+_NODE_APPS_LOCK = threading.Lock()
+
+
+def node_app(settings: config.Settings) -> Celery:
+    """The node's Celery app for these broker settings, one per process, built and finalised
+    on first use (call it from the thread that builds the node: Celery's lazy modules and an
+    app's first use are not safe to race from several threads)."""
+    options = settings.jobs.celery
+    key = (options.broker_url, options.result_backend, options.queue_prefix)
+    with _NODE_APPS_LOCK:
+        if key not in _NODE_APPS:
+            app = celery_app(settings)
+            app.finalize(auto=True)
+            _ = app.amqp, app.backend
+            _NODE_APPS[key] = app
+        return _NODE_APPS[key]
 
 
 @dataclass(frozen=True)
@@ -118,7 +143,7 @@ def workers(settings: config.Settings, timeout_s: float = 1.0,
             app: Celery | None = None) -> list[WorkerHealth]:
     """The workers that answer within ``timeout_s`` (raises ``config.PeerError`` when the
     broker cannot be reached)."""
-    app = app or celery_app(settings)
+    app = app or node_app(settings)
     try:
         inspector = app.control.inspect(timeout=timeout_s)
         queues: dict[str, Any] = inspector.active_queues() or {}

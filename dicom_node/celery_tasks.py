@@ -9,7 +9,8 @@ never opens the node's SQLite database (SQLite's locking is not safe over a netw
 system): the node keeps every job state, the worker only returns what it did.
 
 A task may run more than once (acks late: a worker that died mid-task, a broker that lost an
-acknowledgement). Each run writes into its own staging folder under ``outputs/.staging`` and
+acknowledgement). Each run writes into its own staging folder under ``outputs/.staging``
+(named with a random token: a task delivered twice has one id) and
 renames it into place only if no other run got there first (a rename onto a folder that holds
 files fails), so a late duplicate never overwrites files the node may be sending; by
 construction both runs wrote the same objects (UIDs from the inputs and the model).
@@ -23,6 +24,7 @@ import os
 import shutil
 import socket
 import traceback
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,12 +49,15 @@ def relative(path: Path, root: Path) -> str:
     return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
 
 
-def inside(root: Path, name: str) -> Path:
-    """The file a task names, under this machine's storage root; a name that leaves the root
-    (absolute, ``..``) is refused: a message on the broker must not reach other files."""
+def inside(root: Path, name: str, folder: str = "") -> Path:
+    """The file a task names, under this machine's storage root (and its ``folder``); a name
+    that leaves it (absolute, ``..``) is refused: a message on the broker must not reach
+    other files."""
+    base = (Path(root) / folder).resolve()
     candidate = (Path(root) / name).resolve()
-    if Path(name).is_absolute() or not candidate.is_relative_to(Path(root).resolve()):
-        raise config.InputError(f"the task names {name!r}, outside the storage root")
+    if Path(name).is_absolute() or candidate == base or not candidate.is_relative_to(base):
+        raise config.InputError(f"the task names {name!r}, outside the storage root's "
+                                f"{folder or 'folder'}")
     return candidate
 
 
@@ -101,19 +106,23 @@ def synthesize(request: dict[str, Any], *, task_id: str, worker: str) -> dict[st
     import synthesis
 
     assert _SETTINGS is not None
-    root = Path(_SETTINGS.storage.root)
+    root = Path(_SETTINGS.storage.root).resolve()
     answer: dict[str, Any] = {"worker": worker, "pid": os.getpid(),
                               "storage_root": str(root), "objects": [], "notice": None,
                               "summary": {}, "device": "", "reason": "", "details": "",
                               "duplicate": False}
     job = int(request["job_id"])
-    staging = root / "outputs" / ".staging" / f"job-{job:06d}.{task_id}"
+    # its own folder for each run, even of one task delivered twice (the same task id)
+    staging = root / "outputs" / ".staging" / f"job-{job:06d}.{uuid.uuid4().hex}"
     try:
+        if request["out"] != f"outputs/job-{job:06d}":
+            raise config.InputError(f"the task's output folder {request['out']!r} is not job "
+                                    f"{job}'s")
         final = inside(root, request["out"])
-        t1w = [inside(root, name) for name in request["t1w"]]
+        t1w = [inside(root, name, "spool") for name in request["t1w"]]
         t2w = (None if request.get("t2w") is None
-               else [inside(root, name) for name in request["t2w"]])
-        extra = {role: [inside(root, name) for name in names]
+               else [inside(root, name, "spool") for name in request["t2w"]])
+        extra = {role: [inside(root, name, "spool") for name in names]
                  for role, names in (request.get("extra") or {}).items()}
         supersedes = None
         if request.get("supersedes"):
@@ -127,9 +136,8 @@ def synthesize(request: dict[str, Any], *, task_id: str, worker: str) -> dict[st
                 f"{len(missing)} input file(s) of job {job} are not under this worker's "
                 f"storage.root {root} (e.g. {relative_or_name(missing[0], root)}): mount the "
                 "node's storage there")
-        if staging.exists():
-            shutil.rmtree(staging)
-        log.info("job %d: synthesizing on %s (model %s)", job, worker, request["model"])
+        log.info("job %d: synthesizing on %s (model %s, task %s)", job, worker,
+                 request["model"], task_id)
         try:
             done = _service().process(t1w, t2w, staging, model=request["model"],
                                       enforce=bool(request.get("enforce", True)),
@@ -228,7 +236,7 @@ def run_worker(settings: config.Settings, *, concurrency: int = 1, queues: str |
     names = worker_queues(settings, queues)
     os.umask(0o077)  # outputs as private as the node's own (storage_lock.private_storage)
     _SETTINGS = settings
-    app = broker.celery_app(settings)
+    app = broker.celery_app(settings, worker=True)
     register(app)
     worker_process_init.connect(lambda **_: preload(), weak=False)
     hostname = name or f"vcemri-{os.getpid()}@{socket.gethostname()}"

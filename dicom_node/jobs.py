@@ -102,6 +102,9 @@ def output_folder(root: Path, job_id: int) -> Path:
 #: How long a claimed job stays invisible to other workers (longer than any synthesis).
 CLAIM_S = 3600.0
 
+#: The reason of a job :meth:`JobQueue.recover` resumed.
+RESUMED = "resumed after the node restarted"
+
 
 class JobChanged(config.VcemriError):
     """The job is no longer in the state the caller expected (e.g. cancelled meanwhile)."""
@@ -245,11 +248,9 @@ class JobQueue:
                                       (RUNNING, SENDING)).fetchall()
         for row in rows:
             if row["state"] == RUNNING:
-                self._transition(row["id"], READY, "resumed after the node restarted",
-                                 next_attempt_at=0.0)
+                self._transition(row["id"], READY, RESUMED, next_attempt_at=0.0)
             else:
-                self._transition(row["id"], SENDING, "resumed after the node restarted",
-                                 next_attempt_at=0.0)
+                self._transition(row["id"], SENDING, RESUMED, next_attempt_at=0.0)
         return [r["id"] for r in rows]
 
     def get(self, job_id: int) -> Job:
@@ -379,6 +380,15 @@ class JobQueue:
                            (reason, now, *values.values(), job_id))
                 db.execute("INSERT INTO transitions VALUES (?, ?, ?, ?)",
                            (job_id, now, row["state"], reason))
+
+    def extend_claim(self, job_id: int) -> None:
+        """Keep a ``running`` job invisible to other workers for another :data:`CLAIM_S`
+        (its worker is still following it, e.g. on a Celery worker)."""
+        with self._lock:
+            db = self._db()
+            with transaction(db):
+                db.execute("UPDATE jobs SET next_attempt_at = ? WHERE id = ? AND state = ?",
+                           (time.time() + CLAIM_S, job_id, RUNNING))
 
     def wake(self, job_id: int) -> None:
         """Make a ``sending`` job due now (a peer reported what it waited for)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import config
 
 from .assembly import Assembler
-from .broker import WorkerHealth, workers
+from .broker import WorkerHealth, node_app, workers
 from .commitment import CommitmentLedger, CommitmentReports
 from .jobs import JobQueue
 from .metrics import Metrics
@@ -67,6 +67,8 @@ class Node:
                                    commitments=self.commitments)
                             for i in range(count)]
             self.web = None if settings.web is None else WebServer(self)
+            self.celery_app = (node_app(settings) if settings.jobs.backend == "celery"
+                               else None)
         except BaseException:
             self.lock.release()
             raise
@@ -101,7 +103,7 @@ class Node:
     def _watch_workers(self) -> None:
         while not self._stop.is_set():
             try:
-                self.celery_workers = workers(self.settings)
+                self.celery_workers = workers(self.settings, app=self.celery_app)
             except config.PeerError as exc:
                 self.celery_workers = exc.reason
             except Exception as exc:  # the dashboard says so; the node goes on

@@ -16,6 +16,8 @@ and the delivery ledger sends each object to a destination once.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import threading
@@ -29,7 +31,7 @@ import config
 
 from . import broker
 from .celery_tasks import relative, reroot
-from .jobs import RUNNING, JobChanged, JobQueue
+from .jobs import READY, RESUMED, RUNNING, JobChanged, JobQueue
 from .synthesis_process import Outcome, Request, SynthesisCrashed
 
 if TYPE_CHECKING:
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 
 #: How often the node looks at a dispatched task (seconds).
 POLL_S = 0.25
+
+#: How often the node renews its claim of a job it follows (seconds; jobs.CLAIM_S is 3600).
+EXTEND_S = 60.0
 
 #: How often the node looks whether the job was cancelled meanwhile (seconds).
 CHECK_JOB_S = 2.0
@@ -95,11 +100,8 @@ class RemoteSynthesis:
         self.name = name
         self.root = Path(settings.storage.root)
         self.job_id: int | None = None
-        # built here, in the thread that builds the node: Celery's lazy modules and the app's
-        # first use are not safe to race from several worker threads
-        self.app = broker.celery_app(settings)
-        self.app.finalize(auto=True)
-        _ = self.app.amqp, self.app.backend
+        # built here, in the thread that builds the node (broker.node_app)
+        self.app = broker.node_app(settings)
         self._stopping = threading.Event()
 
     @property
@@ -118,22 +120,35 @@ class RemoteSynthesis:
         destination = broker.queue_name(
             self.settings, broker.device_class(self.settings, request.model))
         self.job_id = request.job_id
+        payload = encode(request, self.root)
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         try:
-            task_id = self._adoptable(request.job_id)
+            task_id = self._adoptable(request.job_id, digest)
             if task_id is None:
                 if request.out.exists():  # what an earlier attempt wrote
                     shutil.rmtree(request.out)
                 task_id = f"vcemri-job-{request.job_id}-{uuid.uuid4().hex[:12]}"
-                self._send(encode(request, self.root), destination, task_id, request.job_id)
-            return self._wait(task_id, destination, request.job_id)
+                self._send(payload, destination, task_id, request.job_id, digest)
+            try:
+                return self._wait(task_id, destination, request.job_id)
+            except SynthesisCrashed:
+                if not self._stopping.is_set():  # given up on: no worker may start it later
+                    self._revoke(task_id)
+                raise
         finally:
             self.job_id = None
 
-    def _adoptable(self, job: int) -> str | None:
-        """The task this job was dispatched as before the node restarted, when a worker runs
-        it or has finished it (then it is followed, not run again); else None."""
-        task_id = self.queue.get(job).result.get("celery_task")
-        if not task_id:
+    def _adoptable(self, job: int, digest: str) -> str | None:
+        """The task this job was dispatched as before the node restarted, for this very
+        request, when a worker runs it or has finished it (then it is followed, not run
+        again); else None. Only right after a restart: a retry after a failure or an
+        administrator's retry dispatches afresh."""
+        resumed = [t for t in self.queue.transitions(job) if t["state"] == READY]
+        if not resumed or resumed[-1]["reason"] != RESUMED:
+            return None
+        record = self.queue.get(job).result
+        task_id = record.get("celery_task")
+        if not task_id or record.get("request_sha256") != digest:
             return None
         try:
             state = self.app.AsyncResult(task_id).state
@@ -149,10 +164,17 @@ class RemoteSynthesis:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _send(self, payload: dict[str, Any], destination: str, task_id: str, job: int) -> None:
+    def _send(self, payload: dict[str, Any], destination: str, task_id: str, job: int,
+              digest: str) -> None:
         url = broker.redacted(self.settings.jobs.celery.broker_url)
         told = False
+        extended = time.monotonic()
         while True:
+            if time.monotonic() - extended > EXTEND_S:
+                extended = time.monotonic()
+                self.queue.extend_claim(job)
+            if self.queue.get(job).state != RUNNING:  # cancelled while the broker was down
+                raise JobChanged(f"job {job} is {self.queue.get(job).state} now; not sent")
             try:
                 self.app.send_task(broker.TASK, kwargs={"request": payload}, queue=destination,
                                    task_id=task_id, retry=False)
@@ -167,7 +189,8 @@ class RemoteSynthesis:
                     raise SynthesisCrashed(self._stopped(job)) from exc
         log.info("job %d: sent to queue %s (task %s)", job, destination, task_id)
         self._note(job, f"queued on {destination} for a worker",
-                   result={"celery_task": task_id, "queue": destination})
+                   result={"celery_task": task_id, "queue": destination,
+                           "request_sha256": digest})
 
     def _wait(self, task_id: str, destination: str, job: int) -> Outcome:
         options = self.settings.jobs.celery
@@ -176,7 +199,11 @@ class RemoteSynthesis:
         seen: str | None = None
         broker_down = False
         looked_for_workers = checked_job = 0.0
+        extended = time.monotonic()
         while not self._stopping.wait(POLL_S):
+            if time.monotonic() - extended > EXTEND_S:  # still followed: no one else claims it
+                extended = time.monotonic()
+                self.queue.extend_claim(job)
             if time.monotonic() - checked_job > CHECK_JOB_S:
                 checked_job = time.monotonic()
                 current = self.queue.get(job).state

@@ -183,6 +183,21 @@ def test_worker_killed_mid_job_the_other_worker_completes_it_once(cluster):
     cluster.start_worker(first)
 
 
+def test_a_pool_process_crash_fails_that_run_and_the_job_is_retried(cluster):
+    """The pool process synthesizing the job dies (SIGKILL, as a native crash or the
+    out-of-memory killer would end it) while its worker lives: that run fails with the reason
+    in the job's history, the node retries the job as a new task, and the TPS receives one
+    synthetic series, each instance once."""
+    sent = _send(cluster, 5)
+    _running_on(cluster, sent.job)
+    pid = int(re.search(r"\(pid (\d+)\)", cluster.job(sent.job)["reason"]).group(1))
+    os.kill(pid, signal.SIGKILL)
+    job = _delivered_once(cluster, sent)
+    history = "\n".join(cluster.history(sent.job))
+    assert "WorkerLostError" in history and "retrying in" in history, history
+    assert job["attempts"] == 2
+
+
 def test_redis_killed_and_restarted_mid_run_loses_nothing(cluster):
     """Redis is killed (SIGKILL) while a worker synthesizes and comes back 2 s later with its
     append-only file: the worker and the node reconnect, the job completes and the TPS
@@ -223,10 +238,10 @@ def test_gpu_model_never_taken_by_cpu_workers_and_its_task_survives_redis(cluste
         cluster.job(sent.job)["reason"] or "") and cluster.job(sent.job)["reason"], 60,
         "the job's reason to say no GPU worker is up", interval=0.2)
     assert f"queued on {prefix}.gpu" in reason and "GPU" in reason
-    broker = redis.Redis(port=cluster.redis.port)
+    broker = redis.Redis.from_url(cluster.redis.url)
     assert broker.llen(f"{prefix}.gpu") == 1
     cluster.redis.restart(kill=True, down_s=0.5)
-    broker = redis.Redis(port=cluster.redis.port)
+    broker = redis.Redis.from_url(cluster.redis.url)
     assert broker.llen(f"{prefix}.gpu") == 1
     assert cluster.job(sent.job)["state"] == "running"
     cluster.node.queue.cancel(sent.job)

@@ -161,8 +161,8 @@ def _demo(args: argparse.Namespace) -> int:
     if args.scale_out:
         scale_out = ScaleOut(out, args.config, WORKERS)
         settings = scale_out.start(settings)
-        print(f"    scale-out: Redis on {scale_out.redis.url}, {WORKERS} vcemri worker processes "
-              f"(logs in {out})", flush=True)
+        print(f"    scale-out: Redis on {scale_out.redis.shown_url}, {WORKERS} vcemri worker "
+              f"processes (logs in {out})", flush=True)
     print("1/4 simulating one head-and-neck patient (T1w, T2w) ...", flush=True)
     options = simulation.SimulationOptions(institutions=(DEMO_INSTITUTION,),
                                            patients_per_institution=1, seed=args.seed,

@@ -7,6 +7,7 @@ restarted mid-run keeps the tasks it had. Not for production: run Redis as a ser
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import signal
 import socket
@@ -28,10 +29,17 @@ class RedisServer:
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.executable = shutil.which("redis-server")
+        #: the password clients give (other users of the machine reach loopback ports too)
+        self.password = secrets.token_hex(16)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def shown_url(self) -> str:
+        """The URL for a message (password masked)."""
+        return f"redis://:**@127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         if self.executable is None:
@@ -42,7 +50,8 @@ class RedisServer:
         self.process = subprocess.Popen(
             [self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.folder), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", "", "--protected-mode", "yes", "--daemonize", "no"],
+             "--save", "", "--protected-mode", "yes", "--daemonize", "no",
+             "--requirepass", self.password],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout_s
@@ -61,8 +70,14 @@ class RedisServer:
     def ping(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as connection:
-                connection.sendall(b"PING\r\n")
-                return connection.recv(16).startswith(b"+PONG")
+                connection.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
+                answer = b""
+                while answer.count(b"\r\n") < 2:
+                    chunk = connection.recv(64)
+                    if not chunk:
+                        return False
+                    answer += chunk
+                return answer == b"+OK\r\n+PONG\r\n"
         except OSError:
             return False
 
