@@ -84,6 +84,10 @@ def celery_app(settings: config.Settings, name: str = "vcemri",
             "visibility_timeout": visibility,
             "unacked_restore_interval": max(1, min(10, int(visibility / 10))),
             "unacked_restore_throttle": 1,
+            # the lock a worker holds while it sweeps: kombu's 300 s default kept every other
+            # worker from handing on a dead worker's task for 5 minutes when the worker was
+            # killed mid-sweep (seen in the tests); a sweep takes milliseconds
+            "unacked_mutex_expire": max(5, min(300, int(visibility / 2))),
         },
         result_backend_transport_options={"visibility_timeout": visibility},
         result_expires=max(86400, int(options.task_timeout_s) * 2),
