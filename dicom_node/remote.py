@@ -49,7 +49,7 @@ EXTEND_S = 60.0
 CHECK_JOB_S = 2.0
 
 #: A task nobody took for this long: the job's reason says which workers consume its queue.
-UNTAKEN_S = 15.0
+UNTAKEN_S = 5.0
 
 
 def encode(request: Request, root: Path) -> dict[str, Any]:
@@ -169,6 +169,10 @@ class RemoteSynthesis:
         url = broker.redacted(self.settings.jobs.celery.broker_url)
         told = False
         extended = time.monotonic()
+        # recorded before it is sent, so that a node restarted after sending can follow it
+        self._note(job, f"sending to {destination}",
+                   result={"celery_task": task_id, "queue": destination,
+                           "request_sha256": digest})
         while True:
             if time.monotonic() - extended > EXTEND_S:
                 extended = time.monotonic()
@@ -188,9 +192,7 @@ class RemoteSynthesis:
                 if self._stopping.wait(1.0):
                     raise SynthesisCrashed(self._stopped(job)) from exc
         log.info("job %d: sent to queue %s (task %s)", job, destination, task_id)
-        self._note(job, f"queued on {destination} for a worker",
-                   result={"celery_task": task_id, "queue": destination,
-                           "request_sha256": digest})
+        self._note(job, f"queued on {destination} for a worker")
 
     def _wait(self, task_id: str, destination: str, job: int) -> Outcome:
         options = self.settings.jobs.celery
