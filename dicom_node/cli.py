@@ -157,6 +157,10 @@ def _jobs_show(args: argparse.Namespace) -> int:
         print(f"EDM:          {line}")
     if result.get("output_folder"):
         print(f"outputs:      {result['output_folder']}")
+    if result.get("worker"):
+        print(f"synthesized:  by Celery worker {result['worker']} on {result.get('device')}")
+    elif result.get("celery_task"):
+        print(f"Celery task:  {result['celery_task']} on {result.get('queue')}")
     commitments = CommitmentLedger(queue.root)
     for name in job.destinations:
         asked = commitments.latest(job.id, name)

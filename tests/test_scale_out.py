@@ -172,6 +172,12 @@ def test_worker_killed_mid_job_the_other_worker_completes_it_once(cluster):
     other = "beta" if first == "alpha" else "alpha"
     job = _delivered_once(cluster, sent)
     assert json.loads(job["result"])["worker"] == f"{other}@test"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VCEMRI_")}
+    shown = subprocess.run([sys.executable, "-m", "vcemri", "--config", str(cluster.config),
+                            "jobs", "show", str(sent.job)], capture_output=True, text=True,
+                           env=env, timeout=60).stdout
+    assert f"synthesized:  by Celery worker {other}@test on cpu" in shown, shown
+    assert re.search(rf"running +running on worker {first}@test", shown), shown
     history = cluster.history(sent.job)
     assert f"running: running on worker {first}@test" in "\n".join(history)
     assert f"running: running on worker {other}@test" in "\n".join(history)
