@@ -89,7 +89,6 @@ def celery_app(settings: config.Settings, name: str = "vcemri",
             # killed mid-sweep (seen in the tests); a sweep takes milliseconds
             "unacked_mutex_expire": max(5, min(300, int(visibility / 2))),
         },
-        result_backend_transport_options={"visibility_timeout": visibility},
         result_expires=max(86400, int(options.task_timeout_s) * 2),
         result_extended=True,
         # a broker restart: reconnect for ever, never drop what is running

@@ -150,7 +150,6 @@ def synthesize(request: dict[str, Any], *, task_id: str, worker: str) -> dict[st
                 answer["notice"] = _object(notice, root, staging, final)
             return answer
         summary = reroot(done.summary, str(staging), str(final))
-        (staging / "result.json").write_text(json.dumps(summary, indent=1))
         answer.update(kind="done", summary=summary, device=done.device,
                       objects=[_object(o, root, staging, final) for o in done.objects])
         _publish(staging, final, answer)
@@ -172,8 +171,9 @@ def relative_or_name(path: Path, root: Path) -> str:
 
 
 def _publish(staging: Path, final: Path, answer: dict[str, Any]) -> None:
-    """Move a run's staging folder into place, unless another run of the task got there
-    first (then this run's identical files are dropped and ``answer`` says so)."""
+    """Move a run's staging folder into place (its result.json naming the final folder),
+    unless another run of the task got there first (then this run's identical files are
+    dropped and ``answer`` says so)."""
     if (staging / "result.json").is_file():
         result = json.loads((staging / "result.json").read_text())
         (staging / "result.json").write_text(

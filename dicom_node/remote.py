@@ -93,20 +93,14 @@ def decode(answer: dict[str, Any], root: Path) -> Outcome:
 class RemoteSynthesis:
     """A node worker thread's way to Celery: :meth:`run` sends a study and waits for it."""
 
-    def __init__(self, settings: config.Settings, queue: JobQueue,
-                 name: str = "dispatch") -> None:
+    def __init__(self, settings: config.Settings, queue: JobQueue) -> None:
         self.settings = settings
         self.queue = queue
-        self.name = name
         self.root = Path(settings.storage.root)
         self.job_id: int | None = None
         # built here, in the thread that builds the node (broker.node_app)
         self.app = broker.node_app(settings)
         self._stopping = threading.Event()
-
-    @property
-    def pid(self) -> int | None:
-        return None
 
     def start(self) -> None:
         self._stopping.clear()

@@ -55,7 +55,7 @@ class Worker:
         #: where this worker's jobs are synthesized: its child process, or (jobs.backend
         #: celery) the Celery workers
         self.process: SynthesisProcess | RemoteSynthesis = (
-            RemoteSynthesis(settings, queue, name=f"{name}-dispatch")
+            RemoteSynthesis(settings, queue)
             if settings.jobs.backend == "celery"
             else SynthesisProcess(settings, name=f"{name}-synthesis"))
         self.commitments = commitments or commitment.CommitmentLedger(queue.root)
