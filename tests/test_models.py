@@ -130,6 +130,29 @@ def test_exact_sagan_attention_matches_a_hand_computation():
     torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_pooled_attention_in_inference_mode_and_its_gradients_match_the_unfused_form():
+    """The padded one-head form (fused kernels) equals softmax(q^T k) v with pooled keys and
+    values, in inference mode (the node) and in its gradients (training)."""
+    attention = SelfAttention(32, pool=4)
+    with torch.no_grad():
+        attention.gamma.fill_(0.5)
+    x = torch.randn(2, 32, 32, 28, requires_grad=True)
+
+    def unfused(x: torch.Tensor) -> torch.Tensor:
+        source = torch.nn.functional.max_pool2d(x, 4)
+        q = attention.query(x).flatten(2)  # (2, 4, 896)
+        k, v = attention.key(source).flatten(2), attention.value(source).flatten(2)
+        weights = torch.softmax(q.transpose(1, 2) @ k, dim=-1)  # (2, 896, 56)
+        return x + attention.gamma * (v @ weights.transpose(1, 2)).reshape(x.shape)
+
+    with torch.inference_mode():
+        torch.testing.assert_close(attention(x.detach()), unfused(x.detach()))
+    (attention(x) ** 2).sum().backward()
+    fused_grad, x.grad = x.grad, None
+    (unfused(x) ** 2).sum().backward()
+    torch.testing.assert_close(fused_grad, x.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("name", "config"),
     [("unet", {"inputs": ("t1w",)}), ("unet", {"inputs": ("t2w",)}), ("unet", {}),

@@ -124,7 +124,11 @@ class MMgSNNet(nn.Module):
         guided = d2
         if self.guidance is not None:
             intermediate, confidence = self.guidance(d2)
-            guided = torch.cat([d2, intermediate * confidence], 1)
+            # kept in d2's memory layout: with a one-channel tensor the concatenation may
+            # come out contiguous and every later convolution would convert it back
+            guided = torch.cat([d2, intermediate * confidence], 1).contiguous(
+                memory_format=torch.channels_last
+                if d2.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
         d3 = self.decode3(torch.cat([upsample(guided), s1], 1))  # H
         if self.multi_level:
             size = (d3.shape[-2], d3.shape[-1])
