@@ -25,7 +25,9 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sqlite3
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -34,9 +36,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import config
 
+from .jobs import RUNNING, JobChanged
+
 if TYPE_CHECKING:
     import planning
     from synthesis import WrittenObject
+
+    from .jobs import JobQueue
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,9 @@ PRELOAD = ["torch", "synthesis", "planning", "dicom_node.synthesis_process"]
 
 #: How often the waiting worker looks whether its child is still alive (seconds).
 POLL_S = 0.2
+
+#: How often the waiting worker looks whether its job was cancelled meanwhile (seconds).
+CHECK_JOB_S = 1.0
 
 #: How often a child looks whether its node is still alive (seconds).
 PARENT_CHECK_S = 1.0
@@ -112,9 +121,14 @@ def _ended(exitcode: int | None) -> str:
 class SynthesisProcess:
     """A worker's synthesis child; :meth:`run` sends it a study and waits for the outcome."""
 
-    def __init__(self, settings: config.Settings, name: str = "synthesis") -> None:
+    def __init__(self, settings: config.Settings, name: str = "synthesis",
+                 queue: JobQueue | None = None) -> None:
+        """``queue``: where the waiting worker looks whether the job is still wanted; a job
+        cancelled while its study is being synthesized ends the child at once (killed: the
+        study's partial outputs are removed, the next job starts a fresh child)."""
         self.settings = settings
         self.name = name
+        self.queue = queue
         self._process: Any = None
         self._connection: Connection | None = None
         #: the job the child is working on (None while idle)
@@ -151,6 +165,7 @@ class SynthesisProcess:
         process, connection = self._process, self._connection
         assert process is not None and connection is not None
         self.job_id = request.job_id
+        checked = time.monotonic()
         try:
             connection.send(request)
             while True:
@@ -163,6 +178,18 @@ class SynthesisProcess:
                     return outcome
                 if not process.is_alive():
                     break
+                if self.queue is not None and time.monotonic() - checked > CHECK_JOB_S:
+                    checked = time.monotonic()
+                    try:
+                        state = self.queue.get(request.job_id).state
+                    except sqlite3.Error:  # the database is busy: look again next time
+                        continue
+                    if state != RUNNING:  # cancelled by an administrator meanwhile
+                        pid = process.pid
+                        self._end_child()
+                        shutil.rmtree(request.out, ignore_errors=True)
+                        raise JobChanged(f"job {request.job_id} is {state} now; its synthesis "
+                                         f"process (pid {pid}) was ended")
         except (EOFError, OSError):
             pass  # the child went away mid-message
         finally:
@@ -189,7 +216,12 @@ class SynthesisProcess:
         except OSError:
             pass
         process.join(timeout_s)
-        if process.is_alive():
+        self._end_child()
+
+    def _end_child(self) -> None:
+        """Kill the child (if it still runs) and forget it; the next request starts another."""
+        process = self._process
+        if process is not None and process.is_alive():
             process.kill()
             process.join(5.0)
         self._close()

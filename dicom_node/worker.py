@@ -57,7 +57,7 @@ class Worker:
         self.process: SynthesisProcess | RemoteSynthesis = (
             RemoteSynthesis(settings, queue)
             if settings.jobs.backend == "celery"
-            else SynthesisProcess(settings, name=f"{name}-synthesis"))
+            else SynthesisProcess(settings, name=f"{name}-synthesis", queue=queue))
         self.commitments = commitments or commitment.CommitmentLedger(queue.root)
         self.audit = audit
         self.metrics = metrics

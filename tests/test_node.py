@@ -1061,6 +1061,45 @@ def test_a_synthesis_process_killed_mid_job_never_stops_reception_and_the_job_is
     assert len(query(root, "SELECT * FROM instances")) == 32
 
 
+def test_a_job_cancelled_mid_synthesis_ends_its_synthesis_process(cohort, tmp_path):
+    """Cancelling a job while its study is being synthesized ends the child at once (it is
+    held stopped here, so the synthesis cannot finish first): the job stays cancelled with no
+    outputs, its partial output folder is gone, and the next study gets a fresh child."""
+    root = tmp_path / "root"
+    with StoreSCP(tmp_path / "tps") as tps:
+        cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
+                           destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
+                                                 "port": tps.port}})
+        node = start_node(cfg)
+        try:
+            assert storescu(_interleaved(cohort), node.scp.port, called_ae="VCEMRI").ok
+            synthesis = node.workers[0].process
+            wait_for(lambda: synthesis.job_id is not None and synthesis.pid, 90,
+                     "the first job in its synthesis process", interval=0.005)
+            child, job_id = synthesis.pid, synthesis.job_id
+            os.kill(child, signal.SIGSTOP)
+            cancel = subprocess.run([sys.executable, "-m", "vcemri", "--config", str(cfg),
+                                     "jobs", "cancel", str(job_id)],
+                                    capture_output=True, text=True, timeout=60, check=False)
+            assert cancel.returncode == 0, cancel.stderr
+            wait_for(lambda: not Path(f"/proc/{child}").exists()
+                     or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2], 10,
+                     "the cancelled job's synthesis process to end")
+            assert synthesis.job_id is None
+            assert not dicom_node.output_folder(root, job_id).exists()
+            assert storescu(_interleaved(cohort, 2), node.scp.port, called_ae="VCEMRI").ok
+            done = wait_for(lambda: len(finished_jobs(root)) == 2 and finished_jobs(root), 120,
+                            "the second job")
+            assert synthesis.pid not in (None, child)
+        finally:
+            node.stop()
+    states = {j["id"]: j["state"] for j in done}
+    assert states[job_id] == "cancelled"
+    assert [s for j, s in states.items() if j != job_id] == ["done"]
+    assert not query(root, "SELECT * FROM outputs WHERE job_id = ?", job_id)
+    assert len(tps.received()) == len(query(root, "SELECT * FROM outputs"))
+
+
 # -- TLS ----------------------------------------------------------------------------------------
 
 
