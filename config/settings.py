@@ -441,10 +441,11 @@ class Route(_Section):
         None, description="this route's series are complete this long after their last "
         "instance (null: assembly.series_idle_s); matched on each series' own header"
     )
-    expected_instances: dict[Literal["t1w", "t2w"], int] = Field(
+    expected_instances: dict[Literal["t1w", "t2w", "t2w_fs", "stir", "dwi", "adc"], int] = Field(
         default_factory=dict, description="this route's series of a role are complete as soon "
-        "as they hold this many instances, e.g. {t1w: 30, t2w: 30} (a scanner protocol's "
-        "slice counts; ImagesInAcquisition in a header takes precedence)"
+        "as they hold this many instances, e.g. {t1w: 30, t2w: 30, dwi: 60} (a scanner "
+        "protocol's instance counts; ImagesInAcquisition in a header takes precedence; a "
+        "fat-suppressed T2w or STIR without a count of its own takes the t2w count)"
     )
 
 

@@ -206,11 +206,11 @@ class Assembler:
             idle = route.series_idle_s
         expected = row["expected"]
         if expected is None and route is not None:
-            # a STIR or fat-suppressed T2w counts as the T2w it stands in for
-            expected = next((route.expected_instances[role]
-                             for role, stands in synthesis.STANDS_IN.items()
-                             if row["role"] in stands and role in route.expected_instances),
-                            None)
+            # its role's own count, else (a STIR or fat-suppressed T2w) the T2w's it stands in for
+            counts = route.expected_instances
+            expected = counts.get(row["role"], next(
+                (counts[role] for role, stands in synthesis.STANDS_IN.items()
+                 if row["role"] in stands and role in counts), None))
         return (row["last_received"] + idle <= now
                 or (expected is not None and row["instances"] >= expected))
 

@@ -681,7 +681,7 @@ def test_a_route_may_set_its_series_idle_time_and_expected_counts(cohort, tmp_pa
     last instance, with no idle time; another scanner's route sets a 2 s idle time against
     the node's 60 s; a third scanner, with no route of its own, waits the node's 60 s."""
     routes = [{"name": "counted", "match": {"calling_ae": "^FAST$"}, "destinations": ["tps"],
-               "expected_instances": {"t1w": 8, "t2w": 8}},
+               "expected_instances": {"t1w": 8, "t2w": 8, "dwi": 4}},
               {"name": "quick", "match": {"calling_ae": "^QUICK$"}, "destinations": ["tps"],
                "series_idle_s": 2.0},
               {"name": "default", "destinations": ["tps"]}]
@@ -709,6 +709,26 @@ def test_a_route_may_set_its_series_idle_time_and_expected_counts(cohort, tmp_pa
     assembler.tick(now)
     [ready] = queue.list()
     assert (ready.state, ready.route) == ("ready", "counted"), ready.reason
+
+    def as_dwi(path: Path, number: int) -> bytes:  # counted by its own role: 4, not 8
+        ds = pydicom.dcmread(path)
+        ds.SeriesDescription, ds.SeriesInstanceUID = "ep2d_diff_b1000", dwi_series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = number
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        return buffer.getvalue()
+
+    dwi_series = generate_uid()
+    for number, f in enumerate(t2[:4], 1):
+        assembler.tick(now)
+        [dwi] = query(node.root, "SELECT * FROM series WHERE series_uid = ?", dwi_series) or [
+            {"complete_generation": None, "role": "dwi"}]
+        assert dwi["complete_generation"] is None and dwi["role"] == "dwi"
+        assert spool.store(as_dwi(f, number), "FAST").status == 0
+    assembler.tick(now)
+    [dwi] = query(node.root, "SELECT * FROM series WHERE series_uid = ?", dwi_series)
+    assert dwi["complete_generation"] == dwi["generation"] and dwi["instances"] == 4
     for ae in ("QUICK", "SLOW"):  # patient 1 again under new UIDs, from two more scanners
         study, series = generate_uid(), {}
         for f in t1 + t2:
