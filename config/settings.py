@@ -474,6 +474,11 @@ class ModelChoice(_Section):
     )
     device: Device = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     batch_size: int = Field(8, ge=1, description="slices per forward pass")
+    keep_t1w_detail: bool = Field(
+        False, description="add back to the VCE the T1w detail that the round trip through "
+        "the model's 256x224 grid removes: sharper as delivered for matrices finer than the "
+        "grid; the confidence map does not model it (README: As delivered)"
+    )
 
     @field_validator("checkpoint")
     @classmethod

@@ -61,6 +61,11 @@ class PipelineOptions:
     #: external distribution matching for unknown institutions (off: a study's own
     #: intensities, e.g. to measure what EDM changes)
     edm: bool = True
+    #: add back to the delivered VCE the T1w's detail that the round trip through the
+    #: model's 256 x 224 grid removes (the acquired T1w minus the T1w taken to the grid and
+    #: back): sharper as delivered where the acquisition is finer than the grid (288, 320,
+    #: 512 matrices); the confidence map does not model the detail (README "As delivered")
+    keep_t1w_detail: bool = False
 
 
 @dataclass
@@ -317,7 +322,10 @@ class Synthesizer:
         def in_head(values: np.ndarray, head: np.ndarray) -> np.ndarray:
             return np.where(head, np.maximum(values, 0.0), 0.0).astype(np.float32)
 
-        vce = in_head(steps.inverse(output), masks["t1w"])
+        restored = steps.inverse(output)
+        if self.options.keep_t1w_detail:
+            restored += arrays["t1w"] - steps.inverse(grid["t1w"])
+        vce = in_head(restored, masks["t1w"])
         model_grid = in_head(steps.inverse(output, skip=(ModelGrid.name,)),
                              mask_to_model_grid(masks["t1w"]))
         vce_image = sitk.GetImageFromArray(vce)

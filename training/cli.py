@@ -133,7 +133,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             models = {"model": next(iter(models.values()))}
         evaluation = evaluate(models, Path(args.manifest), tuple(args.groups.split(",")),
                               args.device, progress=advance, edm=not args.no_edm,
-                              confidence=not args.no_confidence)
+                              confidence=not args.no_confidence,
+                              keep_t1w_detail=args.keep_t1w_detail)
     if not evaluation.rows:
         from config import InputError
 
@@ -308,6 +309,9 @@ def add_commands(commands: Any) -> None:
     evaluator.add_argument("--no-confidence", action="store_true",
                            help="no mirrored pass and confidence map: the VCE is the plain "
                            "pass (half the time; the confidence columns stay empty)")
+    evaluator.add_argument("--keep-t1w-detail", action="store_true",
+                           help="add the T1w detail the round trip through the model grid "
+                           "removes back to the VCE (models.<name>.keep_t1w_detail)")
     evaluator.add_argument("--no-edm", action="store_true",
                            help="no external distribution matching (it only acts on models "
                            "trained with dataset-level normalization)")

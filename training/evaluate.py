@@ -196,14 +196,16 @@ def _example_slice(tumour: np.ndarray | None, depth: int) -> int:
 def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
              groups: tuple[str, ...] = ("internal", "external"), device: str = "auto",
              progress: Callable[[str | None, int], None] | None = None,
-             edm: bool = True, confidence: bool = True) -> Evaluation:
+             edm: bool = True, confidence: bool = True,
+             keep_t1w_detail: bool = False) -> Evaluation:
     """Metrics for the manifest's patients in ``groups`` of the first model's split (all
     patients when it has none, see :func:`_split`), for each model (label -> checkpoint; one
     model is labelled 'model') and 'VCE = T1w'; with paired tests and one example slice per
     institution. ``progress(None, total)`` is called before the first patient and
     ``progress(patient, total)`` after each; ``edm`` False evaluates without external
     distribution matching; ``confidence`` False without the mirrored pass (the VCE is the
-    plain pass, half the time; no confidence map, so its columns are empty)."""
+    plain pass, half the time; no confidence map, so its columns are empty);
+    ``keep_t1w_detail`` with the T1w's detail added back (``PipelineOptions``)."""
     import planning
     from config import Settings
 
@@ -213,7 +215,8 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
     first = next(iter(labelled))
     specs = {label: model_spec(path) for label, path in labelled.items()}
     synthesizer, _ = service.synthesizer(checkpoint=str(specs[first][0]), device=device,
-                                         edm=edm, confidence=confidence)
+                                         edm=edm, confidence=confidence,
+                                         keep_t1w_detail=keep_t1w_detail)
     split = _split(specs[first][0], synthesizer.checkpoint, entries, manifest)
     wanted = {role for _, subset in specs.values() for role in (subset or SUBSET_ROLES)}
     chosen, left_out = [], {}
@@ -243,7 +246,7 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
             results[label] = service.synthesize(t1, t2, checkpoint=str(path), device=device,
                                                 enforce=False, edm=edm, extra=extra,
                                                 confidence=confidence,
-                                                use=subset)
+                                                keep_t1w_detail=keep_t1w_detail, use=subset)
             if head is None:
                 head = sitk.GetArrayFromImage(results[label].foreground) > 0
             predictions[label] = results[label].vce.array
