@@ -248,6 +248,19 @@ def test_process_uses_the_shipped_model_by_default(cohort, tmp_path):
     assert result["screening"]["accepted"] is False
 
 
+def test_a_models_keep_t1w_detail_setting_reaches_its_pipeline():
+    """``models.<name>.keep_t1w_detail`` is what the node and ``vcemri process`` run with
+    (SynthesisService), and a caller (``vcemri evaluate``) may override it."""
+    import config
+    import planning
+
+    service = planning.SynthesisService(config.Settings(
+        models={"default": {"keep_t1w_detail": True}, "plain": {}}))
+    assert service.synthesizer()[0].options.keep_t1w_detail is True
+    assert service.synthesizer("plain")[0].options.keep_t1w_detail is False
+    assert service.synthesizer(keep_t1w_detail=False)[0].options.keep_t1w_detail is False
+
+
 def test_process_rejection_is_recorded(cohort, tmp_path):
     study = tmp_path / "study"
     shutil.copytree(cohort / "inst2" / "inst2-002", study)
