@@ -1037,6 +1037,15 @@ def test_kill_9_while_receiving_and_while_running_loses_and_duplicates_nothing(
     assert not list((root / "spool").rglob("*.tmp"))
 
 
+def _synthesizing(node: dicom_node.Node, cohort: Path) -> dicom_node.SynthesisProcess:
+    """Send patient 1 to a running node; the worker's synthesis process once it has the job."""
+    assert storescu(_interleaved(cohort), node.scp.port, called_ae="VCEMRI").ok
+    synthesis = node.workers[0].process
+    wait_for(lambda: synthesis.job_id is not None and synthesis.pid, 90,
+             "the first job in its synthesis process", interval=0.005)
+    return synthesis
+
+
 def test_a_synthesis_process_killed_mid_job_never_stops_reception_and_the_job_is_retried(
         cohort, tmp_path):
     """kill -9 of the worker's synthesis process while it works on one study and while a
@@ -1049,10 +1058,7 @@ def test_a_synthesis_process_killed_mid_job_never_stops_reception_and_the_job_is
                                                  "port": tps.port}})
         node = start_node(cfg)
         try:
-            assert storescu(_interleaved(cohort), node.scp.port, called_ae="VCEMRI").ok
-            synthesis = node.workers[0].process
-            wait_for(lambda: synthesis.job_id is not None and synthesis.pid, 90,
-                     "the first job in its synthesis process", interval=0.005)
+            synthesis = _synthesizing(node, cohort)
             victim = synthesis.pid
             result: dict[str, object] = {}
             scanner = threading.Thread(target=lambda: result.update(
@@ -1092,10 +1098,7 @@ def test_a_job_cancelled_mid_synthesis_ends_its_synthesis_process(cohort, tmp_pa
                                                  "port": tps.port}})
         node = start_node(cfg)
         try:
-            assert storescu(_interleaved(cohort), node.scp.port, called_ae="VCEMRI").ok
-            synthesis = node.workers[0].process
-            wait_for(lambda: synthesis.job_id is not None and synthesis.pid, 90,
-                     "the first job in its synthesis process", interval=0.005)
+            synthesis = _synthesizing(node, cohort)
             child, job_id = synthesis.pid, synthesis.job_id
             os.kill(child, signal.SIGSTOP)
             cancel = subprocess.run([sys.executable, "-m", "vcemri", "--config", str(cfg),
