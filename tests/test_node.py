@@ -1105,10 +1105,10 @@ def test_a_job_cancelled_mid_synthesis_ends_its_synthesis_process(cohort, tmp_pa
                                      "jobs", "cancel", str(job_id)],
                                     capture_output=True, text=True, timeout=60, check=False)
             assert cancel.returncode == 0, cancel.stderr
-            wait_for(lambda: not Path(f"/proc/{child}").exists()
-                     or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2], 10,
-                     "the cancelled job's synthesis process to end")
-            assert synthesis.job_id is None
+            wait_for(lambda: synthesis.job_id is None and (
+                not Path(f"/proc/{child}").exists()
+                or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]), 10,
+                "the cancelled job's synthesis process to end")
             assert not dicom_node.output_folder(root, job_id).exists()
             assert storescu(_interleaved(cohort, 2), node.scp.port, called_ae="VCEMRI").ok
             done = wait_for(lambda: len(finished_jobs(root)) == 2 and finished_jobs(root), 120,
