@@ -22,7 +22,8 @@ NAMESPACE = "vcemri-planning"
 
 def result_key(result: SynthesisResult) -> str:
     """What makes an output unique: the exact content of its inputs (instances, geometry,
-    voxels; each as placed on the T1w grid) and the exact model weights. A series that
+    voxels; each as placed on the T1w grid), the exact model weights and whether the T1w's
+    detail was kept (``PipelineOptions.keep_t1w_detail``). A series that
     gained or changed an instance gives new UIDs: the TPS never receives other pixels under
     UIDs it already holds."""
     inputs = result.inputs or {"t1w": result.t1w, "t2w": result.t2w}
@@ -31,10 +32,13 @@ def result_key(result: SynthesisResult) -> str:
     uids = [result.t1w.info.series_uid, *(v.info.series_uid for _, v in others)]
     digests = [result.t1w.digest(), *(v.digest() for _, v in others)]
     roles = [] if [r for r, _ in others] == ["t2w"] else ["inputs=" + "+".join(inputs)]
+    # other pixels with the T1w's detail kept: other UIDs (without it, the key as before)
+    detail = ["detail=t1w"] if result.model.get("keep_t1w_detail") else []
     return "|".join((*uids, *digests,
                      str(result.model.get("weights_sha256", "")),
                      str(result.model.get("architecture", "")),
-                     f"align={result.alignment.mode}:{result.alignment.applied}", *roles))
+                     f"align={result.alignment.mode}:{result.alignment.applied}", *roles,
+                     *detail))
 
 
 def output_uid(key: str, *parts: object) -> str:

@@ -147,7 +147,9 @@ class Synthesizer:
         return {"architecture": meta.architecture.name, "path": str(self.checkpoint.path),
                 "created": meta.created, "package_version": meta.package_version,
                 "weights_sha256": self.checkpoint.weights_sha256,
-                "description": meta.description}
+                "description": meta.description,
+                # how the delivered VCE was made (PipelineOptions.keep_t1w_detail)
+                "keep_t1w_detail": self.options.keep_t1w_detail}
 
     @property
     def required_inputs(self) -> tuple[str, ...]:

@@ -259,6 +259,7 @@ def test_a_models_keep_t1w_detail_setting_reaches_its_pipeline():
     assert service.synthesizer()[0].options.keep_t1w_detail is True
     assert service.synthesizer("plain")[0].options.keep_t1w_detail is False
     assert service.synthesizer(keep_t1w_detail=False)[0].options.keep_t1w_detail is False
+    assert service.synthesizer()[0].model_info["keep_t1w_detail"] is True  # in result.json
 
 
 def test_process_rejection_is_recorded(cohort, tmp_path):

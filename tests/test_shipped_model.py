@@ -118,6 +118,10 @@ def test_keeping_the_t1w_detail_makes_the_delivered_vce_beat_copying_the_t1w(uns
     assert scores["detail"]["seed000_tumour_mae"] < 0.8 * scores["copy"]["seed000_tumour_mae"]
     assert excess_contrast(detailed.vce.array, tumour, head) == pytest.approx(
         excess_contrast(plain.vce.array, tumour, head), abs=0.02)
+    # other pixels under other UIDs: the TPS never gets both under one SOP Instance UID
+    from planning.identity import result_key
+
+    assert detailed.model["keep_t1w_detail"] and result_key(detailed) != result_key(plain)
 
 
 @pytest.mark.parametrize("fault", [
