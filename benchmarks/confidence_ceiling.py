@@ -55,7 +55,7 @@ def main() -> int:
     import planning
     import synthesis
     from simulation import SimulationOptions, simulate_cohort
-    from training.evaluate import read_manifest
+    from training.dataset import read_manifest
 
     print(describe(("numpy", "torch")))
     sites = tuple(args.institutions.split(","))

@@ -102,6 +102,8 @@ class BareReceiver:
 
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+        from dicom_node.spool import _fsync_directory
+
         self.folder = folder
         folder.mkdir(parents=True)
         self.count = 0
@@ -115,11 +117,7 @@ class BareReceiver:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, final)
-            directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            _fsync_directory(folder)  # the spool's own
             return 0x0000
 
         ae = AE("BARE")

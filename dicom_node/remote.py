@@ -171,8 +171,9 @@ class RemoteSynthesis:
             if time.monotonic() - extended > EXTEND_S:
                 extended = time.monotonic()
                 self.queue.extend_claim(job)
-            if self.queue.get(job).state != RUNNING:  # cancelled while the broker was down
-                raise JobChanged(f"job {job} is {self.queue.get(job).state} now; not sent")
+            state = self.queue.get(job).state
+            if state != RUNNING:  # cancelled while the broker was down
+                raise JobChanged(f"job {job} is {state} now; not sent")
             try:
                 self.app.send_task(broker.TASK, kwargs={"request": payload}, queue=destination,
                                    task_id=task_id, retry=False)

@@ -7,6 +7,7 @@ instance once" is checked as a count, not as a set of UIDs."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -1037,20 +1038,10 @@ def test_kill_9_while_receiving_and_while_running_loses_and_duplicates_nothing(
     assert not list((root / "spool").rglob("*.tmp"))
 
 
-def _synthesizing(node: dicom_node.Node, cohort: Path) -> dicom_node.SynthesisProcess:
-    """Send patient 1 to a running node; the worker's synthesis process once it has the job."""
-    assert storescu(_interleaved(cohort), node.scp.port, called_ae="VCEMRI").ok
-    synthesis = node.workers[0].process
-    wait_for(lambda: synthesis.job_id is not None and synthesis.pid, 90,
-             "the first job in its synthesis process", interval=0.005)
-    return synthesis
-
-
-def test_a_synthesis_process_killed_mid_job_never_stops_reception_and_the_job_is_retried(
-        cohort, tmp_path):
-    """kill -9 of the worker's synthesis process while it works on one study and while a
-    scanner sends another: every instance of the second is received, the first job is retried
-    in a new process (its transition names the signal), both are delivered, each object once."""
+@contextlib.contextmanager
+def _synthesizing(cohort: Path, tmp_path: Path) -> Iterator[SimpleNamespace]:
+    """A running node that sends to storescp, with patient 1 sent and its job in the worker's
+    synthesis process (``root``, ``cfg``, ``tps``, ``node``, ``synthesis``); stopped after."""
     root = tmp_path / "root"
     with StoreSCP(tmp_path / "tps") as tps:
         cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
@@ -1058,24 +1049,37 @@ def test_a_synthesis_process_killed_mid_job_never_stops_reception_and_the_job_is
                                                  "port": tps.port}})
         node = start_node(cfg)
         try:
-            synthesis = _synthesizing(node, cohort)
-            victim = synthesis.pid
-            result: dict[str, object] = {}
-            scanner = threading.Thread(target=lambda: result.update(
-                second=storescu(_interleaved(cohort, 2), node.scp.port, called_ae="VCEMRI")))
-            scanner.start()
-            os.kill(victim, signal.SIGKILL)
-            scanner.join()
-            assert result["second"].ok, result["second"]  # type: ignore[attr-defined]
-            done = wait_for(lambda: len(finished_jobs(root)) == 2 and finished_jobs(root), 120,
-                            "both jobs")
-            assert node.scp.port and synthesis.pid not in (None, victim)  # a new process
-            assert b"vcemri_synthesis_process_crashes_total 1.0" in node.metrics.exposition()
+            assert storescu(_interleaved(cohort), node.scp.port, called_ae="VCEMRI").ok
+            synthesis = node.workers[0].process
+            wait_for(lambda: synthesis.job_id is not None and synthesis.pid, 90,
+                     "the first job in its synthesis process", interval=0.005)
+            yield SimpleNamespace(root=root, cfg=cfg, tps=tps, node=node, synthesis=synthesis)
         finally:
             node.stop()
-        assert [j["state"] for j in done] == ["done", "done"], [j["reason"] for j in done]
-        tps.assert_each_once(o["sop_instance_uid"]
-                             for o in query(root, "SELECT sop_instance_uid FROM outputs"))
+
+
+def test_a_synthesis_process_killed_mid_job_never_stops_reception_and_the_job_is_retried(
+        cohort, tmp_path):
+    """kill -9 of the worker's synthesis process while it works on one study and while a
+    scanner sends another: every instance of the second is received, the first job is retried
+    in a new process (its transition names the signal), both are delivered, each object once."""
+    with _synthesizing(cohort, tmp_path) as running:
+        root, node, synthesis = running.root, running.node, running.synthesis
+        victim = synthesis.pid
+        result: dict[str, object] = {}
+        scanner = threading.Thread(target=lambda: result.update(
+            second=storescu(_interleaved(cohort, 2), node.scp.port, called_ae="VCEMRI")))
+        scanner.start()
+        os.kill(victim, signal.SIGKILL)
+        scanner.join()
+        assert result["second"].ok, result["second"]  # type: ignore[attr-defined]
+        done = wait_for(lambda: len(finished_jobs(root)) == 2 and finished_jobs(root), 120,
+                        "both jobs")
+        assert node.scp.port and synthesis.pid not in (None, victim)  # a new process
+        assert b"vcemri_synthesis_process_crashes_total 1.0" in node.metrics.exposition()
+    assert [j["state"] for j in done] == ["done", "done"], [j["reason"] for j in done]
+    running.tps.assert_each_once(o["sop_instance_uid"]
+                                 for o in query(root, "SELECT sop_instance_uid FROM outputs"))
     first = min(j["id"] for j in done)
     crash = [t for t in query(root, "SELECT * FROM transitions WHERE job_id = ?", first)
              if "synthesis process" in (t["reason"] or "")]
@@ -1091,36 +1095,28 @@ def test_a_job_cancelled_mid_synthesis_ends_its_synthesis_process(cohort, tmp_pa
     """Cancelling a job while its study is being synthesized ends the child at once (it is
     held stopped here, so the synthesis cannot finish first): the job stays cancelled with no
     outputs, its partial output folder is gone, and the next study gets a fresh child."""
-    root = tmp_path / "root"
-    with StoreSCP(tmp_path / "tps") as tps:
-        cfg = write_config(tmp_path / "node.yaml", root, cohort / "model.safetensors",
-                           destinations={"tps": {"ae_title": "TPS", "host": "127.0.0.1",
-                                                 "port": tps.port}})
-        node = start_node(cfg)
-        try:
-            synthesis = _synthesizing(node, cohort)
-            child, job_id = synthesis.pid, synthesis.job_id
-            os.kill(child, signal.SIGSTOP)
-            cancel = subprocess.run([sys.executable, "-m", "vcemri", "--config", str(cfg),
-                                     "jobs", "cancel", str(job_id)],
-                                    capture_output=True, text=True, timeout=60, check=False)
-            assert cancel.returncode == 0, cancel.stderr
-            wait_for(lambda: synthesis.job_id is None and (
-                not Path(f"/proc/{child}").exists()
-                or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]), 10,
-                "the cancelled job's synthesis process to end")
-            assert not dicom_node.output_folder(root, job_id).exists()
-            assert storescu(_interleaved(cohort, 2), node.scp.port, called_ae="VCEMRI").ok
-            done = wait_for(lambda: len(finished_jobs(root)) == 2 and finished_jobs(root), 120,
-                            "the second job")
-            assert synthesis.pid not in (None, child)
-        finally:
-            node.stop()
+    with _synthesizing(cohort, tmp_path) as running:
+        root, synthesis = running.root, running.synthesis
+        child, job_id = synthesis.pid, synthesis.job_id
+        os.kill(child, signal.SIGSTOP)
+        cancel = subprocess.run([sys.executable, "-m", "vcemri", "--config", str(running.cfg),
+                                 "jobs", "cancel", str(job_id)],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert cancel.returncode == 0, cancel.stderr
+        wait_for(lambda: synthesis.job_id is None and (
+            not Path(f"/proc/{child}").exists()
+            or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]), 10,
+            "the cancelled job's synthesis process to end")
+        assert not dicom_node.output_folder(root, job_id).exists()
+        assert storescu(_interleaved(cohort, 2), running.node.scp.port, called_ae="VCEMRI").ok
+        done = wait_for(lambda: len(finished_jobs(root)) == 2 and finished_jobs(root), 120,
+                        "the second job")
+        assert synthesis.pid not in (None, child)
     states = {j["id"]: j["state"] for j in done}
     assert states[job_id] == "cancelled"
     assert [s for j, s in states.items() if j != job_id] == ["done"]
     assert not query(root, "SELECT * FROM outputs WHERE job_id = ?", job_id)
-    assert len(tps.received()) == len(query(root, "SELECT * FROM outputs"))
+    assert len(running.tps.received()) == len(query(root, "SELECT * FROM outputs"))
 
 
 # -- TLS ----------------------------------------------------------------------------------------
