@@ -36,7 +36,7 @@ _LAZY = {
     "SourceInstance": "series",
     "MANUFACTURER": "writer", "MRImage": "writer", "ImagePlane": "writer",
     "PixelStorage": "writer", "SourceImage": "writer", "Synthetic": "writer",
-    "Derivation": "writer", "GENERATORS": "models",
+    "Derivation": "writer", "GENERATORS": "models", "PAINTERS": "models",
     "WrittenObject": "writer", "derived_uid": "writer", "display_window": "writer",
     "software_version": "writer", "sort_along_normal": "writer",
     "synthesizing_equipment": "writer", "write_object": "writer", "write_series": "writer",

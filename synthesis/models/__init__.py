@@ -3,9 +3,17 @@ registry that names them (readable without loading torch)."""
 
 from config import lazy_attributes
 
-from .registry import DISCRIMINATORS, GENERATORS, MODELS, build, model_class, parameter_count
+from .registry import (
+                       DISCRIMINATORS,
+                       GENERATORS,
+                       MODELS,
+                       PAINTERS,
+                       build,
+                       model_class,
+                       parameter_count,
+)
 
-_CLASSES = {"FitnessNet": "fitness", "HiNet": "hinet", "MMgSNNet": "mmgsn",
+_CLASSES = {"CGSAMR": "cgsamr", "FitnessNet": "fitness", "HiNet": "hinet", "MMgSNNet": "mmgsn",
             "PatchGAN": "discriminator",
             "Pix2PixUNet": "gan_generators", "ResnetGenerator": "gan_generators",
             "UNet": "unet"}
@@ -13,5 +21,5 @@ _CLASSES = {"FitnessNet": "fitness", "HiNet": "hinet", "MMgSNNet": "mmgsn",
 
 __getattr__ = lazy_attributes(__name__, _CLASSES)
 
-__all__ = ["DISCRIMINATORS", "GENERATORS", "MODELS", "build", "model_class",
+__all__ = ["DISCRIMINATORS", "GENERATORS", "MODELS", "PAINTERS", "build", "model_class",
            "parameter_count", *_CLASSES]

@@ -26,13 +26,17 @@ class PatchGAN(nn.Module):
     """``forward(image, condition=None)`` -> (B, 1, H/16, W/16) patch scores."""
 
     def __init__(self, conditional: bool = True, condition_channels: int = 2,
-                 width_multiplier: float = 1.0) -> None:
+                 width_multiplier: float = 1.0, image_channels: int = 1) -> None:
+        """``image_channels``: the judged image's channels (1: a CE-T1w; CG-SAMR's painter
+        is judged on its T1w, T2w and CE-T1w together)."""
         super().__init__()
         self.conditional = conditional
         self.config = {"conditional": conditional, "condition_channels": condition_channels,
                        "width_multiplier": width_multiplier}
+        if image_channels != 1:  # recorded only when set: older checkpoints' configs match
+            self.config["image_channels"] = image_channels
         channels = [width(c, width_multiplier) for c in (64, 128, 256, 512)]
-        in_channels = 1 + (condition_channels if conditional else 0)
+        in_channels = image_channels + (condition_channels if conditional else 0)
         layers: list[nn.Module] = []
         for i, out in enumerate(channels):
             layers.append(nn.Conv2d(in_channels, out, 3, stride=2, padding=1, bias=(i == 0)))

@@ -27,13 +27,17 @@ MODELS: dict[str, str] = {
     "cyclegan": "gan_generators:ResnetGenerator",
     "patchgan": "discriminator:PatchGAN",
     "fitness": "fitness:FitnessNet",
+    "cgsamr": "cgsamr:CGSAMR",
 }
 
 #: Models that judge images rather than make them: the adversary, the fitness classifier.
 DISCRIMINATORS = ("patchgan", "fitness")
+#: Models that paint lesions into training slices (seed 002's CG-SAMR as an augmentation
+#: source): ``vcemri train --architecture`` accepts them, the node never loads them.
+PAINTERS = ("cgsamr",)
 #: Models that make a CE-T1w from input modalities: what ``vcemri train --architecture``
-#: accepts and what a checkpoint's architecture names.
-GENERATORS = tuple(name for name in MODELS if name not in DISCRIMINATORS)
+#: accepts besides the painters and what a checkpoint's architecture names.
+GENERATORS = tuple(name for name in MODELS if name not in (*DISCRIMINATORS, *PAINTERS))
 
 
 def model_class(name: str) -> type[nn.Module]:

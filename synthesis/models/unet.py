@@ -20,11 +20,15 @@ class UNet(nn.Module):
     """``forward`` takes (B, len(inputs), H, W); H and W multiples of 16."""
 
     def __init__(self, inputs: tuple[str, ...] = ("t1w", "t2w"), width_multiplier: float = 1.0,
-                 levels: int = 4, output: Literal["tanh", "linear"] = "tanh") -> None:
+                 levels: int = 4, output: Literal["tanh", "linear"] = "tanh",
+                 outputs: int = 1) -> None:
+        """``outputs``: output channels (1 for a CE-T1w; a segmentation's class scores)."""
         super().__init__()
         self.inputs = tuple(inputs)
         self.config = {"inputs": list(inputs), "width_multiplier": width_multiplier,
                        "levels": levels, "output": output}
+        if outputs != 1:  # recorded only when set, so older checkpoints' configs still match
+            self.config["outputs"] = outputs
         sizes = [width(64 * 2**i, width_multiplier) for i in range(levels + 1)]
         self.down = nn.ModuleList()
         previous = len(self.inputs)
@@ -35,7 +39,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(
             ConvBlock(sizes[i + 1] + sizes[i], sizes[i]) for i in reversed(range(levels))
         )
-        self.head = nn.Conv2d(sizes[0], 1, 1)
+        self.head = nn.Conv2d(sizes[0], outputs, 1)
         self.output_activation = nn.Tanh() if output == "tanh" else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
