@@ -13,7 +13,7 @@ import synthesis
 from .augmentation import PROBABILITY
 
 #: What ``vcemri train`` and ``vcemri evaluate`` need beyond the node (the training extra).
-TRAINING_EXTRA = ("matplotlib", "tensorboard", "monai")
+TRAINING_EXTRA = ("matplotlib", "tensorboard", "monai", "skimage")
 
 
 def require_training_extra() -> None:
@@ -66,8 +66,34 @@ def _crop(text: str) -> tuple[int, int]:
     return rows, cols
 
 
+def _train_painter(args: argparse.Namespace) -> int:
+    """``vcemri train --architecture cgsamr``: seed 002's CG-SAMR as a lesion painter."""
+    from tqdm import tqdm
+
+    from .cgsamr import PainterOptions, train_painter
+
+    steps = args.max_steps or 1000
+    options = PainterOptions(institutions=args.institutions, steps=steps,
+                             batch_size=args.batch_size, width=args.width, seed=args.seed,
+                             learning_rate=args.learning_rate,
+                             normalization=args.normalization, split=args.split)
+    with tqdm(total=steps, unit="step", desc="CG-SAMR", file=sys.stderr,
+              disable=args.quiet) as bar:
+
+        def progress(step: int, values: dict[str, float]) -> None:
+            bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k in ("l1", "sc")})
+            bar.update(1)
+
+        path = train_painter(Path(args.manifest), Path(args.out), options, progress,
+                             command=args.command_line)
+    print(f"painter: {path} ({steps} steps); use it with vcemri train --paint {path}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     require_training_extra()
+    if args.architecture in synthesis.PAINTERS:
+        return _train_painter(args)
     from tqdm import tqdm
 
     from .trainer import TrainOptions, train
@@ -84,7 +110,9 @@ def _train(args: argparse.Namespace) -> int:
         decay_epochs=args.decay_epochs,
         learning_rate=args.learning_rate, init=args.init, micro_batches=args.micro_batches,
         fitness_steps=args.fitness_steps, augment=args.augment,
-        normalization=args.normalization, split=args.split)
+        normalization=args.normalization, split=args.split,
+        paint=None if args.paint is None else str(args.paint),
+        paint_probability=args.paint_probability)
     bar = tqdm(unit="step", desc="training", file=sys.stderr,
                disable=args.quiet or int(os.environ.get("RANK", "0")) != 0)
 
@@ -209,10 +237,13 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--batch-size", type=int, default=4)
     trainer.add_argument("--width", type=float, default=0.25,
                          help="MMgSN-Net width multiplier (1 = the seed's; default 0.25)")
-    trainer.add_argument("--architecture", default="mmgsn", choices=synthesis.GENERATORS,
+    trainer.add_argument("--architecture", default="mmgsn",
+                         choices=(*synthesis.GENERATORS, *synthesis.PAINTERS),
                          help="generator: mmgsn (default), a baseline of seed 000 (cyclegan "
                          "trains unpaired, with cycle-consistency, from one modality) or seed "
-                         "003's important (IMPORTANT-Net)")
+                         "003's important (IMPORTANT-Net); cgsamr trains seed 002's CG-SAMR "
+                         "as a lesion painter for --paint (--max-steps steps, default 1000, "
+                         "of --batch-size windows; OUT/painter.safetensors)")
     trainer.add_argument("--inputs", type=_modalities, default=("t1w", "t2w"), metavar="LIST",
                          help="input modalities of unet/pix2pix/important: t1w, t2w or t1w,t2w "
                          "(default both); important also dwi, adc (the manifest's dwi/adc "
@@ -257,6 +288,12 @@ def add_commands(commands: Any) -> None:
                          help="augment the training slices on the fly (geometry, contrast, "
                          "resolution, artefacts; each transform with probability P, default "
                          f"{PROBABILITY} when given without P); default: off")
+    trainer.add_argument("--paint", metavar="PAINTER", default=None,
+                         help="repaint the training patients' lesions on the fly, edited "
+                         "(moved, grown, shrunk, necrotic), with a CG-SAMR painter (vcemri train "
+                         "--architecture cgsamr's OUT/painter.safetensors); default: off")
+    trainer.add_argument("--paint-probability", type=_probability, default=0.5, metavar="P",
+                         help="probability that a lesion slice is repainted (default 0.5)")
     trainer.add_argument("--normalization", default="zscore-patient",
                          choices=synthesis.NORMALIZATIONS, metavar="METHOD-LEVEL",
                          help="intensity normalization (seed 001): zscore or minmax, at "

@@ -23,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -253,6 +254,35 @@ def _each_patient(entries: list[PatientEntry], extra: tuple[str, ...] = ()) -> I
         yield entry, volumes, clean, masks
     if problems:
         raise InputError(f"{len(problems)} patient(s) cannot be used: " + "; ".join(problems))
+
+
+def tumour_mask(path: Path | None, reference: Any) -> np.ndarray | None:
+    """A manifest's tumour mask resampled (nearest neighbour) onto ``reference`` (the T1w's
+    SimpleITK image), as a (slices, rows, columns) boolean array; None without a mask."""
+    import SimpleITK as sitk
+
+    if path is None or not Path(path).is_file():
+        return None
+    mask = sitk.Resample(sitk.ReadImage(str(path)), reference, sitk.Transform(),
+                         sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(mask) > 0
+
+
+def grid_tumour_masks(entries: list[PatientEntry], cache: SliceCache) -> np.ndarray:
+    """Every cache row's tumour mask on the model grid, (rows, H, W) boolean: the manifest's
+    masks taken onto each patient's T1w, then to the grid as the pipeline takes a head mask
+    (all False for a patient without a mask)."""
+    by_patient = {e.patient: e for e in entries}
+    masks = np.zeros(cache.targets.shape, bool)
+    for offset, prepared in zip(cache.offsets, cache.patients, strict=True):
+        entry = by_patient.get(prepared.patient)
+        if entry is None or "mask" not in entry.paths:
+            continue
+        t1 = synthesis.read_volume(entry.paths["t1w"])
+        found = tumour_mask(entry.paths["mask"], t1.image)
+        if found is not None and found.any():
+            masks[offset:offset + prepared.slices] = synthesis.mask_to_model_grid(found)
+    return masks
 
 
 def dataset_statistics(entries: list[PatientEntry], inputs: tuple[str, ...] = ("t1w", "t2w")

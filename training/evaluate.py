@@ -30,7 +30,7 @@ import SimpleITK as sitk
 import synthesis
 from config import InputError
 
-from .dataset import OPTIONAL_INPUTS, PatientEntry, read_manifest
+from .dataset import OPTIONAL_INPUTS, PatientEntry, read_manifest, tumour_mask
 from .metrics import study_metrics
 from .reliability import (
     excess_contrast,
@@ -147,14 +147,6 @@ def _split(path: Path, checkpoint: synthesis.Checkpoint, entries: list[PatientEn
         return {}
 
 
-def _tumour(path: Path | None, reference: sitk.Image) -> np.ndarray | None:
-    if path is None or not path.is_file():
-        return None
-    mask = sitk.Resample(sitk.ReadImage(str(path)), reference, sitk.Transform(),
-                         sitk.sitkNearestNeighbor, 0)
-    return sitk.GetArrayFromImage(mask) > 0
-
-
 def _labels(models: Path | list[Path] | dict[str, Path]) -> dict[str, Path]:
     if isinstance(models, dict):
         return {k: Path(v) for k, v in models.items()}
@@ -238,7 +230,7 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
         extra = {role: synthesis.read_volume(entry.paths[role]) for role in OPTIONAL_INPUTS
                  if role in wanted and role in entry.paths}
         ce = synthesis.resample_onto(synthesis.read_volume(entry.paths["ce"]), t1)
-        tumour = _tumour(entry.paths.get("mask"), t1.image)
+        tumour = tumour_mask(entry.paths.get("mask"), t1.image)
         predictions, on_grid, results = {}, {}, {}
         head = None
         for label, (path, subset) in specs.items():

@@ -22,6 +22,7 @@ from config import InputError
 
 from .augmentation import Augmentation
 from .dataset import SliceCache
+from .painting import Painter
 
 
 @dataclass
@@ -61,21 +62,23 @@ class Handler:
 
 
 class EpochData:
-    """The batches of an epoch for this process: slices of the cache, crops, augmentation
+    """The batches of an epoch for this process: slices of the cache, lesions repainted by a
+    CG-SAMR painter (``training/painting.py``), crops, augmentation
     (``training/augmentation.py``; the unpaired CE-T1w slices are not augmented), and
     (CycleGAN) CE-T1w slices of an independent permutation."""
 
     def __init__(self, cache: SliceCache, rows: np.ndarray, *, batch_size: int, seed: int,
                  rank: int, world: int, crop: tuple[int, int] | None, unpaired: bool,
                  device: torch.device, parts: int = 1,
-                 augmentation: Augmentation | None = None) -> None:
+                 augmentation: Augmentation | None = None,
+                 painter: Painter | None = None) -> None:
         if batch_size % (world * parts):
             raise InputError(f"--batch-size {batch_size} (the global batch) must be a multiple "
                              f"of the {world} process(es) times {parts} micro-batch(es)")
         self.cache, self.rows = cache, np.asarray(rows)
         self.local_batch, self.parts = batch_size // world, parts
         self.seed, self.crop, self.unpaired, self.device = seed, crop, unpaired, device
-        self.augmentation = augmentation
+        self.augmentation, self.painter = augmentation, painter
         self.samplers = [DistributedSampler(range(len(self.rows)), num_replicas=world,
                                             rank=rank, shuffle=True, seed=seed + k,
                                             drop_last=True)
@@ -112,8 +115,12 @@ class EpochData:
         for index in range(first, len(parts[0])):
             top, left = self._window(epoch, index)
             rows = parts[0][index]
-            inputs = np.asarray(self.cache.inputs[rows][..., top, left], np.float32)
-            targets = np.asarray(self.cache.targets[rows][:, top, left], np.float32)
+            inputs, targets = self.cache.inputs[rows], self.cache.targets[rows]
+            if self.painter is not None:  # on whole slices: a lesion may lie across the crop
+                inputs, targets, _ = self.painter.batch(
+                    rows, np.asarray(inputs, np.float32), np.asarray(targets, np.float32), epoch)
+            inputs = np.asarray(inputs[..., top, left], np.float32)
+            targets = np.asarray(targets[:, top, left], np.float32)
             if self.augmentation is not None:
                 inputs, targets = self.augmentation.batch(inputs, targets,
                                                           [(epoch, row) for row in rows])

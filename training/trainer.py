@@ -57,6 +57,7 @@ from .handlers import (
 )
 from .loop import EpochData, Handler, Loop
 from .objectives import CycleObjective, PairedObjective
+from .painting import Painter
 
 DECODER_PROBE = "decode1"
 STATE = "training_state.pt"
@@ -123,6 +124,11 @@ class TrainOptions:
     #: intensity normalization, METHOD-LEVEL (synthesis.NORMALIZATIONS; seed 001 compares
     #: z-score and min-max at patient, image and dataset level); stored in the checkpoint
     normalization: str = "zscore-patient"
+    #: a CG-SAMR painter's checkpoint (``--architecture cgsamr``): repaint lesion slices with
+    #: edited lesions on the fly (``training/painting.py``); None: off
+    paint: str | None = None
+    #: the probability that a lesion slice is repainted
+    paint_probability: float = 0.5
     #: a split.json to take the patients from instead of drawing them (a study's arms share
     #: one split, so they are compared on the same patients): its training and internal
     #: patients of this run's training institutions; every other institution is external
@@ -402,6 +408,30 @@ def _data(manifest: Path, out: Path, options: TrainOptions, place: Distributed,
     return split, cache
 
 
+def _painter(options: TrainOptions, cache: SliceCache, manifest: Path,
+             split: dict[str, list[str]]) -> Painter | None:
+    """The CG-SAMR painter ``options.paint`` names, ready for the training patients."""
+    if options.paint is None:
+        return None
+    painter = Painter(Path(options.paint), options.paint_probability, options.seed)
+    if not painter.prepare(cache, read_manifest(Path(manifest)),
+                           cache.rows(set(split["train"]))):
+        raise InputError("--paint: no training patient has a tumour mask with a lesion to "
+                         "repaint (the manifest's mask column)")
+    return painter
+
+
+def _painted(painter: Painter | None) -> dict[str, Any]:
+    """What the checkpoint records of the painter that repainted its lesions."""
+    if painter is None:
+        return {}
+    trained = painter.meta.get("training", {})
+    return {"painter": {"path": str(painter.path), "probability": painter.probability,
+                        "lesion_slices": len(painter.labels),
+                        **{k: trained.get(k) for k in ("institutions", "steps", "seconds",
+                                                       "command")}}}
+
+
 def _acquisition(cache: SliceCache, patients: set[str]) -> synthesis.AcquisitionRanges:
     """The geometry of the training T1w series."""
     def span(key: str) -> tuple[float, float] | None:
@@ -499,7 +529,8 @@ def train(manifest: Path, out: Path, options: TrainOptions,
                      seed=options.seed, rank=place.rank, world=place.world, crop=options.crop,
                      unpaired=objective.unpaired, device=device, parts=options.micro_batches,
                      augmentation=(Augmentation(options.seed, options.augment)
-                                   if options.augment > 0 else None))
+                                   if options.augment > 0 else None),
+                     painter=_painter(options, cache, manifest, split))
     schedule = LearningRateSchedule(objective.optimizers, options.epochs, options.decay_epochs)
     log = CSVLog(out / "training_log.csv", objective.losses, started) if place.main else None
     board = TensorBoard(out / "tensorboard") if place.main else None
@@ -531,7 +562,8 @@ def train(manifest: Path, out: Path, options: TrainOptions,
     classifier = fitness.result if fitness is not None else None
     meta = _metadata(options, generator, discriminator, cache, split, ood.calibration,
                      classifier.meta if classifier else None, objective, {
-        **_provenance(manifest, command), "steps": loop.state.step, "seconds": round(seconds, 1),
+        **_provenance(manifest, command), **_painted(data.painter),
+        "steps": loop.state.step, "seconds": round(seconds, 1),
         "processes": place.world, "rank_weights_sha256": ranks, "device": str(device),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"},
         evaluation.metrics)
