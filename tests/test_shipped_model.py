@@ -96,7 +96,7 @@ def test_keeping_the_t1w_detail_makes_the_delivered_vce_beat_copying_the_t1w(uns
     import SimpleITK as sitk
 
     from synthesis import PipelineOptions, Synthesizer, read_volume, resample_onto
-    from training.evaluate import _tumour
+    from training.dataset import tumour_mask
     from training.metrics import study_metrics
     from training.reliability import excess_contrast
 
@@ -106,7 +106,7 @@ def test_keeping_the_t1w_detail_makes_the_delivered_vce_beat_copying_the_t1w(uns
     ce = resample_onto(read_volume(folder / "ce"), t1w)
     plain, detailed = shipped.run(t1w, t2w, enforce=False), sharp.run(t1w, t2w, enforce=False)
     head = sitk.GetArrayFromImage(plain.foreground) > 0
-    tumour = _tumour(folder / "tumour.nii.gz", t1w.image)
+    tumour = tumour_mask(folder / "tumour.nii.gz", t1w.image)
     truth = np.where(head, ce.array, 0.0)
     scores = {name: study_metrics(truth, np.where(head, image, 0.0), tumour, head)
               for name, image in (("plain", plain.vce.array), ("detail", detailed.vce.array),
