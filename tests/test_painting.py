@@ -98,6 +98,11 @@ def test_vcemri_train_cgsamr_writes_a_painter_that_records_how_it_was_trained(pa
     assert meta["architecture"] == "cgsamr" and meta["config"]["width_multiplier"] == 0.125
     assert meta["training"]["steps"] == 4 and meta["training"]["lesion_slices"] > 0
     assert meta["normalization"] == {"method": "zscore", "level": "patient"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "vcemri", "train", "--architecture", "cgsamr", "--manifest",
+         str(painter.parent / "none.csv"), "--out", str(painter.parent / "again"), "--resume",
+         "--crop", "64x64"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--resume, --crop do(es) not apply" in refused.stderr
     log = (painter.parent / "painter_log.csv").read_text().splitlines()
     assert log[0].startswith("step,l1,gan,fm,sc,cm,d") and len(log) == 5
     split = json.loads((painter.parent / "split.json").read_text())

@@ -72,6 +72,14 @@ def _train_painter(args: argparse.Namespace) -> int:
 
     from .cgsamr import PainterOptions, train_painter
 
+    ignored = [flag for flag, given in (("--resume", args.resume), ("--init", args.init),
+                                        ("--paint", args.paint), ("--crop", args.crop),
+                                        ("--augment", args.augment)) if given]
+    if ignored:
+        from config import InputError
+
+        raise InputError(f"{', '.join(ignored)} do(es) not apply to --architecture cgsamr (it "
+                         "trains on 96-pixel windows around lesions for --max-steps steps)")
     steps = args.max_steps or 1000
     options = PainterOptions(institutions=args.institutions, steps=steps,
                              batch_size=args.batch_size, width=args.width, seed=args.seed,
