@@ -48,7 +48,7 @@ def main() -> int:
     import synthesis
     from training import lesion_maps
     from training.dataset import grid_tumour_masks, prepare, read_manifest
-    from training.painting import Painter, painter_input
+    from training.painting import Painter, head_of, lesion_labels, painter_input
 
     print(describe(("numpy", "torch")))
     painter = Painter(args.painter, probability=1.0, seed=0)
@@ -60,18 +60,18 @@ def main() -> int:
     method, level = painter.meta["normalization"].values()
     with tempfile.TemporaryDirectory() as folder:
         cache = prepare(entries, Path(folder), synthesis.Normalization(method, level))
-        masks = grid_tumour_masks(entries, cache)
+        painter.labels = lesion_labels(cache, grid_tumour_masks(entries, cache),
+                                       np.arange(len(cache.targets)))
         errors = {name: [[] for _ in SEQUENCES] for name in ("painter", "ring", "empty")}
         contrast: list[list[tuple[float, float]]] = [[] for _ in SEQUENCES]
-        rows = [r for r in range(len(masks)) if masks[r].sum() >= lesion_maps.MIN_PIXELS]
+        rows = sorted(painter.labels)
         for row in rows:
             target = np.asarray(cache.targets[row], np.float32)
             images = np.concatenate([np.asarray(cache.inputs[row], np.float32), target[None]])
-            lesion = masks[row]
-            labels = lesion_maps.quantise(target, lesion)
+            labels = painter.labels[row]
+            lesion = labels > 0
             region = lesion_maps.dilate(lesion, lesion_maps.MARGIN_PX)
-            ring = lesion_maps.dilate(region, 3) & ~region & (
-                images[0] > images[0].min() + 1e-3)
+            ring = lesion_maps.dilate(region, 3) & ~region & head_of(images[0])
             with torch.no_grad():
                 painted = painter.generator(torch.from_numpy(painter_input(
                     labels, region, images))[None])[0][0].numpy()
@@ -86,7 +86,6 @@ def main() -> int:
                 contrast[k].append((float(painted[k][lesion].mean()) - surround,
                                     float(real.mean()) - surround))
         if args.figure is not None:
-            painter.prepare(cache, entries, np.arange(len(cache.targets)))
             _figure(painter, cache, args.figure)
     print(f"painter: {args.painter} ({painter.meta['training'].get('steps')} steps, "
           f"{painter.meta['training'].get('seconds')} s of training)")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from config import InputError
 from . import lesion_maps
 from .dataset import prepare, read_manifest
 from .objectives import ConfidenceRegularizer, confidence_loss
-from .painting import WINDOW, painter_input, save_painter
+from .painting import WINDOW, head_of, lesion_labels, painter_input, save_painter
 
 #: Seed 002 eq. 6 (section IV-B): feature matching, shape consistency, confidence map.
 FM_WEIGHT, SC_WEIGHT, CM_WEIGHT = 5.0, 1.0, 1.0
@@ -91,24 +91,23 @@ def _layers(discriminator: torch.nn.Module, x: torch.Tensor) -> list[torch.Tenso
 class _Windows:
     """Training windows around the training patients' lesions (see the module)."""
 
-    def __init__(self, cache: Any, rows: np.ndarray, masks: np.ndarray, seed: int) -> None:
-        self.cache = cache
-        self.rows = [int(r) for r in rows if masks[r].sum() >= lesion_maps.MIN_PIXELS]
-        if not self.rows:
+    def __init__(self, cache: Any, labels: dict[int, np.ndarray], seed: int) -> None:
+        """``labels``: the lesion label map of each usable row (:func:`lesion_labels`)."""
+        if not labels:
             raise InputError("no training patient has a tumour mask with a lesion of at least "
                              f"{lesion_maps.MIN_PIXELS} pixels on a slice: CG-SAMR learns "
                              "lesions from the manifest's masks")
-        self.masks, self.seed = masks, seed
+        self.cache, self.labels, self.seed = cache, labels, seed
+        self.rows = sorted(labels)
 
     def batch(self, step: int, size: int) -> tuple[np.ndarray, ...]:
         rng = np.random.default_rng([self.seed, step, 31])
         xs, ys, labels, regions = [], [], [], []
         for row in rng.choice(self.rows, size):
-            mask = self.masks[row]
-            target = np.asarray(self.cache.targets[row], np.float32)
+            label = self.labels[row]
+            mask = label > 0
             images = np.concatenate([np.asarray(self.cache.inputs[row][:2], np.float32),
-                                     target[None]])
-            label = lesion_maps.quantise(target, mask)
+                                     np.asarray(self.cache.targets[row], np.float32)[None]])
             region = lesion_maps.dilate(mask, int(rng.integers(4, 9)))
             found = np.argwhere(mask)
             centre = found.mean(0) + rng.integers(-16, 17, 2)
@@ -116,8 +115,7 @@ class _Windows:
                 disc = np.zeros_like(mask)
                 spot = np.clip(centre + rng.integers(-24, 25, 2), 0, np.array(mask.shape) - 1)
                 disc[int(spot[0]), int(spot[1])] = True
-                region |= lesion_maps.dilate(disc, int(rng.integers(4, 13))) & (
-                    images[0] > images[0].min() + 1e-3)
+                region |= lesion_maps.dilate(disc, int(rng.integers(4, 13))) & head_of(images[0])
             top = int(np.clip(centre[0] - WINDOW // 2, 0, mask.shape[0] - WINDOW))
             left = int(np.clip(centre[1] - WINDOW // 2, 0, mask.shape[1] - WINDOW))
             window = (slice(top, top + WINDOW), slice(left, left + WINDOW))
@@ -148,8 +146,8 @@ def train_painter(manifest: Path, out: Path, options: PainterOptions,
     out.mkdir(parents=True, exist_ok=True)
     (out / "split.json").write_text(json.dumps(split, indent=1))
     cache = prepare(training, out / "cache", normalization_of(split_options))
-    windows = _Windows(cache, cache.rows(set(split["train"])),
-                       grid_tumour_masks(training, cache), options.seed)
+    windows = _Windows(cache, lesion_labels(cache, grid_tumour_masks(training, cache),
+                                            cache.rows(set(split["train"]))), options.seed)
     torch.manual_seed(options.seed)
     generator = synthesis.build_model("cgsamr", width_multiplier=options.width)
     condition = generator.in_channels
@@ -221,8 +219,7 @@ def train_painter(manifest: Path, out: Path, options: PainterOptions,
     sites = sorted({e.institution for e in training})
     return save_painter(out / "painter.safetensors", generator.eval(), {
         "normalization": cache.normalization,
-        "training": {"options": {k: (list(v) if isinstance(v, tuple) else v)
-                                 for k, v in options.__dict__.items()},
+        "training": {"options": asdict(options),
                      "institutions": sites, "patients": len(training),
                      "lesion_slices": len(windows.rows), "steps": options.steps,
                      "seconds": seconds, "command": command, "manifest": str(manifest),

@@ -93,6 +93,15 @@ def painter_input(labels: np.ndarray, region: np.ndarray, images: np.ndarray) ->
                            images * (~region)[None]]).astype(np.float32)
 
 
+def lesion_labels(cache: SliceCache, masks: np.ndarray, rows: np.ndarray
+                  ) -> dict[int, np.ndarray]:
+    """The label map (seed 004's levels of the CE-T1w) of each of ``rows`` whose tumour mask
+    (``masks``, every cache row's, :func:`grid_tumour_masks`) holds a lesion of at least
+    :data:`lesion_maps.MIN_PIXELS` pixels."""
+    return {row: lesion_maps.quantise(np.asarray(cache.targets[row], np.float32), masks[row])
+            for row in map(int, rows) if masks[row].sum() >= lesion_maps.MIN_PIXELS}
+
+
 @dataclass(frozen=True)
 class Painted:
     """One painted slice: its inputs (C, H, W), target (H, W), the edit made and the region
@@ -124,11 +133,7 @@ class Painter:
                              f"{self.meta.get('normalization')} units, this run's in "
                              f"{cache.normalization}; train the painter with the same "
                              "--normalization")
-        masks = grid_tumour_masks(entries, cache)
-        for row in map(int, rows):
-            if masks[row].sum() >= lesion_maps.MIN_PIXELS:
-                self.labels[row] = lesion_maps.quantise(
-                    np.asarray(cache.targets[row], np.float32), masks[row])
+        self.labels = lesion_labels(cache, grid_tumour_masks(entries, cache), rows)
         return len(self.labels)
 
     @torch.no_grad()
