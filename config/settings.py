@@ -533,7 +533,8 @@ class PlanningSettings(_Section):
     )
     low_confidence_threshold: float = Field(
         0.5, gt=0, lt=1, description="low-confidence helper: confidence below this "
-        "(0.5: an expected error of half the T1w's head standard deviation)"
+        "(0.5: an error estimate of half the T1w's head standard deviation; the shipped "
+        "model's is exceeded with probability 0.3)"
     )
     refusal_notice: bool = Field(
         False, description="when screening refuses a study, send the route's destinations a "

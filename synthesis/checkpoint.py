@@ -125,6 +125,9 @@ class ConfidenceMeta(_Meta):
     #: how ``vcemri refit-confidence`` refitted the error head afterwards (training/
     #: confidence.py: steps, augmentation, patients, command, seconds), if it did
     refit: dict[str, Any] | None = None
+    #: what the error head predicts: None, the expected absolute error; q, the error the VCE
+    #: exceeds with probability 1 - q (``vcemri refit-confidence --quantile q``)
+    error_quantile: float | None = None
 
 
 class CheckpointMeta(_Meta):

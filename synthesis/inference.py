@@ -11,8 +11,11 @@ expects the synthetic intensity there to be off by TOLERANCE = 0.5 T1w standard 
 
 - the learned one: the confidence module's error head (synthesis/models/mmgsn.py), trained
   with CG-SAMR's confidence loss (a Laplace likelihood) on the VCE's own error at full
-  resolution, predicts E|error| per pixel. (CG-SAMR's own half-resolution confidence guides
-  the network; it describes the intermediate image, not the delivered one.)
+  resolution, predicts E|error| per pixel; refitted with ``vcemri refit-confidence
+  --quantile q`` it predicts instead the error exceeded with probability 1 - q (checkpoint
+  ``confidence.error_quantile``), and c = 0.5 then means a 1 - q chance of an error above
+  TOLERANCE. (CG-SAMR's own half-resolution confidence guides the network; it describes the
+  intermediate image, not the delivered one.)
 - test-time augmentation: the model also sees each slice mirrored left-right (the head is
   nearly symmetric); half the disagreement, |y - flip(y_flipped)| / 2, is an error estimate.
 

@@ -113,14 +113,23 @@ class SynthesisResult:
             "screening": self.screening.as_dict(),
             "alignment": self.alignment.as_dict(),
             "confidence": None if self.confidence_unit is None else {
-                "meaning": "confidence c: the expected |VCE - CE| is TOLERANCE (1 - c) / c "
-                           "normalised units (T1w head standard deviations); 0.5 means "
-                           "TOLERANCE",
+                "meaning": confidence_meaning(self.model.get("error_quantile")),
                 "tolerance_normalized": TOLERANCE,
+                "error_quantile": self.model.get("error_quantile"),
                 "expected_error_at_0_5_scanner_units": round(
                     TOLERANCE * self.confidence_unit, 3)},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
+
+
+def confidence_meaning(error_quantile: float | None) -> str:
+    """What a confidence c says, for result.json: the error estimate behind it is
+    TOLERANCE (1 - c) / c, and which estimate that is (synthesis.inference)."""
+    estimate = ("the expected |VCE - CE|" if error_quantile is None else
+                f"the |VCE - CE| exceeded with probability {1 - error_quantile:.2g}")
+    return (f"confidence c: {estimate} is TOLERANCE (1 - c) / c normalised units (T1w head "
+            "standard deviations; the larger of the error head's estimate and half the "
+            "mirrored passes' disagreement); 0.5 means TOLERANCE")
 
 
 class Synthesizer:
@@ -149,7 +158,10 @@ class Synthesizer:
                 "weights_sha256": self.checkpoint.weights_sha256,
                 "description": meta.description,
                 # how the delivered VCE was made (PipelineOptions.keep_t1w_detail)
-                "keep_t1w_detail": self.options.keep_t1w_detail}
+                "keep_t1w_detail": self.options.keep_t1w_detail,
+                # what the error head predicts (None: the expected error)
+                "error_quantile": None if meta.confidence is None
+                else meta.confidence.error_quantile}
 
     @property
     def required_inputs(self) -> tuple[str, ...]:

@@ -236,7 +236,7 @@ def test_process_without_a_t2w_names_what_it_looked_for(cohort, tmp_path):
 
 
 def test_process_uses_the_shipped_model_by_default(cohort, tmp_path):
-    from synthesis.pipeline import BUILTIN_CHECKPOINT
+    from synthesis.pipeline import BUILTIN_CHECKPOINT, confidence_meaning
 
     # this cohort is simulated at a quarter of the matrix (3.2 mm pixels): the shipped model,
     # trained on 0.7-0.9 mm pixels, refuses it, and says so in result.json too
@@ -246,6 +246,10 @@ def test_process_uses_the_shipped_model_by_default(cohort, tmp_path):
     result = json.loads((tmp_path / "o" / "result.json").read_text())
     assert result["model"]["weights_sha256"] == load_checkpoint(BUILTIN_CHECKPOINT).weights_sha256
     assert result["screening"]["accepted"] is False
+    # what its confidence map states: the error exceeded with probability 0.3 (README)
+    assert result["model"]["error_quantile"] == 0.7
+    assert "exceeded with probability 0.3 is TOLERANCE" in confidence_meaning(0.7)
+    assert confidence_meaning(None).startswith("confidence c: the expected |VCE - CE| is")
 
 
 def test_a_models_keep_t1w_detail_setting_reaches_its_pipeline():

@@ -222,7 +222,7 @@ def test_evaluate_tabulates_internal_and_external_against_the_baseline(run, coho
     sites = {(r["group"], r["institution"]) for r in evaluation.reliability}
     assert sites == groups and all(0 <= r["auroc_top10"] <= 1 for r in evaluation.reliability)
     assert all(r["model"] == "model" and 0 <= r["head_flagged_percent"] <= 100
-               for r in evaluation.reliability)
+               and 0 <= r["above_stated_percent"] <= 100 for r in evaluation.reliability)
     training = set(json.loads((out / "split.json").read_text())["train"])
     assert set(evaluation.left_out) == training
     assert not training & {r["patient"] for r in evaluation.rows}
@@ -672,6 +672,36 @@ def test_batchnorm_recalibration_after_crops_covers_the_error_head():
     assert not generator.training
 
 
+def test_the_quantile_loss_teaches_the_error_a_vce_exceeds_with_the_given_probability():
+    """``quantile_error_loss``: a head fitted with it to a sample of errors (here |N(0, 1)|
+    and a heavy tail, as a sometimes-wrong tumour gives) settles on their q-quantile, where
+    the Laplace likelihood settles on their mean."""
+    import torch
+
+    from training.objectives import error_loss, quantile_error_loss
+
+    generator = torch.Generator().manual_seed(0)
+    errors = torch.randn(4000, generator=generator).abs()
+    errors[:400] *= 8.0  # one pixel in ten far off
+    target, vce = errors.reshape(1, 1, 40, 100), torch.zeros(1, 1, 40, 100)
+    for quantile in (0.5, 0.9):
+        log_b = torch.zeros(1, requires_grad=True)
+        optimizer = torch.optim.Adam([log_b], lr=0.05)
+        for _ in range(600):
+            optimizer.zero_grad()
+            quantile_error_loss(vce, log_b.expand_as(vce), target, quantile).backward()
+            optimizer.step()
+        expected = float(torch.quantile(errors, quantile))
+        assert float(log_b.detach().exp()) == pytest.approx(expected, rel=0.05), quantile
+    log_b = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.Adam([log_b], lr=0.05)
+    for _ in range(600):
+        optimizer.zero_grad()
+        error_loss(vce, log_b.expand_as(vce), target).backward()
+        optimizer.step()
+    assert float(log_b.detach().exp()) == pytest.approx(float(errors.mean()), rel=0.05)
+
+
 def test_refit_confidence_changes_the_error_head_alone_and_records_how(run, cohort, tmp_path,
                                                                         capsys):
     """``vcemri refit-confidence``: the error head learns on augmented training slices; the
@@ -705,6 +735,24 @@ def test_refit_confidence_changes_the_error_head_alone_and_records_how(run, coho
     assert record["steps"] == 12 and record["patients"] == len(training)
     assert record["source_weights_sha256"] == before.weights_sha256
     assert record["command"].startswith("vcemri refit-confidence --model")
+    # by default the head learns the error exceeded with probability 0.3, recorded
+    assert after.meta.confidence.error_quantile == record["quantile"] == 0.7
+    # --quantile mean: the expected error, the likelihood the head was trained with
+    assert main(["refit-confidence", "--model", str(result.checkpoint), "--manifest",
+                 str(cohort / "manifest.csv"), "--out", str(tmp_path / "mean"), "--steps", "12",
+                 "--quantile", "mean", "--device", "cpu", "--quiet"]) == 0
+    expected = load_checkpoint(tmp_path / "mean" / "model.safetensors")
+    assert expected.meta.confidence.error_quantile is None
+    assert expected.meta.confidence.refit["quantile"] is None
+    with torch.no_grad():
+        mean = expected.generator(x, aux=True)
+    assert torch.equal(mean[0], plain[0]) and not torch.equal(mean[3], refitted[3])
+    for wrong in ("1", "0", "1.5"):
+        with pytest.raises(SystemExit):
+            main(["refit-confidence", "--model", str(result.checkpoint), "--manifest",
+                  str(cohort / "manifest.csv"), "--out", str(tmp_path / "x"),
+                  "--quantile", wrong])
+    capsys.readouterr()
     # a model without a confidence module is refused with the reason
     plain_model = make_checkpoint(tmp_path / "plain.safetensors", cohort, ("inst2",))
     assert main(["refit-confidence", "--model", str(plain_model), "--manifest",

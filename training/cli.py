@@ -54,6 +54,15 @@ def _probability(text: str) -> float:
     return value
 
 
+def _quantile(text: str) -> float | None:
+    if text == "mean":
+        return None
+    value = _probability(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a quantile strictly between 0 and 1")
+    return value
+
+
 def _crop(text: str) -> tuple[int, int]:
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
@@ -194,7 +203,7 @@ def _refit(args: argparse.Namespace) -> int:
 
         raise InputError(f"--steps {args.steps}: at least one step")
     options = RefitOptions(steps=args.steps, augment=args.augment, seed=args.seed,
-                           device=args.device)
+                           device=args.device, quantile=args.quantile)
     with tqdm(total=args.steps, unit="step", desc="refitting the confidence map",
               file=sys.stderr, disable=args.quiet) as bar:
 
@@ -382,6 +391,10 @@ def add_commands(commands: Any) -> None:
                        help="optimization steps of the error head (default 1500)")
     refit.add_argument("--augment", type=_probability, default=0.5, metavar="P",
                        help="probability of each augmentation transform (default 0.5)")
+    refit.add_argument("--quantile", type=_quantile, default=0.7, metavar="Q",
+                       help="teach the head the error the VCE exceeds with probability 1 - Q, "
+                       "so that a confidence of 0.5 means a 1 - Q chance of an error above "
+                       "half the T1w's head SD (default 0.7); 'mean': its expected error")
     refit.add_argument("--seed", type=int, default=0)
     refit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     refit.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -85,6 +85,28 @@ def error_loss(vce: torch.Tensor, log_error: torch.Tensor, target: torch.Tensor,
     return (likelihood * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+#: |error| floor of the quantile loss (normalised units): below a thousandth of an SD the
+#: logarithm would spend the fit on differences no confidence shows.
+QUANTILE_FLOOR = 1e-3
+
+
+def quantile_error_loss(vce: torch.Tensor, log_error: torch.Tensor, target: torch.Tensor,
+                        quantile: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pinball loss of the error head for the ``quantile`` of the VCE's absolute error: taken
+    on log |y - y_hat| against the head's log b, since a quantile survives the logarithm (the
+    q-quantile of log|e| is the log of the q-quantile of |e|) and in log units the loss does
+    not weigh a pixel by its error's scale. Its optimum is the error that the VCE exceeds
+    with probability 1 - ``quantile`` (VCE detached, as in ``error_loss``)."""
+    log_b = log_error.float().clamp(-9.0, 5.0)
+    log_e = torch.log((vce.detach().float() - target.float()).abs() + QUANTILE_FLOOR)
+    residual = log_e - log_b
+    pinball = torch.maximum(quantile * residual, (quantile - 1.0) * residual)
+    if mask is None:
+        return pinball.mean()
+    weight = mask.float()
+    return (pinball * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 def confidence_loss(intermediate: torch.Tensor, confidence: torch.Tensor, target: torch.Tensor,
                     weight: float) -> torch.Tensor:
     """CG-SAMR's L_CM (seed 002 eq. 1), averaged over pixels: the target at the intermediate

@@ -10,7 +10,11 @@ head):
 - the share of the head that helper covers (a helper that covers the whole head would cover
   every tumour and tell nothing);
 - a reliability curve: the mean actual error per confidence bin next to what the confidence
-  says (synthesis.inference: confidence c means an expected error of T (1 - c) / c).
+  says (synthesis.inference: confidence c stands for an error of T (1 - c) / c);
+- how often the actual error exceeds that stated error: about 1 - q for a head refitted to
+  the q-quantile of the error (``vcemri refit-confidence --quantile q``; 30 % for the default
+  0.7), about e^-1 = 37 % for an expected error of Laplace-distributed errors, and below
+  either where the mirrored passes' disagreement (the other estimate) is the larger.
 """
 
 from __future__ import annotations
@@ -115,6 +119,7 @@ def site_reliability(patients: list[tuple[str, str, str, PatientReliability]]
             "model": model, "group": group, "institution": site, "patients": len(members),
             "spearman": float(spearmanr(1.0 - confidence, error).statistic),
             "auroc_top10": auroc(1.0 - confidence, error > np.quantile(error, 0.9)),
+            "above_stated_percent": 100.0 * float(np.mean(error > _stated(confidence))),
             "tumours_wrong": len(wrong), "tumours_wrong_covered": len(covered),
             "head_flagged_percent": 100.0 * float(np.median(
                 [m.metrics["low_confidence_head_share"] for m in members])),
@@ -122,15 +127,25 @@ def site_reliability(patients: list[tuple[str, str, str, PatientReliability]]
     return rows
 
 
+def _stated(confidence: np.ndarray) -> np.ndarray:
+    """The error a confidence stands for, T (1 - c) / c (normalised units)."""
+    from synthesis.inference import TOLERANCE
+
+    c = np.clip(confidence, 1e-6, 1.0)
+    return TOLERANCE * (1.0 - c) / c
+
+
 def reliability_markdown(rows: list[dict[str, Any]]) -> str:
     """The per-site table."""
     lines = ["| model | group | institution | n | Spearman (1 - c, error) | AUROC top 10 % "
-             "errors | tumours with enhancement off > 30 % | of them >= half covered by the "
-             "low-confidence helper | head in that helper (median %) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "errors | pixels above the error c states (%) | tumours with enhancement off "
+             "> 30 % | of them >= half covered by the low-confidence helper | head in that "
+             "helper (median %) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['group']} | {r['institution']} | {r['patients']} | "
-                     f"{r['spearman']:.2f} | {r['auroc_top10']:.2f} | {r['tumours_wrong']} | "
+                     f"{r['spearman']:.2f} | {r['auroc_top10']:.2f} | "
+                     f"{r['above_stated_percent']:.0f} | {r['tumours_wrong']} | "
                      f"{r['tumours_wrong_covered']} | {r['head_flagged_percent']:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -29,9 +29,10 @@ intermediate result" CG-SAMR feeds back). It also adds an error head at full res
 the last decoder block's features and the VCE (both detached: it never changes the VCE) that
 predicts, per pixel, the expected absolute error of the VCE itself, trained with the same
 loss as CG-SAMR's confidence (a Laplace likelihood: L_CM with c = lambda / b is
-|y - y_hat| / b + log b up to constants). ``forward(x, aux=True)`` also returns the
-intermediate image, its confidence and the log expected error, for the training losses and
-for the reviewer's map.
+|y - y_hat| / b + log b up to constants; ``vcemri refit-confidence`` then teaches it, by
+default, the error exceeded with probability 0.3 instead). ``forward(x, aux=True)`` also
+returns the intermediate image, its confidence and the log expected error, for the training
+losses and for the reviewer's map.
 """
 
 from __future__ import annotations
