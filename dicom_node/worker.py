@@ -41,6 +41,25 @@ from .synthesis_process import Request, SynthesisCrashed, SynthesisProcess
 
 log = logging.getLogger(__name__)
 
+#: How the reason of a retry ends in the job's transitions (and so how a failed delivery
+#: attempt is told from a storage-commitment wait or a resume, which re-enter ``sending``
+#: without failing).
+RETRYING = "; retrying in "
+
+
+def delivery_attempt(transitions: list[dict[str, Any]]) -> int:
+    """Which delivery attempt of a job a failure now ends (1-based), from its transitions
+    (``JobQueue.transitions``): one more than the failed attempts since the job last entered
+    ``sending`` from another state, so neither commitment waits nor an earlier run before an
+    administrator's retry lengthen its backoff."""
+    failed = 0
+    for transition in transitions:
+        if transition["state"] != states.SENDING:
+            failed = 0
+        elif RETRYING in (transition["reason"] or ""):
+            failed += 1
+    return failed + 1
+
 
 class Worker:
     """Processes jobs from the queue until :meth:`stop`; run several for parallel jobs."""
@@ -300,12 +319,12 @@ class Worker:
             return self.queue.fail(job.id, f"{reason}; gave up after {age:.0f} s "
                                            f"(jobs.send_max_age_s is {limit:.0f})",
                                    expected=(states.SENDING,))
-        attempt = len([t for t in self.queue.transitions(job.id) if t["state"] == states.SENDING])
+        attempt = delivery_attempt(self.queue.transitions(job.id))
         # the last try falls on the deadline, not a backoff after it
         delay = min(states.backoff_s(attempt, self.settings.jobs.retry_initial_s,
                                      self.settings.jobs.retry_max_s), limit - age)
         log.warning("job %d: %s; retrying in %.0f s", job.id, reason, delay)
-        return self.queue.retry(job.id, states.SENDING, f"{reason}; retrying in {delay:.0f} s",
+        return self.queue.retry(job.id, states.SENDING, f"{reason}{RETRYING}{delay:.0f} s",
                                 delay, expected=(states.SENDING,))
 
     def _commitment(self, job: Job, name: str, destination: config.Destination,
@@ -360,5 +379,5 @@ class Worker:
         delay = states.backoff_s(current.attempts, self.settings.jobs.retry_initial_s,
                                  self.settings.jobs.retry_max_s)
         state = states.SENDING if current.state == states.SENDING else states.READY
-        self.queue.retry(job.id, state, f"{reason}; retrying in {delay:.0f} s", delay,
+        self.queue.retry(job.id, state, f"{reason}{RETRYING}{delay:.0f} s", delay,
                          expected=(current.state,))

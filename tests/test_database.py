@@ -357,3 +357,27 @@ def test_retry_delays_double_with_jitter_and_never_exceed_the_maximum() -> None:
         assert min(delays) >= min(60.0, 0.75 * base)
         if 1.25 * base < 60.0:
             assert max(delays) > 1.1 * base and min(delays) < 0.9 * base  # jittered
+
+
+def test_commitment_waits_and_an_earlier_run_do_not_lengthen_a_delivery_backoff() -> None:
+    """The attempt a failed delivery's backoff is computed from counts the failed attempts
+    since the job entered ``sending``: a job that waited five times for a storage commitment
+    report, or failed to send before an administrator retried it, backs off from the start."""
+    from dicom_node.worker import RETRYING, delivery_attempt
+
+    def step(state: str, reason: str) -> dict[str, object]:
+        return {"at": 0.0, "state": state, "reason": reason}
+
+    entered = [step("ready", "T1w and T2w complete"), step("running", "synthesizing"),
+               step("sending", "13 objects written")]
+    assert delivery_attempt(entered) == 1
+    waits = [step("sending", "13 objects delivered; waiting for tps's storage commitment "
+                             "report (transaction 1.2.3)") for _ in range(5)]
+    failure = step("sending", f"destination tps: connection refused{RETRYING}2 s")
+    assert delivery_attempt(entered + waits) == 1
+    assert delivery_attempt(entered + waits + [failure]) == 2
+    assert delivery_attempt(entered + [failure, step("sending", "resumed"), failure]) == 3
+    earlier = entered + [failure, failure, step("failed", "gave up after 60 s"),
+                         step("ready", "retried by an administrator"),
+                         step("running", "synthesizing"), step("sending", "13 objects written")]
+    assert delivery_attempt(earlier) == 1
