@@ -129,10 +129,10 @@ def site_reliability(patients: list[tuple[str, str, str, PatientReliability]]
 
 def _stated(confidence: np.ndarray) -> np.ndarray:
     """The error a confidence stands for, T (1 - c) / c (normalised units)."""
-    from synthesis.inference import TOLERANCE
+    from synthesis import CONFIDENCE_TOLERANCE
 
     c = np.clip(confidence, 1e-6, 1.0)
-    return TOLERANCE * (1.0 - c) / c
+    return CONFIDENCE_TOLERANCE * (1.0 - c) / c
 
 
 def reliability_markdown(rows: list[dict[str, Any]]) -> str:
