@@ -24,8 +24,8 @@ likelihood the head was trained with (training.objectives.error_loss). Why a qua
 tumour the generator sometimes under-enhances under scanner-like augmentation has a bimodal
 error (small, or most of the enhancement), and its mean sits below the threshold when the
 small errors dominate, so the helper missed such tumours. Measured on the shipped model's
-16 external patients of the seed-2026 cohort, each head refitted from the shipped one (README,
-"How far the confidence map can be trusted"): the mean covered 11 of 16 under-enhanced
+16 external patients of the seed-2026 cohort, each head refitted from its expected-error
+one (README, "How far the confidence map can be trusted"): the mean covered 11 of 16 under-enhanced
 tumours with a median 1.0-1.6 % of the head flagged; q = 0.6: 12 (0.9 %); q = 0.7: 15
 (1.6-2.8 %); q = 0.75: 15 (3.9-5.7 %); q = 0.9: 16 (43 %), and the per-pixel Spearman rose
 from 0.45 / 0.33 (inst4 / inst6) to 0.50-0.51 / 0.37-0.41 with every q (the loss is taken on
