@@ -47,8 +47,8 @@ def main() -> int:
 
     import synthesis
     from training import lesion_maps
-    from training.dataset import grid_tumour_masks, prepare, read_manifest
-    from training.painting import Painter, head_of, lesion_labels, painter_input
+    from training.dataset import prepare, read_manifest
+    from training.painting import Painter, head_of, painter_input
 
     print(describe(("numpy", "torch")))
     painter = Painter(args.painter, probability=1.0, seed=0)
@@ -60,8 +60,7 @@ def main() -> int:
     method, level = painter.meta["normalization"].values()
     with tempfile.TemporaryDirectory() as folder:
         cache = prepare(entries, Path(folder), synthesis.Normalization(method, level))
-        painter.labels = lesion_labels(cache, grid_tumour_masks(entries, cache),
-                                       np.arange(len(cache.targets)))
+        painter.prepare(cache, entries, np.arange(len(cache.targets)))
         errors = {name: [[] for _ in SEQUENCES] for name in ("painter", "ring", "empty")}
         contrast: list[list[tuple[float, float]]] = [[] for _ in SEQUENCES]
         rows = sorted(painter.labels)
