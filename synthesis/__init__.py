@@ -31,6 +31,8 @@ _LAZY = {
     "FitnessMeta": "checkpoint", "ConfidenceMeta": "checkpoint",
     "AcquisitionRanges": "checkpoint",
     "MODEL_GRID": "preprocess", "inference_device": "inference",
+    "GridPolicy": "preprocess", "Placement": "preprocess", "to_canvas": "preprocess",
+    "mask_to_canvas": "preprocess",
     "CONFIDENCE_TOLERANCE": "inference",
     "edm_dataset_mean": "edm",
     "SourceInstance": "series",

@@ -139,7 +139,12 @@ class CheckpointMeta(_Meta):
     created: str = ""
     architecture: Architecture
     discriminator: Architecture | None = None
+    #: the network's grid, rows x columns: the seeds' fixed matrix, or with
+    #: ``model_spacing_mm`` the canvas its fixed-spacing slices are centred on
     model_grid: tuple[int, int] = (256, 224)
+    #: None: every slice stretched to ``model_grid`` (seed 000 (B)); a spacing (mm): slices
+    #: resampled to square pixels of that size (synthesis.preprocess.GridPolicy)
+    model_spacing_mm: float | None = None
     background: str = "triangle"
     normalization: NormalizationMeta = Field(default_factory=NormalizationMeta)
     institutions: list[InstitutionProfile] = Field(default_factory=list)

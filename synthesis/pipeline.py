@@ -5,8 +5,9 @@ alignment and timings).
 
 Steps: pair check -> T2w onto the T1w grid (registered on request) -> input checks ->
 background removal -> institution classification -> EDM for external data -> normalization
--> model grid (256 x 224) -> generator (+ mirrored pass for confidence, features for the OOD
-score) -> back to the T1w grid -> back to scanner units (T1w statistics, EDM undone).
+-> model grid (256 x 224, or a fixed pixel spacing) -> generator (+ mirrored pass for
+confidence, features for the OOD score) -> back to the T1w grid -> back to scanner units (T1w
+statistics, EDM undone).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .institutions import InstitutionDecision, classify
 from .model_inputs import BUILTIN_CHECKPOINT as BUILTIN_CHECKPOINT  # where tests look
 from .model_inputs import requirements, resolve_checkpoint
 from .normalization import Normalization, Statistics
-from .preprocess import clean_inputs, mask_to_model_grid
+from .preprocess import GridPolicy, clean_inputs, mask_to_model_grid, to_model_grid
 from .screening import FeatureProbe, Screening, input_checks, judge, ood_score
 from .series import Volume, check_pair
 from .study import INPUT_NAMES, ROLE_NAMES
@@ -85,7 +86,8 @@ class SynthesisResult:
     foreground: sitk.Image | None = None
     timings: dict[str, float] = field(default_factory=dict)
     #: the VCE on the model's 256 x 224 grid before the way back (scanner units, (slices,
-    #: rows, columns), 0 outside the head): where the seeds compute their metrics
+    #: rows, columns), 0 outside the head): where the seeds compute their metrics (for a
+    #: model at a fixed pixel spacing, the delivered VCE taken to that grid)
     model_grid: np.ndarray | None = None
     #: scanner units of one normalised unit (the T1w's head standard deviation, EDM undone):
     #: a confidence c means an expected error of TOLERANCE (1 - c) / c of these
@@ -149,6 +151,8 @@ class Synthesizer:
                                             False))
         self.predictor = Predictor(self.checkpoint.generator, resolve_device(self.options.device),
                                    self.options.batch_size)
+        #: the grid the network runs on (the seeds' 256 x 224 matrix, or a fixed spacing)
+        self.grid = GridPolicy(*meta.model_grid, meta.model_spacing_mm)
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -159,6 +163,7 @@ class Synthesizer:
                 "description": meta.description,
                 # how the delivered VCE was made (PipelineOptions.keep_t1w_detail)
                 "keep_t1w_detail": self.options.keep_t1w_detail,
+                "grid": self.grid.describe(),
                 # what the error head predicts (None: the expected error)
                 "error_quantile": None if meta.confidence is None
                 else meta.confidence.error_quantile}
@@ -284,9 +289,10 @@ class Synthesizer:
         lap("institution")
 
         # the way there and, in reverse, the way back (synthesis.transforms)
-        to_grid = ModelGrid()
         normalize = Normalize(self.normalization, masks,
                               {m: self._dataset_stats(m) for m in arrays})
+        spacing = t1w.image.GetSpacing()
+        to_grid = ModelGrid(self.grid, (spacing[1], spacing[0]), normalize)
         steps = Chain([ExternalDistributionMatching(factors), normalize, to_grid])
         grid = steps.forward(arrays)
         # one normalised unit of the output in the T1w's scanner units (what confidence means)
@@ -340,8 +346,11 @@ class Synthesizer:
         if self.options.keep_t1w_detail:
             restored += arrays["t1w"] - steps.inverse(grid["t1w"])
         vce = in_head(restored, masks["t1w"])
-        model_grid = in_head(steps.inverse(output, skip=(ModelGrid.name,)),
-                             mask_to_model_grid(masks["t1w"]))
+        if self.grid.spacing_mm is None:
+            model_grid = in_head(steps.inverse(output, skip=(ModelGrid.name,)),
+                                 mask_to_model_grid(masks["t1w"]))
+        else:  # the seeds' grid is not the network's: the delivered VCE taken onto it
+            model_grid = in_head(to_model_grid(restored).numpy(), mask_to_model_grid(masks["t1w"]))
         vce_image = sitk.GetImageFromArray(vce)
         vce_image.CopyInformation(t1w.image)
         confidence_image = None

@@ -18,7 +18,9 @@ way back is the exact inverse mapping, not a restoration of the detail the small
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -71,6 +73,115 @@ def from_model_grid(slices: np.ndarray | torch.Tensor, rows: int, columns: int) 
             sitk.Resample(image, target, sitk.Transform(), sitk.sitkBSpline, 0.0,
                           sitk.sitkFloat32))
     return torch.from_numpy(out.reshape((*leading, rows, columns)))
+
+
+#: A canvas at a fixed pixel spacing grows by multiples of this (pixels), so that every
+#: architecture's downsampling divides it (pix2pix halves five times; MMgSN-Net twice).
+PAD_MULTIPLE = 32
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one acquisition's slices lie on the network's canvas: the acquired matrix
+    (``rows`` x ``columns``) resampled to ``inner`` pixels, centred on ``canvas`` (offsets
+    may be negative where a fixed canvas is smaller than the field of view: cropped)."""
+
+    rows: int
+    columns: int
+    inner: tuple[int, int]
+    canvas: tuple[int, int]
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        """(top, left) of the resampled slice on the canvas."""
+        return ((self.canvas[0] - self.inner[0]) // 2, (self.canvas[1] - self.inner[1]) // 2)
+
+
+@dataclass(frozen=True)
+class GridPolicy:
+    """The grid a network runs on, as the checkpoint records it.
+
+    ``spacing_mm`` None: the seeds' fixed matrix (seed 000 (B)): every slice stretched to
+    ``rows`` x ``columns`` whatever its field of view (a 230 mm square field becomes 0.90 x
+    1.03 mm pixels, a 320-matrix acquisition loses detail). A spacing: each slice resampled to
+    square pixels of that size (mm), so the network's receptive field means the same
+    millimetres at every site (issue 15, point 5), and centred on a ``rows`` x ``columns``
+    canvas (the training set's widest field of view, in multiples of :data:`PAD_MULTIPLE`)
+    that a wider field grows. Padding holds the normalised background."""
+
+    rows: int = MODEL_ROWS
+    columns: int = MODEL_COLUMNS
+    spacing_mm: float | None = None
+
+    def place(self, shape: tuple[int, ...], pixel_spacing: tuple[float, float],
+              grow: bool = True) -> Placement:
+        """Where slices of ``shape`` (..., rows, columns) with ``pixel_spacing`` (row,
+        column; mm) go; ``grow`` False keeps the canvas and crops a wider field (training
+        caches, whose slices must share one shape)."""
+        rows, columns = int(shape[-2]), int(shape[-1])
+        if self.spacing_mm is None:
+            return Placement(rows, columns, (self.rows, self.columns), (self.rows, self.columns))
+        inner = (max(1, round(rows * pixel_spacing[0] / self.spacing_mm)),
+                 max(1, round(columns * pixel_spacing[1] / self.spacing_mm)))
+        canvas = (self.rows, self.columns)
+        if grow:
+            canvas = (max(canvas[0], _multiple(inner[0])), max(canvas[1], _multiple(inner[1])))
+        return Placement(rows, columns, inner, canvas)
+
+    @staticmethod
+    def fitting(spacing_mm: float, fields_mm: list[tuple[float, float]]) -> GridPolicy:
+        """A fixed-spacing policy whose canvas holds every (rows, columns) field of view
+        (mm) given: the training set's."""
+        rows = max(_multiple(round(r / spacing_mm)) for r, _ in fields_mm)
+        columns = max(_multiple(round(c / spacing_mm)) for _, c in fields_mm)
+        return GridPolicy(rows, columns, float(spacing_mm))
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        return (self.rows, self.columns)
+
+    def describe(self) -> str:
+        """E.g. '256 x 224 matrix' or '0.8 mm pixels on a 320 x 320 canvas'."""
+        if self.spacing_mm is None:
+            return f"{self.rows} x {self.columns} matrix"
+        return f"{self.spacing_mm:g} mm pixels on a {self.rows} x {self.columns} canvas"
+
+
+def _multiple(pixels: int) -> int:
+    return int(math.ceil(pixels / PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def to_canvas(slices: np.ndarray | torch.Tensor, placement: Placement,
+              fill: np.ndarray | float = 0.0) -> torch.Tensor:
+    """(N, R, C) or (N, K, R, C) acquired slices onto the canvas: resampled to the placement's
+    inner matrix (bilinear, as :func:`to_model_grid`) and centred; ``fill`` (a scalar, or one
+    value per slice (N,) or per slice and channel (N, K)) outside the field of view."""
+    inner = to_model_grid(slices, *placement.inner)
+    if placement.inner == placement.canvas:
+        return inner
+    out = torch.empty((*inner.shape[:-2], *placement.canvas), dtype=torch.float32)
+    out[...] = torch.as_tensor(np.asarray(fill, np.float32))[(...,) + (None,) * 2]
+    top, left = placement.offset
+    source = inner[..., max(0, -top):, max(0, -left):]
+    target = out[..., max(0, top):, max(0, left):]
+    rows = min(source.shape[-2], target.shape[-2])
+    columns = min(source.shape[-1], target.shape[-1])
+    target[..., :rows, :columns] = source[..., :rows, :columns]
+    return out
+
+
+def from_canvas(slices: np.ndarray | torch.Tensor, placement: Placement) -> torch.Tensor:
+    """The inverse of :func:`to_canvas` (of a growing placement): the resampled slice cut out
+    of the canvas and taken back to the acquired matrix (:func:`from_model_grid`)."""
+    tensor = torch.as_tensor(slices, dtype=torch.float32)
+    top, left = placement.offset
+    inner = tensor[..., top:top + placement.inner[0], left:left + placement.inner[1]].contiguous()
+    return from_model_grid(inner, placement.rows, placement.columns)
+
+
+def mask_to_canvas(mask: np.ndarray, placement: Placement) -> np.ndarray:
+    """:func:`mask_to_model_grid` for a canvas: pixels at least half inside."""
+    return to_canvas(np.asarray(mask, np.float32), placement).numpy() >= 0.5
 
 
 #: A head covers this fraction of the field of view at least; a triangle threshold that keeps

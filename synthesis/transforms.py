@@ -18,7 +18,7 @@ import numpy as np
 from . import edm
 from .edm import EDMFactors
 from .normalization import Normalization, Statistics
-from .preprocess import from_model_grid, to_model_grid
+from .preprocess import GridPolicy, Placement, from_canvas, to_canvas
 
 Arrays = dict[str, np.ndarray]
 
@@ -73,21 +73,41 @@ class Normalize(InvertibleStep):
     def inverse(self, output: np.ndarray) -> np.ndarray:
         return self.normalization.restore_volume(output, self.statistics["t1w"])
 
+    def background(self, modality: str) -> np.ndarray:
+        """What a voxel of 0 (the removed background) becomes in ``modality``'s normalised
+        units, per slice: the value a canvas is padded with."""
+        return np.array([self.normalization.forward(np.zeros(1), s)[0]
+                         for s in self.statistics[modality]], np.float32)
+
 
 @dataclass
 class ModelGrid(InvertibleStep):
-    """Each slice to the model's 256 x 224 matrix (bilinear, seed 000 (B)); back to the
-    acquired matrix with an interpolating cubic B-spline (``synthesis.preprocess``)."""
+    """Each slice to the network's grid as the checkpoint's ``policy`` says: the seeds' 256 x
+    224 matrix (bilinear, seed 000 (B)), or a fixed pixel spacing on a canvas padded with the
+    normalised background (``normalize``'s zero); back to the acquired matrix with an
+    interpolating cubic B-spline (``synthesis.preprocess``)."""
 
-    shape: tuple[int, int] = (0, 0)
+    policy: GridPolicy = field(default_factory=GridPolicy)
+    #: the acquired (row, column) pixel spacing, mm
+    pixel_spacing: tuple[float, float] = (1.0, 1.0)
+    normalize: Normalize | None = None
+    placement: Placement | None = None
     name = "model grid"
 
     def forward(self, arrays: Arrays) -> Arrays:
-        self.shape = next(iter(arrays.values())).shape[1:]  # type: ignore[assignment]
-        return {m: to_model_grid(x).numpy() for m, x in arrays.items()}
+        shape = next(iter(arrays.values())).shape
+        self.placement = self.policy.place(shape, self.pixel_spacing)
+        return {m: to_canvas(x, self.placement, self._fill(m, len(x))).numpy()
+                for m, x in arrays.items()}
+
+    def _fill(self, modality: str, slices: int) -> np.ndarray:
+        if self.normalize is None or modality not in self.normalize.statistics:
+            return np.zeros(slices, np.float32)
+        return self.normalize.background(modality)
 
     def inverse(self, output: np.ndarray) -> np.ndarray:
-        return from_model_grid(output, *self.shape).numpy()
+        assert self.placement is not None, "the way back needs the way there first"
+        return from_canvas(output, self.placement).numpy()
 
 
 @dataclass

@@ -10,7 +10,16 @@ from scipy import ndimage
 from synthesis.edm import apply as apply_edm
 from synthesis.edm import dataset_mean, factors
 from synthesis.normalization import TARGET_HEADROOM, Normalization, Statistics
-from synthesis.preprocess import foreground, from_model_grid, remove_background, to_model_grid
+from synthesis.preprocess import (
+    PAD_MULTIPLE,
+    GridPolicy,
+    foreground,
+    from_canvas,
+    from_model_grid,
+    remove_background,
+    to_canvas,
+    to_model_grid,
+)
 
 
 def _blob(rows: int, cols: int, centre: tuple[float, float], radius: float) -> np.ndarray:
@@ -61,6 +70,55 @@ def test_the_way_back_keeps_channels_and_slices_apart():
     back = from_model_grid(slices, 300, 200).numpy()
     assert back.shape == (3, 2, 300, 200)
     np.testing.assert_allclose(back, slices[..., :1, :1] * np.ones((300, 200)), atol=1e-4)
+
+
+def _disk_mm(rows: int, cols: int, spacing: float, centre_mm: tuple[float, float],
+             radius_mm: float) -> np.ndarray:
+    """A disk of ``radius_mm`` at ``centre_mm`` from the field's corner, sampled at the pixel
+    centres of a rows x cols acquisition with ``spacing`` mm pixels."""
+    r, c = (np.mgrid[0:rows, 0:cols] + 0.5) * spacing
+    return (np.hypot(r - centre_mm[0], c - centre_mm[1]) < radius_mm).astype(np.float32)
+
+
+def test_a_fixed_spacing_shows_the_same_anatomy_at_the_same_size_whatever_the_matrix():
+    """At a fixed pixel spacing a 40 mm disk spans the same pixels whether it was acquired at
+    0.72 mm (320 matrix) or 0.9375 mm (256 x 224); on the seeds' 256 x 224 matrix the same
+    disk is stretched differently by each field of view."""
+    policy = GridPolicy(320, 320, 0.8)
+    canvases, stretched = [], []
+    for rows, cols, spacing in ((320, 320, 0.72), (256, 224, 0.9375)):
+        field = (rows * spacing, cols * spacing)
+        disk = _disk_mm(rows, cols, spacing, (field[0] / 2, field[1] / 2), 20.0)[None]
+        placement = policy.place(disk.shape, (spacing, spacing))
+        assert placement.canvas == (320, 320)
+        assert placement.inner == (round(field[0] / 0.8), round(field[1] / 0.8))
+        canvas = to_canvas(disk, placement, fill=-1.0).numpy()[0]
+        canvases.append(canvas)
+        stretched.append(to_model_grid(disk).numpy()[0])
+        # outside the field of view: the fill; the way back returns the acquisition
+        assert canvas[0, 0] == -1.0
+        back = from_canvas(canvas[None], placement).numpy()[0]
+        assert back.shape == (rows, cols)
+        assert np.abs(back - disk[0]).mean() < 0.01
+    area = [float((c > 0.5).sum()) * 0.8**2 for c in canvases]
+    np.testing.assert_allclose(area, np.pi * 20.0**2, rtol=0.03)
+    disks = [np.clip(c, 0.0, None) for c in canvases]  # the fields differ; the disk does not
+    assert np.abs(disks[0] - disks[1]).sum() < 0.05 * disks[0].sum()
+    widths = [int((s > 0.5).any(0).sum()) for s in stretched]
+    assert widths[0] != widths[1]  # 224 columns over 230 mm and over 210 mm
+
+
+def test_a_canvas_grows_by_whole_multiples_for_a_wider_field():
+    policy = GridPolicy.fitting(0.8, [(230.0, 230.0), (220.0, 187.0)])
+    assert (policy.rows, policy.columns) == (288, 288)
+    assert policy.describe() == "0.8 mm pixels on a 288 x 288 canvas"
+    wide = policy.place((1, 400, 300), (0.65, 0.65))  # 260 x 195 mm
+    assert wide.inner == (325, 244)
+    assert wide.canvas == (352, 288) and wide.canvas[0] % PAD_MULTIPLE == 0
+    assert policy.place((1, 400, 300), (0.65, 0.65), grow=False).canvas == (288, 288)
+    seeds = GridPolicy()
+    assert seeds.place((1, 320, 320), (0.72, 0.72)).inner == (256, 224)
+    assert seeds.describe() == "256 x 224 matrix"
 
 
 def test_triangle_threshold_removes_background_noise_only():

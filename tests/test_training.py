@@ -649,6 +649,53 @@ def test_fine_tuning_starts_from_the_given_checkpoint(run, cohort, tmp_path):
               TrainOptions(**{**options, "width": 0.25}))
 
 
+def test_a_model_trained_at_a_fixed_spacing_synthesizes_at_that_spacing(cohort, tmp_path):
+    """`vcemri train --spacing-mm`: the cache holds every patient at that pixel size on one
+    canvas (the widest field of view, in multiples of 32, padded with the normalised
+    background), the checkpoint records the policy, and the pipeline runs the network at it
+    and delivers on the acquired T1w grid (issue 15, point 5)."""
+    from synthesis import GridPolicy, Synthesizer, read_series
+    from training.dataset import SliceCache
+
+    result = train(cohort / "manifest.csv", tmp_path / "spaced", TrainOptions(
+        institutions=("inst2", "inst3"), epochs=1, batch_size=4, width=0.125, device="cpu",
+        max_steps=2, fitness_steps=20, spacing_mm=3.0))
+    meta = load_checkpoint(result.checkpoint).meta
+    entries = read_manifest(cohort / "manifest.csv")
+    fields = []
+    for entry in entries:
+        if entry.institution in ("inst2", "inst3"):
+            t1 = read_series(entry.paths["t1w"])
+            spacing = t1.image.GetSpacing()
+            fields.append((t1.array.shape[1] * spacing[1], t1.array.shape[2] * spacing[0]))
+    widest = max(f[0] for f in fields), max(f[1] for f in fields)
+    assert meta.model_spacing_mm == 3.0
+    assert all(n % 32 == 0 and n * 3.0 >= w - 3.0 for n, w in zip(meta.model_grid, widest))
+    cache = SliceCache(next((tmp_path / "spaced" / "cache").iterdir()))
+    assert cache.grid == GridPolicy(*meta.model_grid, 3.0)
+    assert cache.inputs.shape[-2:] == tuple(meta.model_grid)
+    # a 187 mm wide inst3 field sits centred on the canvas: columns outside it hold the
+    # background's normalised value, the same as the background inside the field
+    inst3 = next(i for i, p in enumerate(cache.patients) if p.institution == "inst3")
+    row = cache.offsets[inst3]
+    t1_slice = np.asarray(cache.inputs[row, 0], np.float32)
+    assert np.ptp(t1_slice[:, 0]) == 0 and np.ptp(t1_slice[:, -1]) == 0
+    assert t1_slice[0, 0] == pytest.approx(float(np.median(t1_slice[:2])), abs=1e-3)
+
+    external = next(e for e in entries if e.institution == "inst5")
+    t1w = read_series(external.paths["t1w"])
+    done = Synthesizer(load_checkpoint(result.checkpoint)).run(
+        t1w, read_series(external.paths["t2w"]), screen=False)
+    assert done.model["grid"] == f"3 mm pixels on a {meta.model_grid[0]} x " \
+                                 f"{meta.model_grid[1]} canvas"
+    assert done.vce.array.shape == t1w.array.shape
+    assert done.vce.image.GetSpacing() == t1w.image.GetSpacing()
+    assert done.model_grid.shape == (t1w.array.shape[0], 256, 224)
+    assert np.isfinite(done.vce.array).all() and done.vce.array.max() > 0
+    assert done.confidence is not None
+    assert done.confidence.GetSize() == t1w.image.GetSize()
+
+
 def test_batchnorm_recalibration_after_crops_covers_the_error_head():
     """update_bn resets every BatchNorm it is given; the confidence module's error head runs
     only in auxiliary passes, so the recalibration must make those, or the head would keep

@@ -63,6 +63,18 @@ def _quantile(text: str) -> float | None:
     return value
 
 
+def _spacing(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a pixel spacing in mm") from None
+    if not 0.3 <= value <= 3.0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: an in-plane pixel spacing between 0.3 and 3 mm (head-and-neck MR "
+            "is acquired at 0.5-1.2 mm)")
+    return value
+
+
 def _crop(text: str) -> tuple[int, int]:
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
@@ -83,7 +95,8 @@ def _train_painter(args: argparse.Namespace) -> int:
 
     ignored = [flag for flag, given in (("--resume", args.resume), ("--init", args.init),
                                         ("--paint", args.paint), ("--crop", args.crop),
-                                        ("--augment", args.augment)) if given]
+                                        ("--augment", args.augment),
+                                        ("--spacing-mm", args.spacing_mm)) if given]
     if ignored:
         from config import InputError
 
@@ -127,7 +140,7 @@ def _train(args: argparse.Namespace) -> int:
         decay_epochs=args.decay_epochs,
         learning_rate=args.learning_rate, init=args.init, micro_batches=args.micro_batches,
         fitness_steps=args.fitness_steps, augment=args.augment,
-        normalization=args.normalization, split=args.split,
+        normalization=args.normalization, split=args.split, spacing_mm=args.spacing_mm,
         paint=None if args.paint is None else str(args.paint),
         paint_probability=args.paint_probability)
     bar = tqdm(unit="step", desc="training", file=sys.stderr,
@@ -324,8 +337,13 @@ def add_commands(commands: Any) -> None:
     trainer.add_argument("--no-amp", action="store_true",
                          help="full precision on CUDA (default: bf16/fp16 mixed precision)")
     trainer.add_argument("--crop", type=_crop, default=None, metavar="ROWSxCOLS",
-                         help="train on random crops of the 256x224 model grid, e.g. 128x112 "
+                         help="train on random crops of the model grid, e.g. 128x112 "
                          "(~4x faster per step; default: whole slices)")
+    trainer.add_argument("--spacing-mm", type=_spacing, default=None, metavar="MM",
+                         help="run the network at this pixel spacing (square pixels, mm; "
+                         "e.g. 0.8) on a canvas holding the widest field of view, instead of "
+                         "stretching every slice to the seeds' 256x224 matrix; the node then "
+                         "synthesizes at that spacing too")
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     trainer.add_argument("--max-steps", type=int, default=None, metavar="N",

@@ -156,7 +156,9 @@ def refit_confidence(model: str | Path, manifest: Path, out: Path,
     cache = prepare([e for e in entries if e.patient in train], out / "cache",
                     synthesis.Normalization(stored.method, stored.level),
                     dataset={role: synthesis.Statistics(**stats.model_dump())
-                             for role, stats in stored.dataset_statistics.items()} or None)
+                             for role, stats in stored.dataset_statistics.items()} or None,
+                    grid=synthesis.GridPolicy(*checkpoint.meta.model_grid,
+                                              checkpoint.meta.model_spacing_mm))
     device = synthesis.inference_device(options.device)
     generator = generator.to(device).eval()
     for name, parameter in generator.named_parameters():

@@ -167,11 +167,21 @@ class SliceCache:
         self.inputs = np.load(self.folder / "inputs.npy", mmap_mode="r")
         self.targets = np.load(self.folder / "targets.npy", mmap_mode="r")
         self.normalization = index["normalization"]
+        self.index_grid = index.get("grid", {"rows": synthesis.MODEL_GRID[0],
+                                             "columns": synthesis.MODEL_GRID[1],
+                                             "spacing_mm": None})
         #: the input channels, in order
         self.roles: tuple[str, ...] = tuple(index.get("roles", ("t1w", "t2w")))
         #: dataset-level normalization's statistics per modality ({} at other levels)
         self.dataset_statistics = {role: synthesis.Statistics(**values) for role, values in
                                    index.get("dataset_statistics", {}).items()}
+
+    @property
+    def grid(self) -> synthesis.GridPolicy:
+        """The grid the slices are on (the seeds' 256 x 224 matrix, or a fixed spacing's
+        canvas): what a model trained on them records."""
+        grid = self.index_grid
+        return synthesis.GridPolicy(grid["rows"], grid["columns"], grid["spacing_mm"])
 
     def rows(self, patients: set[str]) -> np.ndarray:
         """Slice indices of the given patients."""
@@ -181,14 +191,16 @@ class SliceCache:
 
 
 #: Bumped when what a cache holds or how it is preprocessed changes (3: smoothed head masks),
-#: so that an older cache is never reused.
+#: so that an older cache is never reused. (The grid policy is part of the key.)
 CACHE_FORMAT = 3
 
 
 def _key(entries: list[PatientEntry], normalization: synthesis.Normalization,
          dataset: Mapping[str, synthesis.Statistics] | None = None,
-         extra: tuple[str, ...] = ()) -> str:
+         extra: tuple[str, ...] = (), grid: str = "") -> str:
     digest = hashlib.sha256()
+    if grid:
+        digest.update(f"grid|{grid}".encode())
     for entry in entries:
         for role in sorted(entry.paths):
             folder = entry.paths[role]
@@ -269,7 +281,7 @@ def tumour_mask(path: Path | None, reference: Any) -> np.ndarray | None:
 
 
 def grid_tumour_masks(entries: list[PatientEntry], cache: SliceCache) -> np.ndarray:
-    """Every cache row's tumour mask on the model grid, (rows, H, W) boolean: the manifest's
+    """Every cache row's tumour mask on the cache's grid, (rows, H, W) boolean: the manifest's
     masks taken onto each patient's T1w, then to the grid as the pipeline takes a head mask
     (all False for a patient without a mask)."""
     by_patient = {e.patient: e for e in entries}
@@ -281,7 +293,9 @@ def grid_tumour_masks(entries: list[PatientEntry], cache: SliceCache) -> np.ndar
         t1 = synthesis.read_volume(entry.paths["t1w"])
         found = tumour_mask(entry.paths["mask"], t1.image)
         if found is not None and found.any():
-            masks[offset:offset + prepared.slices] = synthesis.mask_to_model_grid(found)
+            spacing = t1.image.GetSpacing()
+            placement = cache.grid.place(found.shape, (spacing[1], spacing[0]), grow=False)
+            masks[offset:offset + prepared.slices] = synthesis.mask_to_canvas(found, placement)
     return masks
 
 
@@ -311,17 +325,27 @@ def _roles(inputs: tuple[str, ...]) -> tuple[str, ...]:
 def prepare(entries: list[PatientEntry], cache_root: Path,
             normalization: synthesis.Normalization, progress=None,
             dataset: Mapping[str, synthesis.Statistics] | None = None,
-            inputs: tuple[str, ...] = ("t1w", "t2w")) -> SliceCache:
+            inputs: tuple[str, ...] = ("t1w", "t2w"),
+            grid: synthesis.GridPolicy | float | None = None) -> SliceCache:
     """Preprocess every patient once (reused while the inputs are unchanged); ``dataset``:
     the training set's statistics (:func:`dataset_statistics`), for dataset-level
-    normalization; ``inputs``: the series the model reads (T1w and T2w are always kept)."""
+    normalization; ``inputs``: the series the model reads (T1w and T2w are always kept);
+    ``grid``: the network's grid (None: the seeds' 256 x 224 matrix; a policy: a model's, its
+    canvas kept and wider fields cropped; a spacing in mm: that spacing on a canvas that holds
+    every patient's field of view, which the cache's :attr:`SliceCache.grid` records)."""
     if normalization.level == "dataset" and dataset is None:
         raise ValueError("dataset-level normalization needs the training set's statistics")
     roles = _roles(tuple(inputs))
-    folder = Path(cache_root) / _key(entries, normalization, dataset, roles[2:])
+    policy = grid if isinstance(grid, synthesis.GridPolicy) else None
+    spacing = None if grid is None or policy is not None else float(grid)  # type: ignore[arg-type]
+    key = "" if grid is None or policy == synthesis.GridPolicy() else (
+        f"{spacing} mm, fitted" if policy is None else str(policy))
+    folder = Path(cache_root) / _key(entries, normalization, dataset, roles[2:], key)
     if (folder / "index.json").exists():
         return SliceCache(folder)
-    inputs, targets, patients, offsets = [], [], [], []
+    policy = policy or synthesis.GridPolicy()
+    prepared: list[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]] = []
+    patients, offsets = [], []
     total = 0
     for entry, volumes, clean, masks in _each_patient(entries, roles[2:]):
         t1 = volumes["t1w"]
@@ -331,13 +355,25 @@ def prepare(entries: list[PatientEntry], cache_root: Path,
         normalized = {role: normalization.normalize_volume(clean[role], stats[role])
                       for role in roles}
         target = normalization.normalize_volume(clean["ce"], stats["t1w"], target=True)
-        grid_inputs = synthesis.to_model_grid(np.stack([normalized[r] for r in roles], 1))
-        grid_target = synthesis.to_model_grid(target)
-        inputs.append(grid_inputs.numpy().astype(np.float16))
-        targets.append(grid_target.numpy().astype(np.float16))
+        # the normalised background each channel is padded with (a removed voxel is 0)
+        fills = np.array([[normalization.forward(np.zeros(1), stats[r][k])[0] for r in roles]
+                          + [normalization.forward(np.zeros(1), stats["t1w"][k], True)[0]]
+                          for k in range(len(target))], np.float32)
+        sitk_spacing = t1.image.GetSpacing()
+        pixel = (sitk_spacing[1], sitk_spacing[0])
+        stacked = np.stack([normalized[r] for r in roles], 1)
+        if spacing is None:
+            placement = policy.place(target.shape, pixel, grow=False)
+        else:  # resampled now, centred once the canvas that holds every patient is known
+            inner = synthesis.GridPolicy(spacing_mm=spacing).place(target.shape, pixel,
+                                                                   grow=False).inner
+            placement = synthesis.Placement(*target.shape[-2:], inner, inner)
+        prepared.append(((synthesis.to_canvas(stacked, placement, fills[:, :-1]).numpy(),
+                          synthesis.to_canvas(target, placement, fills[:, -1]).numpy()),
+                         fills))
         info = t1.info
         patients.append(PreparedPatient(
-            entry.patient, entry.institution, len(grid_target),
+            entry.patient, entry.institution, len(target),
             {role: float(clean[role][masks[role]].mean()) for role in ("t1w", "t2w")},
             {"manufacturer": info.manufacturer, "model": info.model,
              "field_strength_t": info.field_strength_t, "institution_name": info.institution_name,
@@ -345,19 +381,34 @@ def prepare(entries: list[PatientEntry], cache_root: Path,
              "t1w_tr": info.repetition_time_ms, "t1w_te": info.echo_time_ms,
              "t2w_tr": volumes["t2w"].info.repetition_time_ms,
              "t2w_te": volumes["t2w"].info.echo_time_ms,
-             "slice_spacing_mm": float(t1.image.GetSpacing()[2]),
-             "pixel_spacing_mm": float(min(t1.image.GetSpacing()[:2]))}))
+             "slice_spacing_mm": float(sitk_spacing[2]),
+             "pixel_spacing_mm": float(min(sitk_spacing[:2]))}))
         offsets.append(total)
-        total += len(grid_target)
+        total += len(target)
         if progress is not None:
             progress(entry.patient)
+    if spacing is not None and prepared:
+        policy = synthesis.GridPolicy.fitting(spacing, [
+            (target.shape[-2] * spacing, target.shape[-1] * spacing)
+            for (_, target), _ in prepared])
+    inputs_out, targets_out = [], []
+    for (stacked, target), fills in prepared:
+        placement = synthesis.Placement(*target.shape[-2:], target.shape[-2:], policy.canvas) \
+            if spacing is not None else None
+        if placement is not None:
+            stacked = synthesis.to_canvas(stacked, placement, fills[:, :-1]).numpy()
+            target = synthesis.to_canvas(target, placement, fills[:, -1]).numpy()
+        inputs_out.append(stacked.astype(np.float16))
+        targets_out.append(target.astype(np.float16))
     folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "inputs.npy", np.concatenate(inputs))
-    np.save(folder / "targets.npy", np.concatenate(targets))
+    np.save(folder / "inputs.npy", np.concatenate(inputs_out))
+    np.save(folder / "targets.npy", np.concatenate(targets_out))
     (folder / "index.json").write_text(json.dumps({
         "patients": [p.__dict__ for p in patients], "offsets": offsets,
         "normalization": {"method": normalization.method, "level": normalization.level},
         "roles": list(roles),
+        "grid": {"rows": policy.rows, "columns": policy.columns,
+                 "spacing_mm": policy.spacing_mm},
         "dataset_statistics": {role: stats.as_dict()
                                for role, stats in (dataset or {}).items()}}))
     return SliceCache(folder)

@@ -11,7 +11,10 @@ to it bilinearly (seed 001 Methods): the main columns do the same (the acquired 
 T1w resampled so, the VCE as the network put it out). The node delivers the VCE on the acquired
 T1w grid, after the way back (synthesis/preprocess.py), which no network output can make
 sharper than the 256 x 224 grid allowed: the "T1w grid" columns measure that, and on a
-320 x 320 acquisition they are bounded by what resampling to 256 x 224 and back keeps.
+320 x 320 acquisition they are bounded by what resampling to 256 x 224 and back keeps. A model
+trained at a fixed pixel spacing (``vcemri train --spacing-mm``) never sees the 256 x 224
+grid: its main columns take the delivered VCE there as they take the CE-T1w, and its "T1w
+grid" columns are bounded by its spacing instead.
 """
 
 from __future__ import annotations

@@ -43,6 +43,9 @@ FALSE_REFUSAL_TARGET = 0.05
 MARGIN = 1.0
 #: Model-grid pixels of a misregistration: at ~0.9-1.1 mm per pixel, 15-45 mm.
 SHIFT_PX = (16, 46)
+#: The pixel size (mm) SHIFT_PX is counted in: the seeds' 256 x 224 grid over the simulated
+#: sites' 210-240 mm fields; a model at a fixed spacing scales the shift by this / its spacing.
+SHIFT_PIXEL_MM = 1.0
 
 
 @dataclass
@@ -93,8 +96,10 @@ def _torso(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def make_unfit(kind: str, slice_: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``slice_`` (2, H, W: normalised T1w, T2w) made unfit by a fault of ``kind``."""
+def make_unfit(kind: str, slice_: np.ndarray, rng: np.random.Generator,
+               pixel_mm: float | None = None) -> np.ndarray:
+    """``slice_`` (2, H, W: normalised T1w, T2w) made unfit by a fault of ``kind``;
+    ``pixel_mm``: the slice's pixel size where the grid has a fixed one (None: the seeds')."""
     x = np.array(slice_, np.float32, copy=True)
     k = int(rng.integers(0, 2))
     head = _head(x[k])
@@ -108,7 +113,8 @@ def make_unfit(kind: str, slice_: np.ndarray, rng: np.random.Generator) -> np.nd
         return x
     if kind == "misregistered":
         if rng.random() < 0.5:
-            distance = rng.uniform(*SHIFT_PX)
+            distance = rng.uniform(*SHIFT_PX) * (1.0 if pixel_mm is None
+                                                 else SHIFT_PIXEL_MM / pixel_mm)
             angle = rng.uniform(0, 2 * np.pi)
             moved = ndimage.shift(x[k], (distance * np.sin(angle), distance * np.cos(angle)),
                                   order=1, cval=float(x[k].min()))
@@ -207,7 +213,8 @@ def train_fitness(cache: SliceCache, train: Sequence[str], internal: Sequence[st
         picked = np.sort(rng.choice(rows, options.batch_size, replace=len(rows) < 2 * half))
         slices = np.asarray(cache.inputs[picked][:, :2], np.float32)
         batch = [_augment(s, rng) for s in slices[:half]]
-        batch += [make_unfit(str(rng.choice(FAULTS)), s, rng) for s in slices[half:]]
+        batch += [make_unfit(str(rng.choice(FAULTS)), s, rng, cache.grid.spacing_mm)
+                  for s in slices[half:]]
         x = torch.from_numpy(np.stack(batch)).to(device)
         y = torch.cat([torch.ones(half), torch.zeros(len(batch) - half)]).to(device)
         loss = F.binary_cross_entropy_with_logits(model(x), y)
@@ -235,7 +242,8 @@ def calibrate(model: torch.nn.Module, cache: SliceCache, patients: Sequence[str]
         for patient in patients:
             slices = np.asarray(cache.inputs[cache.rows({patient})][:, :2], np.float32)
             seed = int(rng.integers(0, 2**31))
-            faulty = np.stack([make_unfit(kind, s, np.random.default_rng(seed)) for s in slices])
+            faulty = np.stack([make_unfit(kind, s, np.random.default_rng(seed),
+                                          cache.grid.spacing_mm) for s in slices])
             unfit.append(study_logit(model, faulty, device))
         detected[kind] = round(float(np.mean(np.array(unfit) < threshold)), 3)
     return synthesis.FitnessMeta(

@@ -205,11 +205,12 @@ class StateSaver(Handler):
 
 class BatchNormRecalibration(Handler):
     """After training on crops the BatchNorm running statistics describe crops, not the whole
-    256 x 224 slices inference sees: recompute them exactly (a cumulative average, no
-    momentum) on whole training slices with ``torch.optim.swa_utils.update_bn``. update_bn
-    resets every BatchNorm of the module it is given, so the passes include the confidence
-    module's error head (``aux``), which a plain forward pass skips: otherwise its statistics
-    would be left at their defaults (mean 0, variance 1) and its expected errors wrong."""
+    slices inference sees (256 x 224, or a fixed spacing's canvas): recompute them exactly (a
+    cumulative average, no momentum) on whole training slices with
+    ``torch.optim.swa_utils.update_bn``. update_bn resets every BatchNorm of the module it is
+    given, so the passes include the confidence module's error head (``aux``), which a plain
+    forward pass skips: otherwise its statistics would be left at their defaults (mean 0,
+    variance 1) and its expected errors wrong."""
 
     def __init__(self, generator: torch.nn.Module, slices: Callable[[], Any],
                  device: torch.device) -> None:

@@ -82,7 +82,7 @@ class TrainOptions:
     max_steps: int | None = None
     #: save the resumable training state every N steps (and always when max_steps stops it)
     checkpoint_every: int | None = 50
-    #: train on random (rows, columns) crops of the 256 x 224 model grid (None: whole slices);
+    #: train on random (rows, columns) crops of the model grid (None: whole slices);
     #: the network is fully convolutional, so a crop trains the same weights ~4x faster at
     #: 128 x 112 (the pix2pix practice of training on crops)
     crop: tuple[int, int] | None = None
@@ -124,6 +124,10 @@ class TrainOptions:
     #: intensity normalization, METHOD-LEVEL (synthesis.NORMALIZATIONS; seed 001 compares
     #: z-score and min-max at patient, image and dataset level); stored in the checkpoint
     normalization: str = "zscore-patient"
+    #: the network's grid: None, the seeds' 256 x 224 matrix; a spacing (mm), every slice
+    #: resampled to square pixels of that size and centred on a canvas that holds the
+    #: training set's widest field of view (synthesis.GridPolicy; issue 15, point 5)
+    spacing_mm: float | None = None
     #: a CG-SAMR painter's checkpoint (``--architecture cgsamr``): repaint lesion slices with
     #: edited lesions on the fly (``training/painting.py``); None: off
     paint: str | None = None
@@ -397,14 +401,14 @@ def _data(manifest: Path, out: Path, options: TrainOptions, place: Distributed,
             statistics.write_text(json.dumps({k: v.as_dict() for k, v in dataset.items()}))
         cache = prepare(used, out / "cache", normalization, progress=(
             lambda p: progress("prepare", {"patient": p})) if progress else None,
-            dataset=dataset, inputs=tuple(options.inputs))
+            dataset=dataset, inputs=tuple(options.inputs), grid=options.spacing_mm)
     if place.world > 1:
         dist.barrier()  # the other ranks read the cache rank 0 wrote
     if not place.main:
         dataset = None if normalization.level != "dataset" else {
             k: synthesis.Statistics(**v) for k, v in json.loads(statistics.read_text()).items()}
         cache = prepare(used, out / "cache", normalization, dataset=dataset,
-                        inputs=tuple(options.inputs))
+                        inputs=tuple(options.inputs), grid=options.spacing_mm)
     return split, cache
 
 
@@ -454,6 +458,7 @@ def _metadata(options: TrainOptions, generator: torch.nn.Module,
     return synthesis.CheckpointMeta(
         architecture=synthesis.Architecture(name=options.architecture, config=generator.config),
         discriminator=synthesis.Architecture(name="patchgan", config=discriminator.config),
+        model_grid=cache.grid.canvas, model_spacing_mm=cache.grid.spacing_mm,
         normalization=synthesis.NormalizationMeta(
             method=cache.normalization["method"], level=cache.normalization["level"],
             dataset_statistics={role: synthesis.IntensityStatistics(**stats.as_dict())
