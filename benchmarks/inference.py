@@ -1,7 +1,11 @@
 """MMgSN-Net inference speed at 256 x 224: ms per slice, peak memory, FLOPs per slice and the
 fraction of the device's peak arithmetic it reaches; the full model and the small variant.
 
-    python benchmarks/inference.py [--batch 8] [--repeats 5] [--device auto]
+    python benchmarks/inference.py [--batch 8] [--repeats 5] [--device auto] [--grid 256x224]
+
+``--grid 288x288``: the canvas of a model trained at 0.8 mm on 230 mm fields
+(``vcemri train --spacing-mm 0.8``); the bottleneck's self-attention grows with the square of
+its pixel count, so time grows faster than the pixels.
 
 CPU peak = cores x clock x FLOPs per cycle (32 fp32 with AVX2 FMA, 64 with AVX-512), an
 estimate; on CUDA, the device's bf16 tensor-core peak is not known here, so the achieved
@@ -46,10 +50,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--grid", default="256x224", metavar="ROWSxCOLS",
+                        help="the slice size the network runs on (multiples of 32)")
     args = parser.parse_args()
+    rows, columns = (int(v) for v in args.grid.lower().split("x"))
     device = resolve_device(args.device)
     print(describe(("torch", "numpy")))
-    print(f"device: {device}, torch threads: {torch.get_num_threads()}, batch {args.batch}")
+    print(f"device: {device}, torch threads: {torch.get_num_threads()}, batch {args.batch}, "
+          f"slices {rows} x {columns}")
     peak = _cpu_peak_gflops() if device.type == "cpu" else None
     if peak:
         print(f"estimated CPU peak: {peak:.0f} GFLOP/s fp32")
@@ -57,12 +65,12 @@ def main() -> None:
           f"{'% peak':>7} {'peak MiB':>9}")
     for name, width in VARIANTS.items():
         model = build("mmgsn", width_multiplier=width, output="linear").eval()
-        x = torch.randn(1, 2, 256, 224)
+        x = torch.randn(1, 2, rows, columns)
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
             model(x)
         flops = counter.get_total_flops()
         predictor = Predictor(model, device, args.batch)
-        inputs = torch.randn(args.batch, 2, 256, 224).numpy()
+        inputs = torch.randn(args.batch, 2, rows, columns).numpy()
         predictor.predict(inputs)  # warm-up
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

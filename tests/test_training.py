@@ -805,3 +805,58 @@ def test_refit_confidence_changes_the_error_head_alone_and_records_how(run, coho
     assert main(["refit-confidence", "--model", str(plain_model), "--manifest",
                  str(cohort / "manifest.csv"), "--out", str(tmp_path / "no"), "--quiet"]) != 0
     assert "has no confidence module" in capsys.readouterr().err
+
+
+def test_recalibrate_restores_the_batchnorm_statistics_of_the_training_crops(run, cohort,
+                                                                               tmp_path, capsys):
+    """A crop-trained model normalises with the statistics of crop batches; `vcemri
+    recalibrate` recomputes them for a checkpoint whose statistics came from elsewhere (the
+    trainer once took them on whole slices): exactly what the trainer now computes, every
+    weight kept, the OOD calibration and the internal L1 measured again, and recorded."""
+    import torch
+
+    from synthesis import save_checkpoint
+    from training.handlers import BatchNormRecalibration
+    from vcemri.cli import main
+
+    out, result = run
+    trained = load_checkpoint(result.checkpoint)
+    expected = {k: v.clone() for k, v in trained.generator.state_dict().items()}
+    old = load_checkpoint(result.checkpoint)
+    cache_rows = json.loads((out / "split.json").read_text())["train"]
+    from training.dataset import SliceCache
+
+    cache = SliceCache(next((out / "cache").iterdir()))
+    rows = cache.rows(set(cache_rows))
+    whole = [torch.from_numpy(np.asarray(cache.inputs[rows[i:i + 8]], np.float32)[:, :2])
+             for i in range(0, len(rows), 8)]
+    BatchNormRecalibration(old.generator, lambda: whole, torch.device("cpu")).completed(None)
+    shifted = old.generator.state_dict()
+    assert any(not torch.equal(shifted[k], expected[k]) for k in expected if "running" in k)
+    save_checkpoint(tmp_path / "whole.safetensors", old.generator, old.meta, old.discriminator,
+                    old.fitness)
+
+    assert main(["recalibrate", "--model", str(tmp_path / "whole.safetensors"), "--manifest",
+                 str(cohort / "manifest.csv"), "--out", str(tmp_path / "recal"),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "internal L1 inside the head" in printed and "'VCE = T1w'" in printed
+    after = load_checkpoint(tmp_path / "recal" / "model.safetensors")
+    for name, value in after.generator.state_dict().items():
+        torch.testing.assert_close(value, expected[name], msg=name)
+    assert after.meta.ood.threshold == pytest.approx(trained.meta.ood.threshold, rel=1e-4)
+    assert after.meta.metrics["internal_l1_normalized"] == pytest.approx(
+        trained.meta.metrics["internal_l1_normalized"], abs=1e-4)
+    record = after.meta.training["batchnorm_recalibration"]
+    assert record["crop"] == [128, 112] and record["patients"] == len(cache_rows)
+    assert record["internal_l1_normalized_before"] != record["internal_l1_normalized_after"]
+    assert after.meta.fitness == trained.meta.fitness
+    # a model trained on whole slices kept the statistics of what it saw: refused, with why
+    whole_meta = trained.meta.model_copy(update={"training": {
+        **trained.meta.training,
+        "options": {**trained.meta.training["options"], "crop": None}}})
+    save_checkpoint(tmp_path / "slices.safetensors", trained.generator, whole_meta,
+                    trained.discriminator, trained.fitness)
+    assert main(["recalibrate", "--model", str(tmp_path / "slices.safetensors"), "--manifest",
+                 str(cohort / "manifest.csv"), "--out", str(tmp_path / "no")]) != 0
+    assert "records no training crop" in capsys.readouterr().err

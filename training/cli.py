@@ -232,6 +232,19 @@ def _refit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recalibrate(args: argparse.Namespace) -> int:
+    require_training_extra()
+    from .recalibration import recalibrate
+
+    result = recalibrate(args.model, Path(args.manifest), Path(args.out), args.crop,
+                         args.device, command=args.command_line)
+    print(f"model: {result.checkpoint} (BatchNorm statistics of {result.batches} crop batches "
+          f"of {result.patients} training patients, {result.seconds:.0f} s); internal L1 "
+          f"inside the head, normalised units: {result.l1_before:.4f} -> {result.l1_after:.4f} "
+          f"('VCE = T1w' {result.l1_t1w_copy:.4f})")
+    return 0
+
+
 def _model_argument(text: str) -> tuple[str, Path]:
     from synthesis import INPUT_NAMES
 
@@ -417,4 +430,21 @@ def add_commands(commands: Any) -> None:
     refit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     refit.add_argument("--quiet", action="store_true", help="no progress bar")
     refit.set_defaults(handler=_refit)
+
+    recal = commands.add_parser(
+        "recalibrate", help="recompute a crop-trained model's BatchNorm statistics on crops "
+        "of its training patients (models trained before they were taken on whole slices)",
+        description="Recompute the BatchNorm statistics of a model trained on crops over the "
+        "same crops of its training patients (recomputed from the seed and institutions it "
+        "records), then its OOD calibration and internal L1. Refit its error head afterwards "
+        "(vcemri refit-confidence).")
+    recal.add_argument("--model", required=True, metavar="CKPT",
+                       help="a checkpoint, or 'builtin' for the shipped model")
+    recal.add_argument("--manifest", required=True, metavar="CSV",
+                       help="the cohort the model was trained on")
+    recal.add_argument("--out", required=True, metavar="DIR")
+    recal.add_argument("--crop", type=_crop, default=None, metavar="ROWSxCOLS",
+                       help="the crop size (default: the one the model was trained with)")
+    recal.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    recal.set_defaults(handler=_recalibrate)
 

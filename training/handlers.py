@@ -204,13 +204,17 @@ class StateSaver(Handler):
 
 
 class BatchNormRecalibration(Handler):
-    """After training on crops the BatchNorm running statistics describe crops, not the whole
-    slices inference sees (256 x 224, or a fixed spacing's canvas): recompute them exactly (a
-    cumulative average, no momentum) on whole training slices with
-    ``torch.optim.swa_utils.update_bn``. update_bn resets every BatchNorm of the module it is
-    given, so the passes include the confidence module's error head (``aux``), which a plain
-    forward pass skips: otherwise its statistics would be left at their defaults (mean 0,
-    variance 1) and its expected errors wrong."""
+    """After training on crops: the BatchNorm running statistics recomputed exactly (a
+    cumulative average, no momentum, ``torch.optim.swa_utils.update_bn``) over the batches
+    ``slices`` gives, which the trainer makes one epoch of the training crops
+    (``EpochData.statistics_batches``). In eval mode a layer must normalise as it did while
+    the next one learnt, with crop batches' statistics; whole slices' (what this handler took
+    until ``vcemri recalibrate`` existed, since inference sees whole slices) shifted every
+    layer and nearly doubled the shipped model's internal L1 (README "BatchNorm statistics
+    from crops"). update_bn resets every BatchNorm of the module it is given, so the passes
+    include the confidence module's error head (``aux``), which a plain forward pass skips:
+    otherwise its statistics would be left at their defaults (mean 0, variance 1) and its
+    expected errors wrong."""
 
     def __init__(self, generator: torch.nn.Module, slices: Callable[[], Any],
                  device: torch.device) -> None:

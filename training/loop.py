@@ -129,12 +129,18 @@ class EpochData:
                      if self.unpaired else None)
             yield index, (x, y, apart)
 
-    def whole_slices(self, channels: Sequence[int], batch: int = 8) -> Iterator[torch.Tensor]:
-        """Every row's whole model-grid slice (the input channels a generator takes), in
-        order: for statistics over the training data (BatchNorm recalibration)."""
-        for start in range(0, len(self.rows), batch):
-            part = np.sort(self.rows[start:start + batch])
-            yield self._tensor(np.asarray(self.cache.inputs[part])[:, list(channels)])
+    def statistics_batches(self, channels: Sequence[int]) -> Iterator[torch.Tensor]:
+        """One epoch's inputs (the channels a generator takes) as the network trained on
+        them: epoch 0's batches, each with its crop window (whole slices without a crop), each
+        micro-batch part apart, no augmentation: what the BatchNorm statistics are recomputed
+        over after training (handlers.BatchNormRecalibration)."""
+        size = self.local_batch // self.parts
+        for index, rows in enumerate(self._batches(self.samplers[0], 0)):
+            top, left = self._window(0, index)
+            inputs = np.asarray(self.cache.inputs[rows], np.float32)[:, list(channels)]
+            inputs = inputs[..., top, left]
+            for k in range(self.parts):
+                yield self._tensor(inputs[k * size:(k + 1) * size])
 
 
 class Loop:

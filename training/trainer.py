@@ -548,8 +548,9 @@ def train(manifest: Path, out: Path, options: TrainOptions,
     fitness = (FitnessTraining(cache, split["train"], split["internal"], device,
                                options.fitness_steps, options.seed)
                if options.fitness_steps > 0 else None)
-    recalibration = (BatchNormRecalibration(generator, lambda: data.whole_slices(channels),
-                                            device) if options.crop is not None else None)
+    recalibration = (BatchNormRecalibration(generator,
+                                            lambda: data.statistics_batches(channels), device)
+                     if options.crop is not None else None)
     # in this order: stop before saving, log before saving, recalibrate before evaluating
     handlers: list[Handler | None] = [StepLimit(options.max_steps), schedule,
                                       Progress(progress) if progress else None]
