@@ -45,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("no_vcemri_environment")
 def test_help_lists_only_commands_that_work():
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert sorted(commands) == ["config", "demo", "evaluate", "jobs", "process",
+    assert sorted(commands) == ["config", "demo", "evaluate", "jobs", "process", "recalibrate",
                                 "refit-confidence", "serve", "simulate", "status", "study", "train",
                                 "version", "worker"]
     done = run("--help")
