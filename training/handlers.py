@@ -210,11 +210,11 @@ class BatchNormRecalibration(Handler):
     (``EpochData.statistics_batches``). In eval mode a layer must normalise as it did while
     the next one learnt, with crop batches' statistics; whole slices' (what this handler took
     until ``vcemri recalibrate`` existed, since inference sees whole slices) shifted every
-    layer and nearly doubled the shipped model's internal L1 (README "BatchNorm statistics
-    from crops"). update_bn resets every BatchNorm of the module it is given, so the passes
-    include the confidence module's error head (``aux``), which a plain forward pass skips:
-    otherwise its statistics would be left at their defaults (mean 0, variance 1) and its
-    expected errors wrong."""
+    layer and nearly doubled the shipped model's internal L1, though on unseen protocols they
+    kept more of the tumour (README "BatchNorm statistics from crops"). update_bn resets
+    every BatchNorm of the module it is given, so the passes include the confidence module's
+    error head (``aux``), which a plain forward pass skips: otherwise its statistics would be
+    left at their defaults (mean 0, variance 1) and its expected errors wrong."""
 
     def __init__(self, generator: torch.nn.Module, slices: Callable[[], Any],
                  device: torch.device) -> None:

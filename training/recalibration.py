@@ -8,7 +8,8 @@ the trainer recomputed them on whole slices (the reasoning was that inference se
 slices), which moves them far from the crops': the shipped model's internal L1 inside the
 head is 0.125 (normalised units; 'VCE = T1w' 0.155) with whole-slice statistics and 0.071
 with its training crops' (``vcemri recalibrate --model builtin``, README "BatchNorm
-statistics from crops"). The trainer now recomputes them on crops
+statistics from crops", which also shows what it costs: on unseen protocols the whole-slice
+statistics kept more of the tumour). The trainer now recomputes them on crops
 (``EpochData.statistics_batches``); this command does the same for a checkpoint trained
 before, on its own training patients (recomputed from the seed and institutions it records),
 with the crop it records (or ``crop``).
