@@ -95,6 +95,12 @@ class Normalization:
         scale, offset = self._affine(stats, target)
         return ((np.asarray(x, np.float32) - offset) / scale).astype(np.float32)
 
+    def background(self, stats: Statistics, target: bool = False) -> float:
+        """What a removed background voxel (0 in scanner units) becomes, normalised: the value
+        a canvas around the field of view is padded with."""
+        scale, offset = self._affine(stats, target)
+        return float(np.float32(-offset) / np.float32(scale))
+
     def inverse(self, y: np.ndarray, stats: Statistics, target: bool = True) -> np.ndarray:
         scale, offset = self._affine(stats, target)
         return (np.asarray(y, np.float32) * scale + offset).astype(np.float32)

@@ -76,8 +76,8 @@ class Normalize(InvertibleStep):
     def background(self, modality: str) -> np.ndarray:
         """What a voxel of 0 (the removed background) becomes in ``modality``'s normalised
         units, per slice: the value a canvas is padded with."""
-        return np.array([self.normalization.forward(np.zeros(1), s)[0]
-                         for s in self.statistics[modality]], np.float32)
+        return np.array([self.normalization.background(s) for s in self.statistics[modality]],
+                        np.float32)
 
 
 @dataclass

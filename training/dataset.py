@@ -167,21 +167,17 @@ class SliceCache:
         self.inputs = np.load(self.folder / "inputs.npy", mmap_mode="r")
         self.targets = np.load(self.folder / "targets.npy", mmap_mode="r")
         self.normalization = index["normalization"]
-        self.index_grid = index.get("grid", {"rows": synthesis.MODEL_GRID[0],
-                                             "columns": synthesis.MODEL_GRID[1],
-                                             "spacing_mm": None})
+        #: the grid the slices are on (the seeds' 256 x 224 matrix, or a fixed spacing's
+        #: canvas): what a model trained on them records
+        grid = index.get("grid", {})
+        self.grid = synthesis.GridPolicy(grid.get("rows", synthesis.MODEL_GRID[0]),
+                                         grid.get("columns", synthesis.MODEL_GRID[1]),
+                                         grid.get("spacing_mm"))
         #: the input channels, in order
         self.roles: tuple[str, ...] = tuple(index.get("roles", ("t1w", "t2w")))
         #: dataset-level normalization's statistics per modality ({} at other levels)
         self.dataset_statistics = {role: synthesis.Statistics(**values) for role, values in
                                    index.get("dataset_statistics", {}).items()}
-
-    @property
-    def grid(self) -> synthesis.GridPolicy:
-        """The grid the slices are on (the seeds' 256 x 224 matrix, or a fixed spacing's
-        canvas): what a model trained on them records."""
-        grid = self.index_grid
-        return synthesis.GridPolicy(grid["rows"], grid["columns"], grid["spacing_mm"])
 
     def rows(self, patients: set[str]) -> np.ndarray:
         """Slice indices of the given patients."""
@@ -356,8 +352,8 @@ def prepare(entries: list[PatientEntry], cache_root: Path,
                       for role in roles}
         target = normalization.normalize_volume(clean["ce"], stats["t1w"], target=True)
         # the normalised background each channel is padded with (a removed voxel is 0)
-        fills = np.array([[normalization.forward(np.zeros(1), stats[r][k])[0] for r in roles]
-                          + [normalization.forward(np.zeros(1), stats["t1w"][k], True)[0]]
+        fills = np.array([[normalization.background(stats[r][k]) for r in roles]
+                          + [normalization.background(stats["t1w"][k], target=True)]
                           for k in range(len(target))], np.float32)
         sitk_spacing = t1.image.GetSpacing()
         pixel = (sitk_spacing[1], sitk_spacing[0])

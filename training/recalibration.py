@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 import synthesis
 from config import InputError
@@ -86,9 +89,15 @@ def recalibrate(model: str | Path, manifest: Path, out: Path,
                      seed=int(options.get("seed", 0)), rank=0, world=1, crop=crop,
                      unpaired=False, device=torch_device,
                      parts=int(options.get("micro_batches", 1)))
-    batches = sum(1 for _ in data.statistics_batches(channels))
-    BatchNormRecalibration(generator, lambda: data.statistics_batches(channels),
-                           torch_device).completed(None)  # type: ignore[arg-type]
+    seen: list[int] = []
+
+    def counted() -> Iterator[torch.Tensor]:
+        for batch in data.statistics_batches(channels):
+            seen.append(len(batch))
+            yield batch
+
+    BatchNormRecalibration(generator, counted, torch_device).completed(None)  # type: ignore[arg-type]
+    batches = len(seen)
     evaluation = InternalEvaluation(generator, cache, internal_rows, torch_device, channels)
     evaluation.completed(None)  # type: ignore[arg-type]
     ood = OODCalibration(generator, DECODER_PROBE if meta.architecture.name == "mmgsn"
