@@ -860,3 +860,40 @@ def test_recalibrate_restores_the_batchnorm_statistics_of_the_training_crops(run
     assert main(["recalibrate", "--model", str(tmp_path / "slices.safetensors"), "--manifest",
                  str(cohort / "manifest.csv"), "--out", str(tmp_path / "no")]) != 0
     assert "records no training crop" in capsys.readouterr().err
+
+
+def test_recalibrate_can_give_a_model_without_one_its_fitness_classifier(run, cohort,
+                                                                         tmp_path, capsys):
+    """A fine-tune trained with --fitness-steps 0 has no screening network; `vcemri
+    recalibrate --fitness-steps N` trains one as `vcemri train` would (the model's own
+    training patients, calibrated on its internal ones), and the pipeline screens with it."""
+    from synthesis import PipelineOptions, Synthesizer, read_series, save_checkpoint
+    from vcemri.cli import main
+
+    _, result = run
+    trained = load_checkpoint(result.checkpoint)
+    bare = trained.meta.model_copy(update={"fitness": None})
+    save_checkpoint(tmp_path / "bare.safetensors", trained.generator, bare,
+                    trained.discriminator, None)
+    assert main(["recalibrate", "--model", str(tmp_path / "bare.safetensors"), "--manifest",
+                 str(cohort / "manifest.csv"), "--out", str(tmp_path / "fit"),
+                 "--device", "cpu", "--fitness-steps", "40"]) == 0
+    assert "fitness classifier: 40 steps, threshold" in capsys.readouterr().out
+    after = load_checkpoint(tmp_path / "fit" / "model.safetensors")
+    assert after.fitness is not None and after.meta.fitness is not None
+    calibration = after.meta.fitness.calibration
+    split = json.loads((run[0] / "split.json").read_text())
+    assert calibration["patients"] == len(split["internal"])
+    assert set(calibration["detected"]) == set(after.meta.fitness.faults)
+    assert np.isfinite(after.meta.fitness.threshold)
+    assert after.meta.training["batchnorm_recalibration"]["fitness_steps"] == 40
+    # the pipeline scores a study with it: a screening stage that was absent before
+    entry = next(e for e in read_manifest(cohort / "manifest.csv")
+                 if e.patient in split["internal"])
+    t1, t2 = read_series(entry.paths["t1w"]), read_series(entry.paths["t2w"])
+    options = PipelineOptions(device="cpu", confidence=False)
+    screened = Synthesizer(after, options).run(t1, t2, enforce=False).screening
+    assert screened.fitness_threshold == pytest.approx(after.meta.fitness.threshold)
+    assert screened.fitness_score is not None and np.isfinite(screened.fitness_score)
+    without = Synthesizer(tmp_path / "bare.safetensors", options).run(t1, t2, enforce=False)
+    assert without.screening.fitness_score is None

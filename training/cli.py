@@ -237,11 +237,15 @@ def _recalibrate(args: argparse.Namespace) -> int:
     from .recalibration import recalibrate
 
     result = recalibrate(args.model, Path(args.manifest), Path(args.out), args.crop,
-                         args.device, command=args.command_line)
+                         args.device, command=args.command_line,
+                         fitness_steps=args.fitness_steps)
     print(f"model: {result.checkpoint} (BatchNorm statistics of {result.batches} crop batches "
           f"of {result.patients} training patients, {result.seconds:.0f} s); internal L1 "
           f"inside the head, normalised units: {result.l1_before:.4f} -> {result.l1_after:.4f} "
           f"('VCE = T1w' {result.l1_t1w_copy:.4f})")
+    if result.fitness is not None:
+        print(f"fitness classifier: {args.fitness_steps} steps, threshold "
+              f"{result.fitness.threshold:.2f} (study logit)")
     return 0
 
 
@@ -445,6 +449,10 @@ def add_commands(commands: Any) -> None:
     recal.add_argument("--out", required=True, metavar="DIR")
     recal.add_argument("--crop", type=_crop, default=None, metavar="ROWSxCOLS",
                        help="the crop size (default: the one the model was trained with)")
+    recal.add_argument("--fitness-steps", type=int, default=0, metavar="N",
+                       help="also train seed 000's fitness classifier for N steps, as vcemri "
+                       "train does (for a model trained with --fitness-steps 0, or to "
+                       "replace its own; default 0: keep what the model has)")
     recal.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     recal.set_defaults(handler=_recalibrate)
 

@@ -17,7 +17,10 @@ with the crop it records (or ``crop``).
 Only BatchNorm buffers change; then the OOD distance (decoder features change with them) is
 recalibrated and the internal patients' L1 measured again. The fitness classifier, which
 reads the inputs alone, and the error head's weights are kept: refit the head afterwards
-(``vcemri refit-confidence``) where its confidence matters.
+(``vcemri refit-confidence``) where its confidence matters. With ``fitness_steps`` the fitness
+classifier is trained here, as the trainer would have (``training/fitness.py``: the same
+patients, faults and calibration), for a model trained without one (``--fitness-steps 0``,
+e.g. a fine-tune), or in place of the one it has.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import synthesis
 from config import InputError
 
 from .dataset import prepare, read_manifest
+from .fitness import FitnessOptions, train_fitness
 from .handlers import BatchNormRecalibration, InternalEvaluation, OODCalibration, internal_l1
 from .loop import EpochData
 from .trainer import DECODER_PROBE, recorded_design
@@ -51,13 +55,16 @@ class RecalibrationResult:
     l1_before: float
     l1_after: float
     l1_t1w_copy: float
+    #: the fitness classifier trained here (None: the model's own, or none, kept)
+    fitness: synthesis.FitnessMeta | None = None
 
 
 def recalibrate(model: str | Path, manifest: Path, out: Path,
                 crop: tuple[int, int] | None = None, device: str = "auto",
-                command: str | None = None) -> RecalibrationResult:
+                command: str | None = None, fitness_steps: int = 0) -> RecalibrationResult:
     """``model``'s BatchNorm statistics recomputed on crops of its training patients in
-    ``manifest``; written to ``out/model.safetensors`` (the cache goes to ``out/cache``)."""
+    ``manifest``; written to ``out/model.safetensors`` (the cache goes to ``out/cache``).
+    ``fitness_steps`` > 0 also trains its fitness classifier for that many steps."""
     started, out = time.perf_counter(), Path(out)
     checkpoint = synthesis.load_checkpoint(synthesis.resolve_checkpoint(model))
     meta = checkpoint.meta
@@ -103,20 +110,30 @@ def recalibrate(model: str | Path, manifest: Path, out: Path,
     ood = OODCalibration(generator, DECODER_PROBE if meta.architecture.name == "mmgsn"
                          else None, cache, split["train"], torch_device, channels)
     ood.completed(None)  # type: ignore[arg-type]
+    classifier, fitness_meta = checkpoint.fitness, meta.fitness
+    trained = None
+    if fitness_steps > 0:
+        trained = train_fitness(cache, split["train"], split["internal"], torch_device,
+                                FitnessOptions(steps=fitness_steps,
+                                               seed=int(options.get("seed", 0))))
+        classifier, fitness_meta = trained.model.cpu(), trained.meta
     seconds = time.perf_counter() - started
     record: dict[str, Any] = {
         "crop": list(crop), "patients": len(split["train"]), "batches": batches,
         "manifest": str(manifest), "command": command, "seconds": round(seconds, 1),
         "source_weights_sha256": checkpoint.weights_sha256,
         "internal_l1_normalized_before": round(before, 5),
-        "internal_l1_normalized_after": evaluation.metrics.get("internal_l1_normalized")}
+        "internal_l1_normalized_after": evaluation.metrics.get("internal_l1_normalized"),
+        "fitness_steps": fitness_steps}
     meta = meta.model_copy(update={
         "ood": ood.calibration if ood.layer is not None else meta.ood,
+        "fitness": fitness_meta,
         "metrics": {**meta.metrics, **evaluation.metrics},
         "training": {**meta.training, "batchnorm_recalibration": record},
         "created": "", "package_version": ""})
     saved = synthesis.save_checkpoint(out / "model.safetensors", generator.cpu(), meta,
-                                      checkpoint.discriminator, checkpoint.fitness)
+                                      checkpoint.discriminator, classifier)
     (out / "recalibration.json").write_text(json.dumps(record, indent=1))
     return RecalibrationResult(saved, len(split["train"]), batches, seconds, before,
-                               float(evaluation.metrics["internal_l1_normalized"]), copy)
+                               float(evaluation.metrics["internal_l1_normalized"]), copy,
+                               None if trained is None else trained.meta)
