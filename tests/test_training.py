@@ -780,6 +780,9 @@ def test_refit_confidence_changes_the_error_head_alone_and_records_how(run, coho
     record = after.meta.confidence.refit
     training = json.loads((out / "split.json").read_text())["train"]
     assert record["steps"] == 12 and record["patients"] == len(training)
+    # its split beside it, as the trainer's: evaluate keeps the training patients out
+    assert (json.loads((tmp_path / "refit" / "split.json").read_text())
+            == json.loads((out / "split.json").read_text()))
     assert record["source_weights_sha256"] == before.weights_sha256
     assert record["command"].startswith("vcemri refit-confidence --model")
     # by default the head learns the error exceeded with probability 0.3, recorded
@@ -886,6 +889,7 @@ def test_recalibrate_can_give_a_model_without_one_its_fitness_classifier(run, co
     assert calibration["patients"] == len(split["internal"])
     assert set(calibration["detected"]) == set(after.meta.fitness.faults)
     assert np.isfinite(after.meta.fitness.threshold)
+    assert json.loads((tmp_path / "fit" / "split.json").read_text()) == split
     assert after.meta.training["batchnorm_recalibration"]["fitness_steps"] == 40
     # the pipeline scores a study with it: a screening stage that was absent before
     entry = next(e for e in read_manifest(cohort / "manifest.csv")

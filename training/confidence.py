@@ -150,8 +150,13 @@ def refit_confidence(model: str | Path, manifest: Path, out: Path,
         raise InputError(f"{model} has no confidence module (train it without "
                          "--no-confidence)")
     entries = read_manifest(Path(manifest))
-    train = set(recorded_design(checkpoint.meta.training,
-                                [(e.patient, e.institution) for e in entries])["train"])
+    split = recorded_design(checkpoint.meta.training,
+                            [(e.patient, e.institution) for e in entries])
+    train = set(split["train"])
+    # beside the model, as the trainer leaves it: evaluate finds the split there even on a
+    # manifest that lacks some of the training sites (the fixed sites without the randomised)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "split.json").write_text(json.dumps(split, indent=1))
     stored = checkpoint.meta.normalization
     cache = prepare([e for e in entries if e.patient in train], out / "cache",
                     synthesis.Normalization(stored.method, stored.level),

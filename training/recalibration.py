@@ -76,6 +76,8 @@ def recalibrate(model: str | Path, manifest: Path, out: Path,
     entries = read_manifest(Path(manifest))
     split = recorded_design(meta.training, [(e.patient, e.institution) for e in entries])
     used = set(split["train"]) | set(split["internal"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "split.json").write_text(json.dumps(split, indent=1))  # as refit-confidence does
     stored = meta.normalization
     cache = prepare([e for e in entries if e.patient in used], out / "cache",
                     synthesis.Normalization(stored.method, stored.level),
