@@ -274,7 +274,7 @@ def test_evaluate_scores_what_process_delivers(run, cohort, tmp_path):
 def test_evaluate_recomputes_the_split_of_a_checkpoint_without_its_run(run, cohort, tmp_path):
     import shutil
 
-    from training.evaluate import _split
+    from training.evaluate import _split, evaluate, write
 
     out, result = run
     alone = tmp_path / "copied.safetensors"
@@ -283,7 +283,21 @@ def test_evaluate_recomputes_the_split_of_a_checkpoint_without_its_run(run, coho
     assert _split(alone, load_checkpoint(alone), entries) == json.loads(
         (out / "split.json").read_text())
     elsewhere = [e for e in entries if e.institution == "inst5"]  # no training institution
-    assert _split(alone, load_checkpoint(alone), elsewhere) == {}
+    why: list[str] = []
+    assert _split(alone, load_checkpoint(alone), elsewhere, why_none=why) == {}
+    assert "no patients from training institution(s) inst2, inst3" in why[0]
+    # and evaluate says so where its tables are, instead of grouping them silently as 'all'
+    manifest = tmp_path / "inst5.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["patient", "institution", "role", "path"])
+        writer.writeheader()
+        for row in csv.DictReader(open(cohort / "manifest.csv")):
+            if row["institution"] == "inst5" and row["patient"].endswith("001"):
+                writer.writerow({**row, "path": str((cohort / row["path"]).resolve())})
+    found = evaluate({"model": alone}, manifest, device="cpu")
+    assert {row["group"] for row in found.rows} == {"all"}
+    assert found.no_split.startswith("No split for model: no patients from training")
+    assert found.no_split in write(found, tmp_path / "eval")["markdown"].read_text()
     # another simulated cohort (another seed): the same patient IDs are other people
     other = tmp_path / "other"
     other.mkdir()

@@ -200,6 +200,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     written = write(evaluation, Path(args.out))
     print(evaluation.markdown, end="")
     print(left_out_markdown(evaluation.left_out), end="")
+    if evaluation.no_split:
+        print(evaluation.no_split)
     print(f"written: {written['csv']}, {written['markdown']}, {written['significance']} and "
           f"{written['html']} (with {len(written) - 4} figures)")
     return 0

@@ -96,6 +96,8 @@ class Evaluation:
     left_out: dict[str, str] = field(default_factory=dict)
     #: how well each model's confidence map tells its errors, per site (reliability.py)
     reliability: list[dict[str, Any]] = field(default_factory=list)
+    #: why the patients could not be grouped by the first model's split (empty when they were)
+    no_split: str = ""
 
 
 def _group(patient: str, split: dict[str, list[str]]) -> str:
@@ -132,12 +134,14 @@ def _foreign(checkpoint: synthesis.Checkpoint, manifest: Path) -> bool:
 
 
 def _split(path: Path, checkpoint: synthesis.Checkpoint, entries: list[PatientEntry],
-           manifest: Path | None = None) -> dict[str, list[str]]:
+           manifest: Path | None = None, why_none: list[str] | None = None
+           ) -> dict[str, list[str]]:
     """The split of the run that trained the model: ``split.json`` beside the checkpoint, else
     (the built-in model, a copied checkpoint) the same split recomputed from the seed, training
     institutions and internal fraction the checkpoint records (the study design depends on
     nothing else), else none: every patient is then in the group 'all'. A simulated cohort
-    other than the training one is all unseen (:func:`_unseen_split`)."""
+    other than the training one is all unseen (:func:`_unseen_split`). ``why_none`` receives
+    the reason when there is none."""
     if manifest is not None and _foreign(checkpoint, manifest):
         return _unseen_split(checkpoint, entries)
     beside = path.with_name("split.json")
@@ -146,7 +150,9 @@ def _split(path: Path, checkpoint: synthesis.Checkpoint, entries: list[PatientEn
     try:
         return recorded_design(checkpoint.meta.training,
                                [(e.patient, e.institution) for e in entries])
-    except InputError:  # too little recorded, or none of its institutions in this manifest
+    except InputError as error:  # too little recorded, or a training site not in this manifest
+        if why_none is not None:
+            why_none.append(error.reason)
         return {}
 
 
@@ -212,7 +218,12 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
     synthesizer, _ = service.synthesizer(checkpoint=str(specs[first][0]), device=device,
                                          edm=edm, confidence=confidence,
                                          keep_t1w_detail=keep_t1w_detail)
-    split = _split(specs[first][0], synthesizer.checkpoint, entries, manifest)
+    why_none: list[str] = []
+    split = _split(specs[first][0], synthesizer.checkpoint, entries, manifest, why_none)
+    no_split = "" if split else (
+        f"No split for {first}: {'; '.join(why_none) or 'it records none'}. Every patient is "
+        "evaluated in the group 'all', its training patients among them if the manifest holds "
+        "any: give a split.json beside the model, or list first a model whose split fits.")
     wanted = {role for _, subset in specs.values() for role in (subset or SUBSET_ROLES)}
     chosen, left_out = [], {}
     for entry in entries:
@@ -287,7 +298,7 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
     tests = paired_tests(rows, tuple(c for c in TABLE if c[0] not in REFERENCE_COLUMNS)) \
         if rows else []
     return Evaluation(rows, summary_markdown(rows), tests, examples, labelled, left_out,
-                      site_reliability(measured))
+                      site_reliability(measured), no_split)
 
 
 def summary_markdown(rows: list[dict[str, object]]) -> str:
@@ -351,7 +362,8 @@ def write(evaluation: Evaluation, out: Path) -> dict[str, Path]:
         evaluation.markdown + ("\nPaired tests (Wilcoxon signed-rank, two-sided):\n\n" + tests
                                if tests else "")
         + (f"\nConfidence map against the actual error:\n\n{confidence}" if confidence else "")
-        + (f"\n{left_out}" if left_out else ""))
+        + (f"\n{left_out}" if left_out else "")
+        + (f"\n{evaluation.no_split}\n" if evaluation.no_split else ""))
     with open(written["significance"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, ["group", "method", "versus", "metric", "n",
                                          "mean_difference", "p_value"])
