@@ -131,10 +131,8 @@ def train_painter(manifest: Path, out: Path, options: PainterOptions,
                   command: str | None = None) -> Path:
     """Train a CG-SAMR painter on ``manifest``'s training patients; write
     ``out/painter.safetensors`` (and ``out/split.json``, ``out/painter_log.csv``)."""
-    import json
-
     from .dataset import grid_tumour_masks
-    from .trainer import TrainOptions, design, normalization_of
+    from .trainer import TrainOptions, design, normalization_of, save_split
 
     started, out = time.perf_counter(), Path(out)
     split_options = TrainOptions(institutions=options.institutions, seed=options.seed,
@@ -143,8 +141,7 @@ def train_painter(manifest: Path, out: Path, options: PainterOptions,
     entries = read_manifest(Path(manifest))
     split = design([(e.patient, e.institution) for e in entries], split_options)
     training = [e for e in entries if e.patient in set(split["train"])]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "split.json").write_text(json.dumps(split, indent=1))
+    save_split(split, out)
     cache = prepare(training, out / "cache", normalization_of(split_options))
     windows = _Windows(cache, lesion_labels(cache, grid_tumour_masks(training, cache),
                                             cache.rows(set(split["train"]))), options.seed)

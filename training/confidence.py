@@ -54,7 +54,7 @@ from .dataset import prepare, read_manifest
 from .handlers import Progress, StepLimit
 from .loop import EpochData, Loop
 from .objectives import error_loss, quantile_error_loss
-from .trainer import recorded_design
+from .trainer import recorded_design, save_split
 
 
 @dataclass(frozen=True)
@@ -153,10 +153,7 @@ def refit_confidence(model: str | Path, manifest: Path, out: Path,
     split = recorded_design(checkpoint.meta.training,
                             [(e.patient, e.institution) for e in entries])
     train = set(split["train"])
-    # beside the model, as the trainer leaves it: evaluate finds the split there even on a
-    # manifest that lacks some of the training sites (the fixed sites without the randomised)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "split.json").write_text(json.dumps(split, indent=1))
+    save_split(split, out)
     stored = checkpoint.meta.normalization
     cache = prepare([e for e in entries if e.patient in train], out / "cache",
                     synthesis.Normalization(stored.method, stored.level),

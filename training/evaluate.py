@@ -51,7 +51,7 @@ from .report import (
     training_curves,
     write_html,
 )
-from .trainer import recorded_design
+from .trainer import SPLIT_FILE, recorded_design
 
 #: Metric keys of the acquired T1w grid carry this prefix (the others: the model grid).
 ACQUIRED = "acquired_"
@@ -144,7 +144,7 @@ def _split(path: Path, checkpoint: synthesis.Checkpoint, entries: list[PatientEn
     the reason when there is none."""
     if manifest is not None and _foreign(checkpoint, manifest):
         return _unseen_split(checkpoint, entries)
-    beside = path.with_name("split.json")
+    beside = path.with_name(SPLIT_FILE)
     if str(path) != "builtin" and beside.is_file():
         return dict(json.loads(beside.read_text()))
     try:

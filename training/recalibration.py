@@ -38,10 +38,15 @@ import synthesis
 from config import InputError
 
 from .dataset import prepare, read_manifest
-from .fitness import FitnessOptions, train_fitness
-from .handlers import BatchNormRecalibration, InternalEvaluation, OODCalibration, internal_l1
+from .handlers import (
+    BatchNormRecalibration,
+    FitnessTraining,
+    InternalEvaluation,
+    OODCalibration,
+    internal_l1,
+)
 from .loop import EpochData
-from .trainer import DECODER_PROBE, recorded_design
+from .trainer import DECODER_PROBE, recorded_design, save_split
 
 
 @dataclass(frozen=True)
@@ -76,8 +81,7 @@ def recalibrate(model: str | Path, manifest: Path, out: Path,
     entries = read_manifest(Path(manifest))
     split = recorded_design(meta.training, [(e.patient, e.institution) for e in entries])
     used = set(split["train"]) | set(split["internal"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "split.json").write_text(json.dumps(split, indent=1))  # as refit-confidence does
+    save_split(split, out)
     stored = meta.normalization
     cache = prepare([e for e in entries if e.patient in used], out / "cache",
                     synthesis.Normalization(stored.method, stored.level),
@@ -114,10 +118,11 @@ def recalibrate(model: str | Path, manifest: Path, out: Path,
     ood.completed(None)  # type: ignore[arg-type]
     classifier, fitness_meta = checkpoint.fitness, meta.fitness
     trained = None
-    if fitness_steps > 0:
-        trained = train_fitness(cache, split["train"], split["internal"], torch_device,
-                                FitnessOptions(steps=fitness_steps,
-                                               seed=int(options.get("seed", 0))))
+    if fitness_steps > 0:  # the trainer's own handler: what `vcemri train` would have trained
+        fitness = FitnessTraining(cache, split["train"], split["internal"], torch_device,
+                                  fitness_steps, int(options.get("seed", 0)))
+        fitness.completed(None)  # type: ignore[arg-type]
+        trained = fitness.result
         classifier, fitness_meta = trained.model.cpu(), trained.meta
     seconds = time.perf_counter() - started
     record: dict[str, Any] = {

@@ -205,6 +205,20 @@ def design(patients: list[tuple[str, str]], options: TrainOptions) -> dict[str, 
     return split
 
 
+#: beside a model, the split of the run that made it: where ``vcemri evaluate`` finds it
+SPLIT_FILE = "split.json"
+
+
+def save_split(split: dict[str, list[str]], out: Path) -> Path:
+    """``out/split.json``: the patients of each group, beside the model a command writes (train,
+    refit-confidence, recalibrate, the painter), so that evaluation keeps its training patients
+    out even on a manifest that lacks some of its training sites."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / SPLIT_FILE
+    path.write_text(json.dumps(split, indent=1))
+    return path
+
+
 def recorded_design(training: dict[str, Any], patients: list[tuple[str, str]]
                     ) -> dict[str, list[str]]:
     """The split :func:`design` made for a checkpoint, recomputed from what its metadata's
@@ -392,8 +406,7 @@ def _data(manifest: Path, out: Path, options: TrainOptions, place: Distributed,
     # measures and writes for the others
     statistics = out / "dataset_statistics.json"
     if place.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "split.json").write_text(json.dumps(split, indent=1))
+        save_split(split, out)
         dataset = None
         if normalization.level == "dataset":
             dataset = dataset_statistics([e for e in entries if e.patient in set(split["train"])],
