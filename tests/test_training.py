@@ -811,6 +811,28 @@ def test_refit_confidence_changes_the_error_head_alone_and_records_how(run, coho
     with torch.no_grad():
         mean = expected.generator(x, aux=True)
     assert torch.equal(mean[0], plain[0]) and not torch.equal(mean[3], refitted[3])
+    # --patients unseen: the generator's real errors at the sites it was not trained on
+    split = json.loads((out / "split.json").read_text())
+    assert main(["refit-confidence", "--model", str(result.checkpoint), "--manifest",
+                 str(cohort / "manifest.csv"), "--out", str(tmp_path / "unseen"), "--steps",
+                 "6", "--patients", "unseen", "--device", "cpu", "--quiet"]) == 0
+    assert f"6 steps on {len(split['external'])} unseen-site patients" in capsys.readouterr().out
+    unseen = load_checkpoint(tmp_path / "unseen" / "model.safetensors")
+    assert unseen.meta.confidence.refit["patients_from"] == "unseen"
+    assert json.loads((tmp_path / "unseen" / "split.json").read_text()) == split
+    with torch.no_grad():
+        assert torch.equal(unseen.generator(x, aux=True)[0], plain[0])
+    # ... and refused, with what to do, where every site is one it was trained on
+    rows = (cohort / "manifest.csv").read_text().splitlines()
+    known = set(split["train"])
+    (tmp_path / "trained.csv").write_text("\n".join(
+        [rows[0]] + [f"{p},{site},{role},{cohort / path}"
+                     for p, site, role, path in (r.split(",") for r in rows[1:])
+                     if p in known]) + "\n")
+    assert main(["refit-confidence", "--model", str(result.checkpoint), "--manifest",
+                 str(tmp_path / "trained.csv"), "--out", str(tmp_path / "none"),
+                 "--patients", "unseen", "--quiet"]) != 0
+    assert "simulate a cohort of other sites" in capsys.readouterr().err
     for wrong in ("1", "0", "1.5"):
         with pytest.raises(SystemExit):
             main(["refit-confidence", "--model", str(result.checkpoint), "--manifest",

@@ -218,7 +218,8 @@ def _refit(args: argparse.Namespace) -> int:
 
         raise InputError(f"--steps {args.steps}: at least one step")
     options = RefitOptions(steps=args.steps, augment=args.augment, seed=args.seed,
-                           device=args.device, quantile=args.quantile)
+                           device=args.device, quantile=args.quantile,
+                           patients=args.patients)
     with tqdm(total=args.steps, unit="step", desc="refitting the confidence map",
               file=sys.stderr, disable=args.quiet) as bar:
 
@@ -228,7 +229,8 @@ def _refit(args: argparse.Namespace) -> int:
 
         result = refit_confidence(args.model, Path(args.manifest), Path(args.out), options,
                                   progress, command=args.command_line)
-    print(f"model: {result.checkpoint} ({result.steps} steps on {result.patients} training "
+    which = "training" if args.patients == "training" else "unseen-site"
+    print(f"model: {result.checkpoint} ({result.steps} steps on {result.patients} {which} "
           f"patients, {result.seconds:.0f} s; error head loss {result.loss_first:.3f} -> "
           f"{result.loss_last:.3f})")
     return 0
@@ -416,13 +418,20 @@ def add_commands(commands: Any) -> None:
         "like on inputs unlike its training sites: its error head is refitted on the "
         "checkpoint's own training patients of the manifest, augmented to look like other "
         "scanners and protocols (contrast curves, gamma, bias field, resolution, artefacts, "
-        "noise). The VCE, the screening and the fitness classifier stay exactly those of the "
+        "noise), or (--patients unseen) on a set-aside cohort of sites it was not trained "
+        "on. The VCE, the screening and the fitness classifier stay exactly those of the "
         "input model. Writes OUT/model.safetensors and OUT/refit.json.",
     )
     refit.add_argument("--model", required=True, metavar="CKPT",
                        help="checkpoint with a confidence module (builtin: the shipped model)")
     refit.add_argument("--manifest", required=True, metavar="CSV",
-                       help="the cohort the model was trained on")
+                       help="the cohort the model was trained on (with --patients unseen: "
+                       "a cohort of other sites, set aside for this)")
+    refit.add_argument("--patients", choices=("training", "unseen"), default="training",
+                       help="training: the model's training patients of the manifest, "
+                       "augmented (default); unseen: every patient of the manifest at a site "
+                       "the model was not trained on, so the head learns the generator's real "
+                       "errors at new sites (never evaluate on those patients afterwards)")
     refit.add_argument("--out", required=True, metavar="DIR")
     refit.add_argument("--steps", type=int, default=1500, metavar="N",
                        help="optimization steps of the error head (default 1500)")

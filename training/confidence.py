@@ -32,6 +32,16 @@ from 0.45 / 0.33 (inst4 / inst6) to 0.50-0.51 / 0.37-0.41 with every q (the loss
 log errors, which weighs every pixel alike). The training patients are the checkpoint's own
 training split (recomputed from the seed and institutions it records): patients it was
 evaluated on stay unseen.
+
+With ``patients="unseen"`` the head learns instead from the generator's real errors at sites
+it was never trained on: every patient of the manifest whose institution is not one of the
+checkpoint's training sites (a cohort set aside for it, e.g. ``vcemri simulate --randomize``
+with another seed; never one the model is then evaluated on), still augmented. Why: the
+errors augmentation provokes on training slices are not those an unseen site provokes. On
+the randomised-sites candidate (README, "Unseen protocols") every tumour it got wrong at the
+fixed external sites was a small one (0.7-1.7 cc) that it barely enhanced, and the head,
+whose training errors on such lesions were small, flagged 0-4 % of it (while flagging about
+60 % of the large tumours it got right); the augmented refits did not change that.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -54,7 +64,7 @@ from .dataset import prepare, read_manifest
 from .handlers import Progress, StepLimit
 from .loop import EpochData, Loop
 from .objectives import error_loss, quantile_error_loss
-from .trainer import recorded_design, save_split
+from .trainer import SPLIT_FILE, recorded_design, save_split, training_sites
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,9 @@ class RefitOptions:
     #: an error above TOLERANCE; None: the expected absolute error (the Laplace likelihood
     #: it was trained with). 0.7: see the module.
     quantile: float | None = 0.7
+    #: "training": the checkpoint's training patients of the manifest (augmented); "unseen":
+    #: the manifest's patients at sites the checkpoint was not trained on (see the module)
+    patients: Literal["training", "unseen"] = "training"
     seed: int = 0
     device: str = "auto"
 
@@ -136,12 +149,41 @@ class _ErrorHeadObjective:
         return loss.detach().float()[None]
 
 
+def _unseen_patients(checkpoint: synthesis.Checkpoint, entries: list[Any]) -> set[str]:
+    """The patients of ``entries`` at sites ``checkpoint`` was not trained on; InputError when
+    there are none."""
+    sites = training_sites(checkpoint)
+    unseen = {e.patient for e in entries if e.institution not in sites}
+    if not unseen:
+        raise InputError("--patients unseen: every patient of the manifest is at a site the "
+                         f"model was trained on ({', '.join(sorted(sites))}); simulate a "
+                         "cohort of other sites for it (vcemri simulate --randomize N "
+                         "--institutions none --seed S)")
+    return unseen
+
+
+def _keep_split(model: str | Path, checkpoint: synthesis.Checkpoint, entries: list[Any],
+                out: Path) -> None:
+    """The refitted model's generator is the input's, so is its split: the input's
+    ``split.json``, else the one recomputed from this manifest where it can be, else none
+    (evaluation then recomputes it from what the checkpoint records)."""
+    beside = synthesis.resolve_checkpoint(model).with_name(SPLIT_FILE)
+    if str(model) != "builtin" and beside.is_file():
+        save_split(json.loads(beside.read_text()), out)
+        return
+    try:
+        save_split(recorded_design(checkpoint.meta.training,
+                                   [(e.patient, e.institution) for e in entries]), out)
+    except InputError:
+        pass
+
+
 def refit_confidence(model: str | Path, manifest: Path, out: Path,
                      options: RefitOptions = RefitOptions(),
                      progress: Callable[[int, float], None] | None = None,
                      command: str | None = None) -> RefitResult:
     """Refit ``model``'s error head on its training patients of ``manifest`` (the cohort it
-    was trained on) and write ``out/model.safetensors`` (the cache goes to ``out/cache``);
+    was trained on; with ``options.patients="unseen"``, on its patients at other sites) and write ``out/model.safetensors`` (the cache goes to ``out/cache``);
     ``progress(step, loss)`` after each step."""
     started, out = time.perf_counter(), Path(out)
     checkpoint = synthesis.load_checkpoint(synthesis.resolve_checkpoint(model))
@@ -150,10 +192,14 @@ def refit_confidence(model: str | Path, manifest: Path, out: Path,
         raise InputError(f"{model} has no confidence module (train it without "
                          "--no-confidence)")
     entries = read_manifest(Path(manifest))
-    split = recorded_design(checkpoint.meta.training,
-                            [(e.patient, e.institution) for e in entries])
-    train = set(split["train"])
-    save_split(split, out)
+    if options.patients == "unseen":
+        train = _unseen_patients(checkpoint, entries)
+        _keep_split(model, checkpoint, entries, out)
+    else:
+        split = recorded_design(checkpoint.meta.training,
+                                [(e.patient, e.institution) for e in entries])
+        train = set(split["train"])
+        save_split(split, out)
     stored = checkpoint.meta.normalization
     cache = prepare([e for e in entries if e.patient in train], out / "cache",
                     synthesis.Normalization(stored.method, stored.level),
@@ -183,7 +229,8 @@ def refit_confidence(model: str | Path, manifest: Path, out: Path,
     seconds = time.perf_counter() - started
     record: dict[str, Any] = {
         **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(options).items()},
-        "patients": len(train), "manifest": str(manifest), "command": command,
+        "patients_from": options.patients, "patients": len(train),
+        "manifest": str(manifest), "command": command,
         "seconds": round(seconds, 1), "source_weights_sha256": checkpoint.weights_sha256,
         "loss_first_100": round(float(np.mean(losses[:100])), 4),
         "loss_last_100": round(float(np.mean(losses[-100:])), 4)}

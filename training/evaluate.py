@@ -51,7 +51,7 @@ from .report import (
     training_curves,
     write_html,
 )
-from .trainer import SPLIT_FILE, recorded_design
+from .trainer import SPLIT_FILE, recorded_design, training_sites
 
 #: Metric keys of the acquired T1w grid carry this prefix (the others: the model grid).
 ACQUIRED = "acquired_"
@@ -111,8 +111,7 @@ def _unseen_split(checkpoint: synthesis.Checkpoint,
                   entries: list[PatientEntry]) -> dict[str, list[str]]:
     """Every patient of a cohort the model never saw: those of its training institutions are
     internal (unseen patients of a known site), the others external."""
-    sites = set(checkpoint.meta.training.get("training_institutions") or
-                [p.key for p in checkpoint.meta.institutions])
+    sites = training_sites(checkpoint)
     split: dict[str, list[str]] = {"internal": [], "external": []}
     for entry in entries:
         split["internal" if entry.institution in sites else "external"].append(entry.patient)

@@ -219,6 +219,13 @@ def save_split(split: dict[str, list[str]], out: Path) -> Path:
     return path
 
 
+def training_sites(checkpoint: synthesis.Checkpoint) -> set[str]:
+    """The institutions a checkpoint was trained on (the ones its metadata records, else those
+    of its institution profiles)."""
+    return set(checkpoint.meta.training.get("training_institutions") or
+               [p.key for p in checkpoint.meta.institutions])
+
+
 def recorded_design(training: dict[str, Any], patients: list[tuple[str, str]]
                     ) -> dict[str, list[str]]:
     """The split :func:`design` made for a checkpoint, recomputed from what its metadata's
