@@ -183,8 +183,9 @@ def refit_confidence(model: str | Path, manifest: Path, out: Path,
                      progress: Callable[[int, float], None] | None = None,
                      command: str | None = None) -> RefitResult:
     """Refit ``model``'s error head on its training patients of ``manifest`` (the cohort it
-    was trained on; with ``options.patients="unseen"``, on its patients at other sites) and write ``out/model.safetensors`` (the cache goes to ``out/cache``);
-    ``progress(step, loss)`` after each step."""
+    was trained on; with ``options.patients="unseen"``, on its patients at other sites) and
+    write ``out/model.safetensors`` (the cache goes to ``out/cache``); ``progress(step,
+    loss)`` after each step."""
     started, out = time.perf_counter(), Path(out)
     checkpoint = synthesis.load_checkpoint(synthesis.resolve_checkpoint(model))
     generator = checkpoint.generator
