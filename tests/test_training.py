@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -824,11 +825,26 @@ def test_refit_confidence_changes_the_error_head_alone_and_records_how(run, coho
         assert torch.equal(unseen.generator(x, aux=True)[0], plain[0])
     # ... and refused, with what to do, where every site is one it was trained on
     rows = (cohort / "manifest.csv").read_text().splitlines()
+
+    def manifest(name: str, patients: set[str]) -> Path:
+        (tmp_path / name).write_text("\n".join(
+            [rows[0]] + [f"{p},{site},{role},{cohort / path}"
+                         for p, site, role, path in (r.split(",") for r in rows[1:])
+                         if p in patients]) + "\n")
+        return tmp_path / name
+
+    # a copied checkpoint refitted on a manifest without its training sites has no split to
+    # keep: said, with what to do
+    (tmp_path / "copied").mkdir()
+    shutil.copy(result.checkpoint, tmp_path / "copied" / "model.safetensors")
+    assert main(["refit-confidence", "--model", str(tmp_path / "copied" / "model.safetensors"),
+                 "--manifest", str(manifest("external.csv", set(split["external"]))),
+                 "--out", str(tmp_path / "lost"), "--steps", "2", "--patients", "unseen",
+                 "--device", "cpu", "--quiet"]) == 0
+    assert "copy the input model's split.json" in capsys.readouterr().err
+    assert not (tmp_path / "lost" / "split.json").exists()
     known = set(split["train"])
-    (tmp_path / "trained.csv").write_text("\n".join(
-        [rows[0]] + [f"{p},{site},{role},{cohort / path}"
-                     for p, site, role, path in (r.split(",") for r in rows[1:])
-                     if p in known]) + "\n")
+    manifest("trained.csv", known)
     assert main(["refit-confidence", "--model", str(result.checkpoint), "--manifest",
                  str(tmp_path / "trained.csv"), "--out", str(tmp_path / "none"),
                  "--patients", "unseen", "--quiet"]) != 0

@@ -233,6 +233,8 @@ def _refit(args: argparse.Namespace) -> int:
     print(f"model: {result.checkpoint} ({result.steps} steps on {result.patients} {which} "
           f"patients, {result.seconds:.0f} s; error head loss {result.loss_first:.3f} -> "
           f"{result.loss_last:.3f})")
+    if result.no_split:
+        print(f"note: {result.no_split}", file=sys.stderr)
     return 0
 
 

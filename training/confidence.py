@@ -100,6 +100,8 @@ class RefitResult:
     #: the error head's loss on augmented slices: mean of the first and of the last 100 steps
     loss_first: float
     loss_last: float
+    #: why no ``split.json`` was written beside it (None: one was)
+    no_split: str | None = None
 
 
 #: A target pixel belongs to the head when it is this far above the slice's background (the
@@ -163,19 +165,21 @@ def _unseen_patients(checkpoint: synthesis.Checkpoint, entries: list[Any]) -> se
 
 
 def _keep_split(model: str | Path, checkpoint: synthesis.Checkpoint, entries: list[Any],
-                out: Path) -> None:
+                out: Path) -> str | None:
     """The refitted model's generator is the input's, so is its split: the input's
     ``split.json``, else the one recomputed from this manifest where it can be, else none
-    (evaluation then recomputes it from what the checkpoint records)."""
+    (evaluation then recomputes it from what the checkpoint records): then why."""
     beside = synthesis.resolve_checkpoint(model).with_name(SPLIT_FILE)
     if str(model) != "builtin" and beside.is_file():
         save_split(json.loads(beside.read_text()), out)
-        return
+        return None
     try:
         save_split(recorded_design(checkpoint.meta.training,
                                    [(e.patient, e.institution) for e in entries]), out)
-    except InputError:
-        pass
+    except InputError as error:
+        return (f"no {SPLIT_FILE} beside {model} and {error.reason}: copy the input model's "
+                f"{SPLIT_FILE} beside the refitted one before evaluating it on its own cohort")
+    return None
 
 
 def refit_confidence(model: str | Path, manifest: Path, out: Path,
@@ -195,12 +199,13 @@ def refit_confidence(model: str | Path, manifest: Path, out: Path,
     entries = read_manifest(Path(manifest))
     if options.patients == "unseen":
         train = _unseen_patients(checkpoint, entries)
-        _keep_split(model, checkpoint, entries, out)
+        no_split = _keep_split(model, checkpoint, entries, out)
     else:
         split = recorded_design(checkpoint.meta.training,
                                 [(e.patient, e.institution) for e in entries])
         train = set(split["train"])
         save_split(split, out)
+        no_split = None
     stored = checkpoint.meta.normalization
     cache = prepare([e for e in entries if e.patient in train], out / "cache",
                     synthesis.Normalization(stored.method, stored.level),
@@ -244,4 +249,4 @@ def refit_confidence(model: str | Path, manifest: Path, out: Path,
                                       checkpoint.discriminator, checkpoint.fitness)
     (out / "refit.json").write_text(json.dumps(record, indent=1))
     return RefitResult(saved, len(losses), seconds, len(train), record["loss_first_100"],
-                       record["loss_last_100"])
+                       record["loss_last_100"], no_split)
