@@ -37,11 +37,13 @@ With ``patients="unseen"`` the head learns instead from the generator's real err
 it was never trained on: every patient of the manifest whose institution is not one of the
 checkpoint's training sites (a cohort set aside for it, e.g. ``vcemri simulate --randomize``
 with another seed; never one the model is then evaluated on), still augmented. Why: the
-errors augmentation provokes on training slices are not those an unseen site provokes. On
-the randomised-sites candidate (README, "Unseen protocols") every tumour it got wrong at the
-fixed external sites was a small one (0.7-1.7 cc) that it barely enhanced, and the head,
-whose training errors on such lesions were small, flagged 0-4 % of it (while flagging about
-60 % of the large tumours it got right); the augmented refits did not change that.
+errors augmentation provokes on training slices are not those an unseen site provokes: the
+randomised-sites candidate (README, "Unseen protocols") gets four of the cohort's 16 external
+tumours wrong, three of them its smallest (0.7-1.7 cc), and its augmented head flags 0-2 % of
+those three while flagging 43-70 % of the tumours it gets right. Measured there, it did not
+solve that: refitted on 30 such patients (seed 2031) the head covers 2 of the 4 but flags 15-21
+% of the head (q 0.7); at q 0.5 none at 0.4-0.6 %. It does make the map better calibrated where
+it was optimistic.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ import synthesis
 from config import InputError
 
 from .augmentation import Augmentation
-from .dataset import prepare, read_manifest
+from .dataset import PatientEntry, prepare, read_manifest
 from .handlers import Progress, StepLimit
 from .loop import EpochData, Loop
 from .objectives import error_loss, quantile_error_loss
@@ -151,7 +153,8 @@ class _ErrorHeadObjective:
         return loss.detach().float()[None]
 
 
-def _unseen_patients(checkpoint: synthesis.Checkpoint, entries: list[Any]) -> set[str]:
+def _unseen_patients(checkpoint: synthesis.Checkpoint,
+                     entries: list[PatientEntry]) -> set[str]:
     """The patients of ``entries`` at sites ``checkpoint`` was not trained on; InputError when
     there are none."""
     sites = training_sites(checkpoint)
@@ -164,8 +167,8 @@ def _unseen_patients(checkpoint: synthesis.Checkpoint, entries: list[Any]) -> se
     return unseen
 
 
-def _keep_split(model: str | Path, checkpoint: synthesis.Checkpoint, entries: list[Any],
-                out: Path) -> str | None:
+def _keep_split(model: str | Path, checkpoint: synthesis.Checkpoint,
+                entries: list[PatientEntry], out: Path) -> str | None:
     """The refitted model's generator is the input's, so is its split: the input's
     ``split.json``, else the one recomputed from this manifest where it can be, else none
     (evaluation then recomputes it from what the checkpoint records): then why."""
