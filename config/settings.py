@@ -480,10 +480,17 @@ class ModelChoice(_Section):
         "grid; the confidence map does not model it (README: As delivered)"
     )
 
-    @field_validator("checkpoint")
+    second_opinion: str | None = Field(
+        None, description="a second model ('builtin' or a checkpoint file) whose confidence "
+        "map joins this model's: the delivered map is the lower of the two per pixel, so the "
+        "low-confidence helper marks where either model expects a large error (README: "
+        "Unseen protocols); costs a second model pass per study"
+    )
+
+    @field_validator("checkpoint", "second_opinion")
     @classmethod
-    def _checkpoint_exists(cls, value: str) -> str:
-        if value == "builtin":
+    def _checkpoint_exists(cls, value: str | None) -> str | None:
+        if value is None or value == "builtin":
             return value
         path = resolve_path(value)
         if not path.is_file():

@@ -23,7 +23,8 @@ NAMESPACE = "vcemri-planning"
 def result_key(result: SynthesisResult) -> str:
     """What makes an output unique: the exact content of its inputs (instances, geometry,
     voxels; each as placed on the T1w grid), the exact model weights and whether the T1w's
-    detail was kept (``PipelineOptions.keep_t1w_detail``). A series that
+    detail was kept (``PipelineOptions.keep_t1w_detail``) and the second opinion's weights
+    (``PipelineOptions.second_opinion``: another confidence map). A series that
     gained or changed an instance gives new UIDs: the TPS never receives other pixels under
     UIDs it already holds."""
     inputs = result.inputs or {"t1w": result.t1w, "t2w": result.t2w}
@@ -34,11 +35,14 @@ def result_key(result: SynthesisResult) -> str:
     roles = [] if [r for r, _ in others] == ["t2w"] else ["inputs=" + "+".join(inputs)]
     # other pixels with the T1w's detail kept: other UIDs (without it, the key as before)
     detail = ["detail=t1w"] if result.model.get("keep_t1w_detail") else []
+    # another confidence map (and so another helper RTSTRUCT) with a second opinion
+    second = result.model.get("second_opinion")
+    opinion = [f"second={second['weights_sha256']}"] if second else []
     return "|".join((*uids, *digests,
                      str(result.model.get("weights_sha256", "")),
                      str(result.model.get("architecture", "")),
                      f"align={result.alignment.mode}:{result.alignment.applied}", *roles,
-                     *detail))
+                     *detail, *opinion))
 
 
 def output_uid(key: str, *parts: object) -> str:

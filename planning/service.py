@@ -54,25 +54,29 @@ class SynthesisService:
 
     def synthesizer(self, model: str = "default", checkpoint: str | None = None,
                     device: str | None = None, align: str = "never", edm: bool = True,
-                    confidence: bool = True, keep_t1w_detail: bool | None = None
+                    confidence: bool = True, keep_t1w_detail: bool | None = None,
+                    second_opinion: str | None = None
                     ) -> tuple[synthesis.Synthesizer, threading.Lock]:
         """The loaded pipeline for a configured model (checkpoint and device overridable;
         ``edm`` False switches external distribution matching off, ``confidence`` False the
-        mirrored pass and confidence map; ``keep_t1w_detail`` None: the model's setting)."""
+        mirrored pass and confidence map; ``keep_t1w_detail`` and ``second_opinion`` None: the
+        model's settings)."""
         import synthesis
 
         if model not in self.settings.models:
             raise config.ConfigError("configuration", [f"models: no model named {model!r}"])
         choice = self.settings.models[model]
         detail = choice.keep_t1w_detail if keep_t1w_detail is None else keep_t1w_detail
+        second = choice.second_opinion if second_opinion is None else second_opinion
         key = (str(checkpoint or choice.checkpoint), device or choice.device, align, edm,
-               confidence, detail)
+               confidence, detail, second)
         with self._guard:
             if key not in self._synthesizers:
                 options = synthesis.PipelineOptions(device=key[1], batch_size=choice.batch_size,
                                                     align=align,  # type: ignore[arg-type]
                                                     edm=edm, confidence=confidence,
-                                                    keep_t1w_detail=detail)
+                                                    keep_t1w_detail=detail,
+                                                    second_opinion=second)
                 self._synthesizers[key] = synthesis.Synthesizer(key[0], options)
                 self._locks[key] = threading.Lock()
             return self._synthesizers[key], self._locks[key]
@@ -83,13 +87,14 @@ class SynthesisService:
                    enforce: bool = True, edm: bool = True, confidence: bool = True,
                    keep_t1w_detail: bool | None = None,
                    extra: Mapping[str, synthesis.Volume] | None = None,
-                   use: Sequence[str] | None = None) -> synthesis.SynthesisResult:
+                   use: Sequence[str] | None = None,
+                   second_opinion: str | None = None) -> synthesis.SynthesisResult:
         """The synthesis result the TPS would receive for these volumes (``extra``: further
         inputs by role, ``use``: what the network may read; ``Synthesizer.run``). With
         ``enforce`` False screening is recorded, not enforced: evaluation scores every
         patient, and an administrator can force a refused study through."""
         synthesizer, lock = self.synthesizer(model, checkpoint, device, align, edm, confidence,
-                                             keep_t1w_detail)
+                                             keep_t1w_detail, second_opinion)
         with lock:
             return synthesizer.run(t1w, t2w, enforce=enforce, extra=extra, use=use)
 

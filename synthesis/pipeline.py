@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,13 @@ class PipelineOptions:
     #: back): sharper as delivered where the acquisition is finer than the grid (288, 320,
     #: 512 matrices); the confidence map does not model the detail (README "As delivered")
     keep_t1w_detail: bool = False
+    #: a second model ('builtin' or a checkpoint) whose confidence map joins this one's: the
+    #: delivered map is the lower of the two per pixel, so a region is flagged where either
+    #: model expects an error above TOLERANCE. Why: a model's error head reads its own
+    #: decoder, and where the generator does not see a tumour neither does its head; another
+    #: model's head may (README, "Unseen protocols": the shipped head flags the tumours the
+    #: randomised-sites candidate under-enhances). Costs a second model pass per study.
+    second_opinion: str | None = None
 
 
 @dataclass
@@ -115,7 +122,8 @@ class SynthesisResult:
             "screening": self.screening.as_dict(),
             "alignment": self.alignment.as_dict(),
             "confidence": None if self.confidence_unit is None else {
-                "meaning": confidence_meaning(self.model.get("error_quantile")),
+                "meaning": confidence_meaning(self.model.get("error_quantile"),
+                                              self.model.get("second_opinion") is not None),
                 "tolerance_normalized": TOLERANCE,
                 "error_quantile": self.model.get("error_quantile"),
                 "expected_error_at_0_5_scanner_units": round(
@@ -124,14 +132,18 @@ class SynthesisResult:
         }
 
 
-def confidence_meaning(error_quantile: float | None) -> str:
+def confidence_meaning(error_quantile: float | None, second_opinion: bool = False) -> str:
     """What a confidence c says, for result.json: the error estimate behind it is
-    TOLERANCE (1 - c) / c, and which estimate that is (synthesis.inference)."""
+    TOLERANCE (1 - c) / c, and which estimate that is (synthesis.inference); with a second
+    opinion (``PipelineOptions.second_opinion``) the larger of the two models' estimates."""
     estimate = ("the expected |VCE - CE|" if error_quantile is None else
                 f"the |VCE - CE| exceeded with probability {1 - error_quantile:.2g}")
+    second = ("; with a second opinion, the lower of this model's c and the second model's "
+              "for its own VCE, so 0.5 means either model expects TOLERANCE"
+              if second_opinion else "")
     return (f"confidence c: {estimate} is TOLERANCE (1 - c) / c normalised units (T1w head "
             "standard deviations; the larger of the error head's estimate and half the "
-            "mirrored passes' disagreement); 0.5 means TOLERANCE")
+            f"mirrored passes' disagreement); 0.5 means TOLERANCE{second}")
 
 
 class Synthesizer:
@@ -153,6 +165,11 @@ class Synthesizer:
                                    self.options.batch_size)
         #: the grid the network runs on (the seeds' 256 x 224 matrix, or a fixed spacing)
         self.grid = GridPolicy(*meta.model_grid, meta.model_spacing_mm)
+        #: the second opinion's model (PipelineOptions.second_opinion), run for its map only
+        self.second: Synthesizer | None = None
+        if self.options.second_opinion is not None and self.options.confidence:
+            self.second = Synthesizer(self.options.second_opinion, replace(
+                self.options, second_opinion=None, keep_t1w_detail=False, screen=False))
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -166,7 +183,11 @@ class Synthesizer:
                 "grid": self.grid.describe(),
                 # what the error head predicts (None: the expected error)
                 "error_quantile": None if meta.confidence is None
-                else meta.confidence.error_quantile}
+                else meta.confidence.error_quantile,
+                # whose confidence map joins this one's (PipelineOptions.second_opinion)
+                "second_opinion": None if self.second is None else {
+                    "path": str(self.second.checkpoint.path),
+                    "weights_sha256": self.second.checkpoint.weights_sha256}}
 
     @property
     def required_inputs(self) -> tuple[str, ...]:
@@ -359,6 +380,15 @@ class Synthesizer:
             confidence_image = sitk.GetImageFromArray(np.where(masks["t1w"], back, 1.0)
                                                       .astype(np.float32))
             confidence_image.CopyInformation(t1w.image)
+            if self.second is not None and t2w is not None:
+                other = self.second.run(t1w, t2w, screen=False, enforce=False).confidence
+                if other is not None:
+                    joined = sitk.GetImageFromArray(np.minimum(
+                        sitk.GetArrayFromImage(confidence_image),
+                        sitk.GetArrayFromImage(other)).astype(np.float32))
+                    joined.CopyInformation(t1w.image)
+                    confidence_image = joined
+                lap("second_opinion")
         head = sitk.GetImageFromArray(masks["t1w"].astype(np.uint8))
         head.CopyInformation(t1w.image)
         lap("restore")

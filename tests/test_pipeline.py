@@ -266,6 +266,41 @@ def test_a_models_keep_t1w_detail_setting_reaches_its_pipeline():
     assert service.synthesizer()[0].model_info["keep_t1w_detail"] is True  # in result.json
 
 
+def test_a_second_opinion_joins_its_confidence_map_and_nothing_else(cohort):
+    """``models.<name>.second_opinion``: the delivered confidence map is the lower of the
+    model's and the second model's, per pixel; the VCE and the screening stay the model's;
+    result.json says whose map joined and what c then means; another map gives other UIDs."""
+    import config
+    import planning
+    from planning.identity import result_key
+    from synthesis.model_inputs import BUILTIN_CHECKPOINT
+
+    t1, t2 = _study(cohort, "inst5")
+    own = Synthesizer(cohort / "model.safetensors", PipelineOptions(device="cpu")).run(
+        t1, t2, enforce=False)
+    other = Synthesizer(BUILTIN_CHECKPOINT, PipelineOptions(device="cpu")).run(t1, t2,
+                                                                                enforce=False)
+    joined = Synthesizer(cohort / "model.safetensors", PipelineOptions(
+        device="cpu", second_opinion="builtin")).run(t1, t2, enforce=False)
+    maps = [sitk.GetArrayFromImage(r.confidence) for r in (own, other, joined)]
+    np.testing.assert_array_equal(maps[2], np.minimum(maps[0], maps[1]))
+    assert (maps[2] < maps[0]).any()  # the second opinion flags more than the model alone
+    np.testing.assert_array_equal(joined.vce.array, own.vce.array)
+    assert joined.screening.as_dict() == own.screening.as_dict()
+    second = joined.model["second_opinion"]
+    assert second["weights_sha256"] == other.model["weights_sha256"]
+    assert "either model" in joined.summary()["confidence"]["meaning"]
+    assert own.model["second_opinion"] is None
+    assert "either model" not in own.summary()["confidence"]["meaning"]
+    assert result_key(joined) != result_key(own)
+    # the setting reaches the node's pipeline; a missing checkpoint is a configuration error
+    service = planning.SynthesisService(config.Settings(
+        models={"default": {"second_opinion": "builtin"}}))
+    assert service.synthesizer(device="cpu")[0].options.second_opinion == "builtin"
+    with pytest.raises(ValueError, match="does not exist"):
+        config.Settings(models={"default": {"second_opinion": str(cohort / "nowhere.pt")}})
+
+
 def test_process_rejection_is_recorded(cohort, tmp_path):
     study = tmp_path / "study"
     shutil.copytree(cohort / "inst2" / "inst2-002", study)

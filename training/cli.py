@@ -192,7 +192,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         evaluation = evaluate(models, Path(args.manifest), tuple(args.groups.split(",")),
                               args.device, progress=advance, edm=not args.no_edm,
                               confidence=not args.no_confidence,
-                              keep_t1w_detail=args.keep_t1w_detail)
+                              keep_t1w_detail=args.keep_t1w_detail,
+                              second_opinion=args.second_opinion)
     if not evaluation.rows:
         from config import InputError
 
@@ -407,6 +408,10 @@ def add_commands(commands: Any) -> None:
     evaluator.add_argument("--keep-t1w-detail", action="store_true",
                            help="add the T1w detail the round trip through the model grid "
                            "removes back to the VCE (models.<name>.keep_t1w_detail)")
+    evaluator.add_argument("--second-opinion", metavar="CKPT", default=None,
+                           help="join this model's confidence map ('builtin' or a checkpoint) "
+                           "to each model's, the lower of the two per pixel "
+                           "(models.<name>.second_opinion)")
     evaluator.add_argument("--no-edm", action="store_true",
                            help="no external distribution matching (it only acts on models "
                            "trained with dataset-level normalization)")

@@ -197,7 +197,8 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
              groups: tuple[str, ...] = ("internal", "external"), device: str = "auto",
              progress: Callable[[str | None, int], None] | None = None,
              edm: bool = True, confidence: bool = True,
-             keep_t1w_detail: bool = False) -> Evaluation:
+             keep_t1w_detail: bool = False,
+             second_opinion: str | None = None) -> Evaluation:
     """Metrics for the manifest's patients in ``groups`` of the first model's split (all
     patients when it has none, see :func:`_split`), for each model (label -> checkpoint; one
     model is labelled 'model') and 'VCE = T1w'; with paired tests and one example slice per
@@ -205,7 +206,8 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
     ``progress(patient, total)`` after each; ``edm`` False evaluates without external
     distribution matching; ``confidence`` False without the mirrored pass (the VCE is the
     plain pass, half the time; no confidence map, so its columns are empty);
-    ``keep_t1w_detail`` with the T1w's detail added back (``PipelineOptions``)."""
+    ``keep_t1w_detail`` with the T1w's detail added back, ``second_opinion`` with that
+    model's confidence map joined to each model's (``PipelineOptions``)."""
     import planning
     from config import Settings
 
@@ -216,7 +218,8 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
     specs = {label: model_spec(path) for label, path in labelled.items()}
     synthesizer, _ = service.synthesizer(checkpoint=str(specs[first][0]), device=device,
                                          edm=edm, confidence=confidence,
-                                         keep_t1w_detail=keep_t1w_detail)
+                                         keep_t1w_detail=keep_t1w_detail,
+                                         second_opinion=second_opinion)
     why_none: list[str] = []
     split = _split(specs[first][0], synthesizer.checkpoint, entries, manifest, why_none)
     no_split = "" if split else (
@@ -251,7 +254,8 @@ def evaluate(models: Path | list[Path] | dict[str, Path], manifest: Path,
             results[label] = service.synthesize(t1, t2, checkpoint=str(path), device=device,
                                                 enforce=False, edm=edm, extra=extra,
                                                 confidence=confidence,
-                                                keep_t1w_detail=keep_t1w_detail, use=subset)
+                                                keep_t1w_detail=keep_t1w_detail, use=subset,
+                                                second_opinion=second_opinion)
             if head is None:
                 head = sitk.GetArrayFromImage(results[label].foreground) > 0
             predictions[label] = results[label].vce.array
