@@ -1,19 +1,19 @@
-"""Would a second model's confidence map flag the tumours a first model gets wrong? An analysis
-for issue 14, not a feature: the node runs one model.
+"""Does a second model's confidence map flag the tumours a first model gets wrong? An analysis
+for issue 14 of ``models.<name>.second_opinion``.
 
     python benchmarks/second_opinion.py MANIFEST MODEL SECOND [--institutions a,b]
 
-Runs MODEL and SECOND (checkpoints, or ``builtin``) on every patient of MANIFEST (or of the
-given institutions) through the node's synthesis (screening not enforced) and combines their
-confidence maps pixel by pixel as the lower of the two: a pixel is flagged where either
-model's error head expects its own VCE to be off by more than the tolerance (the combined map
-is no longer calibrated to MODEL's error). Prints, per patient, on the T1w's grid inside the
-head: the share of the CE-T1w's tumour excess contrast MODEL's VCE keeps, the share of the
-tumour its low-confidence helper (c < 0.5) covers alone and combined, the share of the head
-flagged, and Spearman's correlation between 1 - c and MODEL's |VCE - CE| (30,000 head pixels
-drawn with a fixed seed); then, for the tumours MODEL gets wrong (excess off by more than
-30 %), how many each map covers at least half of. The issue's bars: every such tumour half
-covered, Spearman >= 0.5.
+Runs MODEL (a checkpoint, or ``builtin``) on every patient of MANIFEST (or of the given
+institutions) through the node's synthesis (screening not enforced), alone and with SECOND as
+its second opinion, whose confidence map joins MODEL's as the lower of the two per pixel: a
+pixel is flagged where either model's error head expects its own VCE to be off by more than the
+tolerance (the joined map is no longer calibrated to MODEL's error). Prints, per patient, on
+the T1w's grid inside the head: the share of the CE-T1w's tumour excess contrast MODEL's VCE
+keeps, the share of the tumour its low-confidence helper (c < 0.5) covers alone and combined,
+the share of the head flagged, and Spearman's correlation between 1 - c and MODEL's |VCE - CE|
+(30,000 head pixels drawn with a fixed seed); then, for the tumours MODEL gets wrong (excess
+off by more than 30 %), how many each map covers at least half of. The issue's bars: every such
+tumour half covered, Spearman >= 0.5.
 """
 
 from __future__ import annotations
@@ -67,10 +67,11 @@ def main() -> int:
         ce = resample_onto(read_volume(entry.paths["ce"]), t1).array
         tumour = tumour_mask(entry.paths["mask"], t1.image)
         first = service.synthesize(t1, t2, checkpoint=_checkpoint(args.model), enforce=False)
-        second = service.synthesize(t1, t2, checkpoint=_checkpoint(args.second), enforce=False)
+        joined = service.synthesize(t1, t2, checkpoint=_checkpoint(args.model), enforce=False,
+                                    second_opinion=args.second)
         head = sitk.GetArrayFromImage(first.foreground) > 0
         alone = sitk.GetArrayFromImage(first.confidence)
-        combined = np.minimum(alone, sitk.GetArrayFromImage(second.confidence))
+        combined = sitk.GetArrayFromImage(joined.confidence)
         truth = np.where(head, ce, 0)
         error = np.abs(first.vce.array - truth)
         kept = (excess_contrast(first.vce.array, tumour, head)

@@ -66,7 +66,7 @@ from .dataset import PatientEntry, prepare, read_manifest
 from .handlers import Progress, StepLimit
 from .loop import EpochData, Loop
 from .objectives import error_loss, quantile_error_loss
-from .trainer import SPLIT_FILE, recorded_design, save_split, training_sites
+from .trainer import SPLIT_FILE, model_split, recorded_design, save_split, training_sites
 
 
 @dataclass(frozen=True)
@@ -172,16 +172,11 @@ def _keep_split(model: str | Path, checkpoint: synthesis.Checkpoint,
     """The refitted model's generator is the input's, so is its split: the input's
     ``split.json``, else the one recomputed from this manifest where it can be, else none
     (evaluation then recomputes it from what the checkpoint records): then why."""
-    beside = synthesis.resolve_checkpoint(model).with_name(SPLIT_FILE)
-    if str(model) != "builtin" and beside.is_file():
-        save_split(json.loads(beside.read_text()), out)
-        return None
-    try:
-        save_split(recorded_design(checkpoint.meta.training,
-                                   [(e.patient, e.institution) for e in entries]), out)
-    except InputError as error:
-        return (f"no {SPLIT_FILE} beside {model} and {error.reason}: copy the input model's "
+    split, why = model_split(model, checkpoint, [(e.patient, e.institution) for e in entries])
+    if not split:
+        return (f"no {SPLIT_FILE} beside {model} and {why}: copy the input model's "
                 f"{SPLIT_FILE} beside the refitted one before evaluating it on its own cohort")
+    save_split(split, out)
     return None
 
 

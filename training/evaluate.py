@@ -31,7 +31,6 @@ import numpy as np
 import SimpleITK as sitk
 
 import synthesis
-from config import InputError
 
 from .dataset import OPTIONAL_INPUTS, PatientEntry, read_manifest, tumour_mask
 from .metrics import study_metrics
@@ -51,7 +50,7 @@ from .report import (
     training_curves,
     write_html,
 )
-from .trainer import SPLIT_FILE, recorded_design, training_sites
+from .trainer import model_split, training_sites
 
 #: Metric keys of the acquired T1w grid carry this prefix (the others: the model grid).
 ACQUIRED = "acquired_"
@@ -143,16 +142,10 @@ def _split(path: Path, checkpoint: synthesis.Checkpoint, entries: list[PatientEn
     the reason when there is none."""
     if manifest is not None and _foreign(checkpoint, manifest):
         return _unseen_split(checkpoint, entries)
-    beside = path.with_name(SPLIT_FILE)
-    if str(path) != "builtin" and beside.is_file():
-        return dict(json.loads(beside.read_text()))
-    try:
-        return recorded_design(checkpoint.meta.training,
-                               [(e.patient, e.institution) for e in entries])
-    except InputError as error:  # too little recorded, or a training site not in this manifest
-        if why_none is not None:
-            why_none.append(error.reason)
-        return {}
+    split, why = model_split(path, checkpoint, [(e.patient, e.institution) for e in entries])
+    if why is not None and why_none is not None:
+        why_none.append(why)
+    return split
 
 
 def _labels(models: Path | list[Path] | dict[str, Path]) -> dict[str, Path]:

@@ -226,6 +226,20 @@ def training_sites(checkpoint: synthesis.Checkpoint) -> set[str]:
                [p.key for p in checkpoint.meta.institutions])
 
 
+def model_split(path: str | Path, checkpoint: synthesis.Checkpoint,
+                patients: list[tuple[str, str]]) -> tuple[dict[str, list[str]], str | None]:
+    """The split of the run that made the model at ``path``: its ``split.json``, else (the
+    built-in model, a copied checkpoint) :func:`recorded_design` on ``patients`` (patient,
+    institution); ``({}, why)`` when neither is there."""
+    beside = None if str(path) == "builtin" else Path(path).with_name(SPLIT_FILE)
+    if beside is not None and beside.is_file():
+        return dict(json.loads(beside.read_text())), None
+    try:
+        return recorded_design(checkpoint.meta.training, patients), None
+    except InputError as error:  # too little recorded, or a training site not in ``patients``
+        return {}, error.reason
+
+
 def recorded_design(training: dict[str, Any], patients: list[tuple[str, str]]
                     ) -> dict[str, list[str]]:
     """The split :func:`design` made for a checkpoint, recomputed from what its metadata's
