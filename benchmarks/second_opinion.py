@@ -3,17 +3,21 @@ for issue 14 of ``models.<name>.second_opinion``.
 
     python benchmarks/second_opinion.py MANIFEST MODEL SECOND [--institutions a,b]
 
-Runs MODEL (a checkpoint, or ``builtin``) on every patient of MANIFEST (or of the given
-institutions) through the node's synthesis (screening not enforced), alone and with SECOND as
-its second opinion, whose confidence map joins MODEL's as the lower of the two per pixel: a
-pixel is flagged where either model's error head expects its own VCE to be off by more than the
-tolerance (the joined map is no longer calibrated to MODEL's error). Prints, per patient, on
-the T1w's grid inside the head: the share of the CE-T1w's tumour excess contrast MODEL's VCE
-keeps, the share of the tumour its low-confidence helper (c < 0.5) covers alone and combined,
-the share of the head flagged, and Spearman's correlation between 1 - c and MODEL's |VCE - CE|
-(30,000 head pixels drawn with a fixed seed); then, for the tumours MODEL gets wrong (excess
-off by more than 30 %), how many each map covers at least half of. The issue's bars: every such
-tumour half covered, Spearman >= 0.5.
+Runs MODEL (a checkpoint, ``builtin`` or ``builtin:NAME``) on every patient of MANIFEST (or
+of the given institutions) through the node's synthesis (screening not enforced), alone and with
+SECOND as its second opinion, whose confidence map joins MODEL's as the lower of the two per
+pixel: a pixel is flagged where either model's error head expects its own VCE to be off by more
+than the tolerance (the joined map is no longer calibrated to MODEL's error). Prints, per
+patient, on the T1w's grid inside the head: the share of the CE-T1w's tumour excess contrast
+MODEL's VCE keeps, the share of the tumour its low-confidence helper (c < 0.5) covers alone and
+combined, the share of the head flagged, and Spearman's correlation between 1 - c and MODEL's
+|VCE - CE| (30,000 head pixels drawn with a fixed seed); then, for the tumours MODEL gets wrong
+(excess off by more than 30 %), how many each map covers at least half of, and the median
+Spearman, overall and per institution. The issue's bars: every such tumour half covered,
+Spearman >= 0.5 per external site. Last, the same summary for other ways of joining the two
+maps, computed here from each model's own map (not what the node does): the sum of the two
+error estimates (c = T / (T + e1 + e2), with e = T (1 - c) / c the estimate behind a confidence
+c) and their mean.
 """
 
 from __future__ import annotations
@@ -42,8 +46,24 @@ WRONG = 0.3
 PIXELS = 30_000
 
 
+def _estimate(c: np.ndarray) -> np.ndarray:
+    """The error estimate behind a confidence c (synthesis.inference), in TOLERANCEs."""
+    return (1 - c) / np.maximum(c, 1e-6)
+
+
+#: Other ways to join the model's map (a) and the second model's own (b), for comparison.
+RULES = {
+    "sum of estimates": lambda a, b: 1 / (1 + _estimate(a) + _estimate(b)),
+    "mean of estimates": lambda a, b: 1 / (1 + (_estimate(a) + _estimate(b)) / 2),
+}
+
+
 def _checkpoint(name: str) -> str | None:
-    return None if name == "builtin" else name
+    return None if name == "builtin" else name  # the service's default model
+
+
+def _median(rows: list[dict], key: str, site: str | None = None) -> float:
+    return statistics.median(r[key] for r in rows if site is None or r["site"] == site)
 
 
 def main() -> int:
@@ -69,17 +89,21 @@ def main() -> int:
         first = service.synthesize(t1, t2, checkpoint=_checkpoint(args.model), enforce=False)
         joined = service.synthesize(t1, t2, checkpoint=_checkpoint(args.model), enforce=False,
                                     second_opinion=args.second)
+        own = service.synthesize(t1, t2, checkpoint=_checkpoint(args.second), enforce=False)
         head = sitk.GetArrayFromImage(first.foreground) > 0
         alone = sitk.GetArrayFromImage(first.confidence)
         combined = sitk.GetArrayFromImage(joined.confidence)
+        maps = {"alone": alone, "combined": combined,
+                **{rule: join(alone, sitk.GetArrayFromImage(own.confidence))
+                   for rule, join in RULES.items()}}
         truth = np.where(head, ce, 0)
         error = np.abs(first.vce.array - truth)
         kept = (excess_contrast(first.vce.array, tumour, head)
                 / excess_contrast(truth, tumour, head))
         pick = np.random.default_rng(0).choice(np.flatnonzero(head), min(PIXELS, int(head.sum())),
                                                replace=False)
-        row = {"patient": entry.patient, "kept": kept}
-        for name, c in (("alone", alone), ("combined", combined)):
+        row = {"patient": entry.patient, "site": entry.institution, "kept": kept}
+        for name, c in maps.items():
             row[f"tumour_{name}"] = float((c[tumour] < 0.5).mean())
             row[f"head_{name}"] = float((c[head] < 0.5).mean())
             row[f"rho_{name}"] = float(spearmanr(1 - c.ravel()[pick],
@@ -93,11 +117,13 @@ def main() -> int:
         print("no patient with a tumour mask")
         return 1
     wrong = [r for r in rows if abs(r["kept"] - 1) > WRONG]
-    for name in ("alone", "combined"):
+    for name in ("alone", "combined", *RULES):
         covered = sum(r[f"tumour_{name}"] >= 0.5 for r in wrong)
         print(f"{name}: {covered} of {len(wrong)} wrong tumours half covered; head flagged "
-              f"median {100 * statistics.median(r[f'head_{name}'] for r in rows):.1f} %, "
-              f"Spearman median {statistics.median(r[f'rho_{name}'] for r in rows):.2f}")
+              f"median {100 * _median(rows, f'head_{name}'):.1f} %, "
+              f"Spearman median {_median(rows, f'rho_{name}'):.2f} ("
+              + ", ".join(f"{site} {_median(rows, f'rho_{name}', site):.2f}"
+                          for site in sorted({r["site"] for r in rows})) + ")")
     return 0
 
 

@@ -470,7 +470,8 @@ class ModelChoice(_Section):
     """A synthesis model and where it runs."""
 
     checkpoint: str = Field(
-        "builtin", description="'builtin' for the shipped weights, or a checkpoint file"
+        "builtin", description="'builtin' for the shipped weights, 'builtin:NAME' for "
+        "another shipped model (README: Unseen protocols), or a checkpoint file"
     )
     device: Device = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     batch_size: int = Field(8, ge=1, description="slices per forward pass")
@@ -481,22 +482,23 @@ class ModelChoice(_Section):
     )
 
     second_opinion: str | None = Field(
-        None, description="a second model ('builtin' or a checkpoint file) whose confidence "
-        "map joins this model's: the delivered map is the lower of the two per pixel, so the "
-        "low-confidence helper marks where either model expects a large error (README: "
-        "Unseen protocols); costs a second model pass per study"
+        None, description="a second model ('builtin', 'builtin:NAME' or a checkpoint file) "
+        "whose confidence map joins this model's: the delivered map is the lower of the two "
+        "per pixel, so the low-confidence helper marks where either model expects a large "
+        "error (README: Unseen protocols); costs a second model pass per study"
     )
 
     @field_validator("checkpoint", "second_opinion")
     @classmethod
     def _checkpoint_exists(cls, value: str | None) -> str | None:
-        if value is None or value == "builtin":
-            return value
+        if value is None or value == "builtin" or value.startswith("builtin:"):
+            return value  # a shipped model: synthesis.resolve_checkpoint knows their names
         path = resolve_path(value)
         if not path.is_file():
             raise PydanticCustomError(
                 "checkpoint",
-                "checkpoint file '{path}' does not exist (use 'builtin' for the shipped model)",
+                "checkpoint file '{path}' does not exist (use 'builtin' for the shipped model, "
+                "'builtin:NAME' for another shipped one)",
                 {"path": str(path)},
             )
         return str(path)

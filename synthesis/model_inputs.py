@@ -10,23 +10,44 @@ from pathlib import Path
 
 from config import ModelError
 
-#: Where the shipped model lives (package data); "builtin" in the configuration means it.
-BUILTIN_CHECKPOINT = Path(__file__).with_name("weights") / "vcemri-default.safetensors"
+#: Where the shipped models live (package data).
+WEIGHTS = Path(__file__).with_name("weights")
+
+#: The models shipped with vcemri, by the name the configuration and the CLI give them:
+#: ``builtin`` is the default; ``builtin:NAME`` another one (README: "Unseen protocols").
+BUILTIN_MODELS: dict[str, Path] = {
+    "builtin": WEIGHTS / "vcemri-default.safetensors",
+    "builtin:randomised-sites": WEIGHTS / "vcemri-randomised-sites.safetensors",
+}
+
+#: The default shipped model's file.
+BUILTIN_CHECKPOINT = BUILTIN_MODELS["builtin"]
 
 #: The inputs of a model whose configuration names none (MMgSN-Net, Hi-Net).
 PAIR = ("t1w", "t2w")
 
 
+def is_builtin(name: str | Path) -> bool:
+    """Whether ``name`` names a shipped model (``builtin`` or ``builtin:NAME``) rather than a
+    checkpoint file."""
+    return str(name) == "builtin" or str(name).startswith("builtin:")
+
+
 def resolve_checkpoint(name: str | Path) -> Path:
-    """``builtin`` -> the shipped model; anything else is a path."""
-    if str(name) != "builtin":
+    """``builtin`` -> the default shipped model, ``builtin:NAME`` another shipped one
+    (:data:`BUILTIN_MODELS`); anything else is a path."""
+    if not is_builtin(name):
         return Path(name)
-    if not BUILTIN_CHECKPOINT.is_file():
+    path = BUILTIN_MODELS.get(str(name))
+    if path is None:
+        raise ModelError(f"there is no built-in model '{name}'",
+                         hint="the built-in models are " + ", ".join(BUILTIN_MODELS))
+    if not path.is_file():
         raise ModelError(
-            f"the built-in model {BUILTIN_CHECKPOINT} is missing from this installation",
+            f"the built-in model {path} is missing from this installation",
             hint="reinstall vcemri, or pass --model CKPT / set models.default.checkpoint",
         )
-    return BUILTIN_CHECKPOINT
+    return path
 
 
 def read_header(path: Path) -> dict[str, str]:

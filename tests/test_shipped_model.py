@@ -33,6 +33,26 @@ def test_the_shipped_model_was_trained_elsewhere():
     assert not set(EXTERNAL) & {p.key for p in shipped.meta.institutions}
 
 
+def test_every_shipped_model_is_named_committed_and_trained_elsewhere():
+    """``builtin`` and ``builtin:NAME`` name the files in synthesis/weights; an unknown name
+    is refused with the names there are; none was trained on the external sites."""
+    import config
+    from synthesis import BUILTIN_MODELS, resolve_checkpoint
+    from training.trainer import training_sites
+
+    assert set(BUILTIN_MODELS) >= {"builtin", "builtin:randomised-sites"}
+    for name, path in BUILTIN_MODELS.items():
+        assert resolve_checkpoint(name) == path
+        assert path.stat().st_size < 5 * 2**20
+        assert not set(EXTERNAL) & training_sites(load_checkpoint(path))
+    randomised = training_sites(load_checkpoint(BUILTIN_MODELS["builtin:randomised-sites"]))
+    assert {"random1", "random2", "random3", "random4"} <= randomised
+    with pytest.raises(config.ModelError, match="builtin:randomised-sites"):
+        resolve_checkpoint("builtin:nonsense")
+    settings = config.Settings(models={"default": {"second_opinion": "builtin:randomised-sites"}})
+    assert settings.models["default"].second_opinion == "builtin:randomised-sites"
+
+
 @pytest.fixture(scope="module")
 def evaluation(unseen):
     from training.evaluate import evaluate

@@ -409,7 +409,8 @@ def add_commands(commands: Any) -> None:
                            help="add the T1w detail the round trip through the model grid "
                            "removes back to the VCE (models.<name>.keep_t1w_detail)")
     evaluator.add_argument("--second-opinion", metavar="CKPT", default=None,
-                           help="join this model's confidence map ('builtin' or a checkpoint) "
+                           help="join this model's confidence map ('builtin', 'builtin:NAME' or a "
+                           "checkpoint) "
                            "to each model's, the lower of the two per pixel "
                            "(models.<name>.second_opinion)")
     evaluator.add_argument("--no-edm", action="store_true",
@@ -461,7 +462,7 @@ def add_commands(commands: Any) -> None:
         "records), then its OOD calibration and internal L1. Refit its error head afterwards "
         "(vcemri refit-confidence).")
     recal.add_argument("--model", required=True, metavar="CKPT",
-                       help="a checkpoint, or 'builtin' for the shipped model")
+                       help="a checkpoint, or 'builtin' ('builtin:NAME') for a shipped model")
     recal.add_argument("--manifest", required=True, metavar="CSV",
                        help="the cohort the model was trained on")
     recal.add_argument("--out", required=True, metavar="DIR")

@@ -231,7 +231,7 @@ def model_split(path: str | Path, checkpoint: synthesis.Checkpoint,
     """The split of the run that made the model at ``path``: its ``split.json``, else (the
     built-in model, a copied checkpoint) :func:`recorded_design` on ``patients`` (patient,
     institution); ``({}, why)`` when neither is there."""
-    beside = None if str(path) == "builtin" else Path(path).with_name(SPLIT_FILE)
+    beside = None if synthesis.is_builtin(path) else Path(path).with_name(SPLIT_FILE)
     if beside is not None and beside.is_file():
         return dict(json.loads(beside.read_text())), None
     try:
