@@ -38,15 +38,20 @@ def test_every_shipped_model_is_named_committed_and_trained_elsewhere():
     is refused with the names there are; none was trained on the external sites."""
     import config
     from synthesis import BUILTIN_MODELS, resolve_checkpoint
-    from training.trainer import training_sites
+    from training.trainer import model_split, training_sites
 
     assert set(BUILTIN_MODELS) >= {"builtin", "builtin:randomised-sites"}
     for name, path in BUILTIN_MODELS.items():
         assert resolve_checkpoint(name) == path
         assert path.stat().st_size < 5 * 2**20
         assert not set(EXTERNAL) & training_sites(load_checkpoint(path))
-    randomised = training_sites(load_checkpoint(BUILTIN_MODELS["builtin:randomised-sites"]))
-    assert {"random1", "random2", "random3", "random4"} <= randomised
+    candidate = load_checkpoint(BUILTIN_MODELS["builtin:randomised-sites"])
+    assert {"random1", "random2", "random3", "random4"} <= training_sites(candidate)
+    # its split ships beside it: a fixed-sites manifest lacks its randomised groups
+    split, why = model_split("builtin:randomised-sites", candidate,
+                             [("SIM-INST1-001", "inst1"), ("SIM-INST4-001", "inst4")])
+    assert why is None and "SIM-INST1-001" in split["train"]
+    assert "SIM-INST4-001" in split["external"] and "SIM-INST4-001" not in split["train"]
     with pytest.raises(config.ModelError, match="builtin:randomised-sites"):
         resolve_checkpoint("builtin:nonsense")
     settings = config.Settings(models={"default": {"second_opinion": "builtin:randomised-sites"}})

@@ -228,11 +228,13 @@ def training_sites(checkpoint: synthesis.Checkpoint) -> set[str]:
 
 def model_split(path: str | Path, checkpoint: synthesis.Checkpoint,
                 patients: list[tuple[str, str]]) -> tuple[dict[str, list[str]], str | None]:
-    """The split of the run that made the model at ``path``: its ``split.json``, else (the
-    built-in model, a copied checkpoint) :func:`recorded_design` on ``patients`` (patient,
+    """The split of the run that made the model at ``path``: its ``split.json`` (for a shipped
+    model ``builtin:NAME``, the ``.split.json`` beside its weights), else (the default shipped
+    model, a copied checkpoint) :func:`recorded_design` on ``patients`` (patient,
     institution); ``({}, why)`` when neither is there."""
-    beside = None if synthesis.is_builtin(path) else Path(path).with_name(SPLIT_FILE)
-    if beside is not None and beside.is_file():
+    beside = (synthesis.resolve_checkpoint(path).with_suffix(".split.json")
+              if synthesis.is_builtin(path) else Path(path).with_name(SPLIT_FILE))
+    if beside.is_file():
         return dict(json.loads(beside.read_text())), None
     try:
         return recorded_design(checkpoint.meta.training, patients), None
