@@ -18,6 +18,7 @@ from .logs import setup_logging
 from .phi import ALLOWED_FIELDS, PHI_KEYWORDS, PHIFilter, is_uid, loggable_identifiers
 from .reference import reference_markdown
 from .settings import (
+    BUILTIN_MODEL_NAMES,
     Destination,
     DicomNode,
     ModelChoice,
@@ -29,6 +30,7 @@ from .settings import (
 )
 
 __all__ = [
+    "BUILTIN_MODEL_NAMES",
     "ALLOWED_FIELDS",
     "CONFIG_ENV",
     "PHI_KEYWORDS",

@@ -33,6 +33,11 @@ from .types import (
 )
 
 ENV_PREFIX = "VCEMRI_"
+
+#: The names of the models shipped with vcemri (synthesis.BUILTIN_MODELS maps each to its
+#: file): kept here so that ``vcemri config check`` refuses a misspelt one, since this package
+#: imports no other.
+BUILTIN_MODEL_NAMES = ("builtin", "builtin:randomised-sites")
 ENV_DELIMITER = "__"
 
 
@@ -491,8 +496,12 @@ class ModelChoice(_Section):
     @field_validator("checkpoint", "second_opinion")
     @classmethod
     def _checkpoint_exists(cls, value: str | None) -> str | None:
-        if value is None or value == "builtin" or value.startswith("builtin:"):
-            return value  # a shipped model: synthesis.resolve_checkpoint knows their names
+        if value is None or value in BUILTIN_MODEL_NAMES:
+            return value
+        if value.startswith("builtin:"):
+            raise PydanticCustomError(
+                "checkpoint", "there is no built-in model '{name}' (the built-in models are "
+                "{names})", {"name": value, "names": ", ".join(BUILTIN_MODEL_NAMES)})
         path = resolve_path(value)
         if not path.is_file():
             raise PydanticCustomError(

@@ -41,6 +41,7 @@ def test_every_shipped_model_is_named_committed_and_trained_elsewhere():
     from training.trainer import model_split, training_sites
 
     assert set(BUILTIN_MODELS) >= {"builtin", "builtin:randomised-sites"}
+    assert set(BUILTIN_MODELS) == set(config.BUILTIN_MODEL_NAMES)  # what config check knows
     for name, path in BUILTIN_MODELS.items():
         assert resolve_checkpoint(name) == path
         assert path.stat().st_size < 5 * 2**20
@@ -56,6 +57,9 @@ def test_every_shipped_model_is_named_committed_and_trained_elsewhere():
         resolve_checkpoint("builtin:nonsense")
     settings = config.Settings(models={"default": {"second_opinion": "builtin:randomised-sites"}})
     assert settings.models["default"].second_opinion == "builtin:randomised-sites"
+    with pytest.raises(ValueError, match="no built-in model 'builtin:randomised-site'.*"
+                       "builtin:randomised-sites"):  # a misspelt name, caught by config check
+        config.Settings(models={"default": {"checkpoint": "builtin:randomised-site"}})
 
 
 @pytest.fixture(scope="module")
