@@ -102,6 +102,10 @@ class SynthesisResult:
     #: the model input each series filled ({"t1w": Volume, "dwi": Volume, ...}, on the T1w
     #: grid): what the network saw, in the model's input order
     inputs: dict[str, Volume] = field(default_factory=dict)
+    #: with a second opinion (PipelineOptions.second_opinion), each model's own confidence
+    #: map before the two were joined into ``confidence`` ({"model": ..., "second_opinion":
+    #: ...}, on the T1w grid): which model flagged a region; empty without one
+    opinions: dict[str, sitk.Image] = field(default_factory=dict)
 
     @property
     def input_line(self) -> str:
@@ -375,6 +379,7 @@ class Synthesizer:
         vce_image = sitk.GetImageFromArray(vce)
         vce_image.CopyInformation(t1w.image)
         confidence_image = None
+        opinions: dict[str, sitk.Image] = {}
         if confidence is not None:
             back = to_grid.inverse(confidence).clip(0, 1)
             confidence_image = sitk.GetImageFromArray(np.where(masks["t1w"], back, 1.0)
@@ -387,6 +392,7 @@ class Synthesizer:
                         sitk.GetArrayFromImage(confidence_image),
                         sitk.GetArrayFromImage(other)).astype(np.float32))
                     joined.CopyInformation(t1w.image)
+                    opinions = {"model": confidence_image, "second_opinion": other}
                     confidence_image = joined
                 lap("second_opinion")
         head = sitk.GetImageFromArray(masks["t1w"].astype(np.uint8))
@@ -397,4 +403,4 @@ class Synthesizer:
                                t2w_on_grid, decision, factors, screening, alignment,
                                self.model_info, head, timings, model_grid,
                                unit if confidence is not None else None,
-                               {m: on_grid[m] for m in self.inputs if m in chosen})
+                               {m: on_grid[m] for m in self.inputs if m in chosen}, opinions)

@@ -268,7 +268,8 @@ def test_a_models_keep_t1w_detail_setting_reaches_its_pipeline():
 
 def test_a_second_opinion_joins_its_confidence_map_and_nothing_else(cohort):
     """``models.<name>.second_opinion``: the delivered confidence map is the lower of the
-    model's and the second model's, per pixel; the VCE and the screening stay the model's;
+    model's and the second model's, per pixel (each kept in ``opinions``); the VCE and the
+    screening stay the model's;
     result.json says whose map joined and what c then means; another map gives other UIDs."""
     import config
     import planning
@@ -285,6 +286,9 @@ def test_a_second_opinion_joins_its_confidence_map_and_nothing_else(cohort):
     maps = [sitk.GetArrayFromImage(r.confidence) for r in (own, other, joined)]
     np.testing.assert_array_equal(maps[2], np.minimum(maps[0], maps[1]))
     assert (maps[2] < maps[0]).any()  # the second opinion flags more than the model alone
+    for key, alone in (("model", maps[0]), ("second_opinion", maps[1])):  # each map kept
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(joined.opinions[key]), alone)
+    assert own.opinions == {}
     np.testing.assert_array_equal(joined.vce.array, own.vce.array)
     assert joined.screening.as_dict() == own.screening.as_dict()
     second = joined.model["second_opinion"]
