@@ -269,8 +269,8 @@ def test_a_models_keep_t1w_detail_setting_reaches_its_pipeline():
 def test_a_second_opinion_joins_its_confidence_map_and_nothing_else(cohort):
     """``models.<name>.second_opinion``: the delivered confidence map is the lower of the
     model's and the second model's, per pixel (each kept in ``opinions``); the VCE and the
-    screening stay the model's;
-    result.json says whose map joined and what c then means; another map gives other UIDs."""
+    screening stay the model's; result.json says whose map joined and what c then means;
+    another map gives other UIDs."""
     import config
     import planning
     from planning.identity import result_key
