@@ -14,7 +14,7 @@ the share of the CE-T1w's tumour excess contrast MODEL's VCE keeps, the share of
 low-confidence helper (c < 0.5) covers alone and combined, the share of the head flagged, and
 Spearman's correlation between 1 - c and MODEL's |VCE - CE| (30,000 head pixels drawn with a
 fixed seed); then, for the tumours MODEL gets wrong (excess off by more than 30 %), how many
-each map covers at least half of, how many of the others are in a study screening accepts (the
+each map covers at least half of, how many it does not in a study screening accepts (the
 failure the issue is about: an accepted study with a wrong tumour nothing flags), and the
 median Spearman, overall and per institution. The issue's bars: every such tumour half
 covered, Spearman >= 0.5 per external site. Last, the same summary for other ways of joining
@@ -124,8 +124,8 @@ def main() -> int:
     for name in ("alone", "combined", *RULES):
         covered = sum(r[f"tumour_{name}"] >= 0.5 for r in wrong)
         missed = sum(r["accepted"] and r[f"tumour_{name}"] < 0.5 for r in wrong)
-        print(f"{name}: {covered} of {len(wrong)} wrong tumours half covered ({missed} of the "
-              f"others in a study screening accepts); head flagged "
+        print(f"{name}: {covered} of {len(wrong)} wrong tumours half covered ({missed} not, "
+              f"in a study screening accepts); head flagged "
               f"median {100 * _median(rows, f'head_{name}'):.1f} %, "
               f"Spearman median {_median(rows, f'rho_{name}'):.2f} ("
               + ", ".join(f"{site} {_median(rows, f'rho_{name}', site):.2f}"

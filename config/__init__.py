@@ -30,8 +30,8 @@ from .settings import (
 )
 
 __all__ = [
-    "BUILTIN_MODEL_NAMES",
     "ALLOWED_FIELDS",
+    "BUILTIN_MODEL_NAMES",
     "CONFIG_ENV",
     "PHI_KEYWORDS",
     "AuditLog",

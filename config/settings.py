@@ -33,12 +33,12 @@ from .types import (
 )
 
 ENV_PREFIX = "VCEMRI_"
+ENV_DELIMITER = "__"
 
 #: The names of the models shipped with vcemri (synthesis.BUILTIN_MODELS maps each to its
 #: file): kept here so that ``vcemri config check`` refuses a misspelt one, since this package
 #: imports no other.
 BUILTIN_MODEL_NAMES = ("builtin", "builtin:randomised-sites")
-ENV_DELIMITER = "__"
 
 
 class _Section(BaseModel):
