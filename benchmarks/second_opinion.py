@@ -16,8 +16,9 @@ Spearman's correlation between 1 - c and MODEL's |VCE - CE| (30,000 head pixels 
 fixed seed); then, for the tumours MODEL gets wrong (excess off by more than 30 %), how many
 each map covers at least half of, how many it does not in a study screening accepts (the
 failure the issue is about: an accepted study with a wrong tumour nothing flags), and the
-median Spearman, overall and per institution. The issue's bars: every such tumour half
-covered, Spearman >= 0.5 per external site. Last, the same summary for other ways of joining
+median Spearman, overall and per institution (and, for a randomised-protocol cohort, the share
+kept per T1w sequence family: issue 15's bar is >= 0.7). Issue 14's bars: every such tumour
+half covered, Spearman >= 0.5 per external site. Last, the same summary for other ways of joining
 the two maps, computed here from each model's own map (not what the node does): the sum of the
 two error estimates (c = T / (T + e1 + e2), with e = T (1 - c) / c the estimate behind a
 confidence c) and their mean.
@@ -26,6 +27,7 @@ confidence c) and their mean.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -69,6 +71,16 @@ def _checkpoint(name: str) -> str | None:
 
 def _median(rows: list[dict], key: str, site: str | None = None) -> float:
     return statistics.median(r[key] for r in rows if site is None or r["site"] == site)
+
+
+def _t1w_families(manifest: Path) -> dict[str, str]:
+    """Patient -> the T1w sequence family it drew, for a randomised-protocol cohort
+    (``vcemri simulate --randomize``: its cohort.json beside the manifest); empty otherwise."""
+    cohort = manifest.parent / "cohort.json"
+    if not cohort.is_file():
+        return {}
+    return {p["patient"]: p["randomized"]["families"]["t1w"]
+            for p in json.loads(cohort.read_text())["patients"] if p.get("randomized")}
 
 
 def main() -> int:
@@ -130,6 +142,15 @@ def main() -> int:
               f"Spearman median {_median(rows, f'rho_{name}'):.2f} ("
               + ", ".join(f"{site} {_median(rows, f'rho_{name}', site):.2f}"
                           for site in sorted({r["site"] for r in rows})) + ")")
+    families = _t1w_families(args.manifest)
+    by_family: dict[str, list[float]] = {}
+    for r in rows:
+        if r["patient"] in families:
+            by_family.setdefault(families[r["patient"]], []).append(r["kept"])
+    if by_family:
+        print("share kept, mean per patient, by T1w family: " + ", ".join(
+            f"{family} {statistics.fmean(kept):.2f} ({len(kept)})"
+            for family, kept in sorted(by_family.items())))
     return 0
 
 
