@@ -41,8 +41,8 @@ from scipy.stats import spearmanr
 from benchmarks.machine import describe
 from config import Settings
 from planning import SynthesisService
-from synthesis import CONFIDENCE_TOLERANCE, read_volume, resample_onto
-from synthesis.inference import confidence_of
+from synthesis import read_volume, resample_onto
+from synthesis.inference import confidence_of, stated_error
 from training.dataset import read_manifest, tumour_mask
 from training.reliability import excess_contrast
 
@@ -52,16 +52,10 @@ WRONG = 0.3
 PIXELS = 30_000
 
 
-def _estimate(c: np.ndarray) -> np.ndarray:
-    """The error estimate behind a confidence c, normalised units: the inverse of
-    synthesis.inference.confidence_of."""
-    return CONFIDENCE_TOLERANCE * (1 - c) / np.maximum(c, 1e-6)
-
-
 #: Other ways to join the model's map (a) and the second model's own (b), for comparison.
 RULES = {
-    "sum of estimates": lambda a, b: confidence_of(_estimate(a) + _estimate(b)),
-    "mean of estimates": lambda a, b: confidence_of((_estimate(a) + _estimate(b)) / 2),
+    "sum of estimates": lambda a, b: confidence_of(stated_error(a) + stated_error(b)),
+    "mean of estimates": lambda a, b: confidence_of((stated_error(a) + stated_error(b)) / 2),
 }
 
 

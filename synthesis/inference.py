@@ -133,6 +133,13 @@ def confidence_of(expected_error: np.ndarray) -> np.ndarray:
     return (TOLERANCE / (TOLERANCE + np.maximum(expected_error, 0.0))).astype(np.float32)
 
 
+def stated_error(confidence: np.ndarray) -> np.ndarray:
+    """The error a confidence c stands for, TOLERANCE (1 - c) / c (normalised units): the
+    inverse of :func:`confidence_of`."""
+    c = np.clip(confidence, 1e-6, 1.0)
+    return TOLERANCE * (1.0 - c) / c
+
+
 
 def with_confidence(plain: np.ndarray, mirrored: np.ndarray,
                     learned: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -409,9 +409,8 @@ def add_commands(commands: Any) -> None:
                            help="add the T1w detail the round trip through the model grid "
                            "removes back to the VCE (models.<name>.keep_t1w_detail)")
     evaluator.add_argument("--second-opinion", metavar="CKPT", default=None,
-                           help="join this model's confidence map ('builtin', 'builtin:NAME' or a "
-                           "checkpoint) "
-                           "to each model's, the lower of the two per pixel "
+                           help="join this model's confidence map ('builtin', 'builtin:NAME' or "
+                           "a checkpoint) to each model's, the lower of the two per pixel "
                            "(models.<name>.second_opinion)")
     evaluator.add_argument("--no-edm", action="store_true",
                            help="no external distribution matching (it only acts on models "

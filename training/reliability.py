@@ -100,6 +100,8 @@ def site_reliability(patients: list[tuple[str, str, str, PatientReliability]]
     covers, and the reliability curve."""
     from scipy.stats import spearmanr
 
+    from synthesis.inference import stated_error
+
     by_site: dict[tuple[str, str, str], list[PatientReliability]] = defaultdict(list)
     for model, group, site, reliability in patients:
         by_site[(model, group, site)].append(reliability)
@@ -119,20 +121,12 @@ def site_reliability(patients: list[tuple[str, str, str, PatientReliability]]
             "model": model, "group": group, "institution": site, "patients": len(members),
             "spearman": float(spearmanr(1.0 - confidence, error).statistic),
             "auroc_top10": auroc(1.0 - confidence, error > np.quantile(error, 0.9)),
-            "above_stated_percent": 100.0 * float(np.mean(error > _stated(confidence))),
+            "above_stated_percent": 100.0 * float(np.mean(error > stated_error(confidence))),
             "tumours_wrong": len(wrong), "tumours_wrong_covered": len(covered),
             "head_flagged_percent": 100.0 * float(np.median(
                 [m.metrics["low_confidence_head_share"] for m in members])),
             "curve": curve})
     return rows
-
-
-def _stated(confidence: np.ndarray) -> np.ndarray:
-    """The error a confidence stands for, T (1 - c) / c (normalised units)."""
-    from synthesis import CONFIDENCE_TOLERANCE
-
-    c = np.clip(confidence, 1e-6, 1.0)
-    return CONFIDENCE_TOLERANCE * (1.0 - c) / c
 
 
 def reliability_markdown(rows: list[dict[str, Any]]) -> str:
