@@ -41,8 +41,8 @@ from scipy.stats import spearmanr
 from benchmarks.machine import describe
 from config import Settings
 from planning import SynthesisService
-from synthesis import read_volume, resample_onto
-from synthesis.inference import confidence_of, stated_error
+from synthesis import read_volume, resample_onto, stated_error
+from synthesis.inference import confidence_of
 from training.dataset import read_manifest, tumour_mask
 from training.reliability import excess_contrast
 

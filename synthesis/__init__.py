@@ -34,7 +34,7 @@ _LAZY = {
     "MODEL_GRID": "preprocess", "inference_device": "inference",
     "GridPolicy": "preprocess", "Placement": "preprocess", "to_canvas": "preprocess",
     "mask_to_canvas": "preprocess",
-    "CONFIDENCE_TOLERANCE": "inference",
+    "CONFIDENCE_TOLERANCE": "inference", "stated_error": "inference",
     "edm_dataset_mean": "edm",
     "SourceInstance": "series",
     "MANUFACTURER": "writer", "MRImage": "writer", "ImagePlane": "writer",

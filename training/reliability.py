@@ -100,7 +100,7 @@ def site_reliability(patients: list[tuple[str, str, str, PatientReliability]]
     covers, and the reliability curve."""
     from scipy.stats import spearmanr
 
-    from synthesis.inference import stated_error
+    from synthesis import stated_error
 
     by_site: dict[tuple[str, str, str], list[PatientReliability]] = defaultdict(list)
     for model, group, site, reliability in patients:
